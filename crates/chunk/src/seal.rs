@@ -1,0 +1,248 @@
+//! Convergent sealing of one chunk.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::{digest, hmac};
+
+use crate::{Error, Result};
+
+/// Bytes of plaintext in one chunk (512 KiB).
+pub const CHUNK_SIZE: usize = 512 * 1024;
+/// Bytes of a sealed chunk: the ciphertext plus the 16-byte GCM tag.
+pub const SEALED_CHUNK_SIZE: usize = CHUNK_SIZE + 16;
+
+/// The content address of a sealed chunk: SHA-256 of its ciphertext.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+/// The key that opens one chunk: HMAC-SHA256(salt, plaintext).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ChunkKey(pub [u8; 32]);
+
+/// The convergence salt: chunks dedup only under the same salt.
+///
+/// It is a store setting kept in the keyring; rotating it or scoping it per
+/// tenant trades dedup for isolation, so it is always passed in, never a
+/// constant.
+#[derive(Clone)]
+pub struct Salt {
+    key: hmac::Key,
+    id: String,
+}
+
+/// A chunk after [`seal`]: its id, its key and the bytes to store.
+pub struct SealedChunk {
+    /// SHA-256 of `ciphertext`.
+    pub id: ChunkId,
+    /// Key that opens it.
+    pub key: ChunkKey,
+    /// Ciphertext with the GCM tag appended ([`SEALED_CHUNK_SIZE`] bytes for a full chunk).
+    pub ciphertext: Vec<u8>,
+}
+
+impl Salt {
+    /// A salt from its 32 secret bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Salt {
+        let id = hex::encode(&digest::digest(&digest::SHA256, &bytes).as_ref()[..8]);
+        Salt { key: hmac::Key::new(hmac::HMAC_SHA256, &bytes), id }
+    }
+
+    /// A public name of this salt (a hash prefix), recorded in manifests so a
+    /// later rotation knows which salt sealed an image.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl fmt::Debug for Salt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Salt({})", self.id)
+    }
+}
+
+/// True when every byte is zero: such a chunk is a hole and is stored nowhere.
+pub fn is_zero(data: &[u8]) -> bool {
+    let (prefix, words, suffix) = {
+        // SAFETY: every bit pattern is a valid u64, and align_to only
+        // reinterprets the aligned middle part of the slice.
+        unsafe { data.align_to::<u64>() }
+    };
+    prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
+}
+
+/// Seals one chunk of plaintext, reusing its buffer for the ciphertext.
+pub fn seal(salt: &Salt, plaintext: Vec<u8>) -> SealedChunk {
+    let mut buf = plaintext;
+    let (id, key) = seal_in_place(salt, &mut buf);
+    SealedChunk { id, key, ciphertext: buf }
+}
+
+/// Seals `buf` in place: on return it holds ciphertext and tag.
+pub fn seal_in_place(salt: &Salt, buf: &mut Vec<u8>) -> (ChunkId, ChunkKey) {
+    let mut key = [0u8; 32];
+    key.copy_from_slice(hmac::sign(&salt.key, buf).as_ref());
+    let aead = aead_key(&key);
+    // The key is unique per plaintext (it is derived from it), so a fixed
+    // nonce never encrypts two different messages under one key.
+    aead.seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), buf)
+        .expect("AES-GCM sealing only fails for inputs over 64 GiB");
+    (ChunkId::of(buf), ChunkKey(key))
+}
+
+/// Checks a stored chunk against its id, then opens it with its key.
+pub fn open(id: &ChunkId, key: &ChunkKey, ciphertext: Vec<u8>) -> Result<Vec<u8>> {
+    let mut buf = ciphertext;
+    open_in_place(id, key, &mut buf)?;
+    Ok(buf)
+}
+
+/// Like [`open`], in place: on success `buf` holds the plaintext.
+pub fn open_in_place(id: &ChunkId, key: &ChunkKey, buf: &mut Vec<u8>) -> Result<()> {
+    if buf.len() != SEALED_CHUNK_SIZE {
+        return Err(Error::BadLength { id: *id, len: buf.len(), expected: SEALED_CHUNK_SIZE });
+    }
+    if ChunkId::of(buf) != *id {
+        return Err(Error::IdMismatch { id: *id });
+    }
+    let aead = aead_key(&key.0);
+    let plain_len = aead
+        .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), buf)
+        .map_err(|_| Error::OpenFailed { id: *id })?
+        .len();
+    buf.truncate(plain_len);
+    Ok(())
+}
+
+fn aead_key(key: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("AES-256 takes a 32-byte key"))
+}
+
+impl ChunkId {
+    /// SHA-256 of the given (sealed) bytes.
+    pub fn of(bytes: &[u8]) -> ChunkId {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(digest::digest(&digest::SHA256, bytes).as_ref());
+        ChunkId(id)
+    }
+
+    /// Lower-case hex, the form used in paths and manifests.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.to_hex())
+    }
+}
+
+impl FromStr for ChunkId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ChunkId> {
+        parse_hex32(s, "chunk id").map(ChunkId)
+    }
+}
+
+impl fmt::Debug for ChunkKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ChunkKey(..)")
+    }
+}
+
+impl ChunkKey {
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl FromStr for ChunkKey {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ChunkKey> {
+        parse_hex32(s, "chunk key").map(ChunkKey)
+    }
+}
+
+pub(crate) fn parse_hex32(s: &str, what: &'static str) -> Result<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).map_err(|_| Error::Parse { what, value: s.chars().take(80).collect() })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(byte: u8) -> Vec<u8> {
+        let mut v = vec![byte; CHUNK_SIZE];
+        v[17] = byte.wrapping_add(1);
+        v
+    }
+
+    #[test]
+    fn equal_plaintext_equal_id_under_one_salt() {
+        let salt = Salt::from_bytes([1; 32]);
+        let a = seal(&salt, chunk(3));
+        let b = seal(&salt, chunk(3));
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.ciphertext, b.ciphertext);
+        assert_eq!(a.ciphertext.len(), SEALED_CHUNK_SIZE);
+        assert_ne!(&a.ciphertext[..CHUNK_SIZE], &chunk(3)[..]);
+    }
+
+    #[test]
+    fn other_salt_other_id() {
+        let a = seal(&Salt::from_bytes([1; 32]), chunk(3));
+        let b = seal(&Salt::from_bytes([2; 32]), chunk(3));
+        assert_ne!(a.id, b.id);
+    }
+
+    #[test]
+    fn flipped_byte_is_caught_by_id() {
+        let s = seal(&Salt::from_bytes([1; 32]), chunk(9));
+        let mut ct = s.ciphertext.clone();
+        ct[1000] ^= 1;
+        assert!(matches!(open(&s.id, &s.key, ct), Err(Error::IdMismatch { .. })));
+    }
+
+    #[test]
+    fn wrong_key_does_not_open() {
+        let s = seal(&Salt::from_bytes([1; 32]), chunk(9));
+        let other = seal(&Salt::from_bytes([1; 32]), chunk(10));
+        assert!(matches!(open(&s.id, &other.key, s.ciphertext), Err(Error::OpenFailed { .. })));
+    }
+
+    #[test]
+    fn truncated_chunk_is_an_error() {
+        let s = seal(&Salt::from_bytes([1; 32]), chunk(9));
+        let mut ct = s.ciphertext;
+        ct.truncate(100);
+        assert!(matches!(open(&s.id, &s.key, ct), Err(Error::BadLength { .. })));
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; CHUNK_SIZE];
+        assert!(is_zero(&v));
+        assert!(is_zero(&v[3..]));
+        v[CHUNK_SIZE - 1] = 1;
+        assert!(!is_zero(&v));
+        assert!(!is_zero(&v[5..]));
+    }
+
+    #[test]
+    fn id_round_trips_through_hex() {
+        let id = ChunkId::of(b"x");
+        assert_eq!(id.to_hex().parse::<ChunkId>().unwrap(), id);
+        assert!("zz".parse::<ChunkId>().is_err());
+    }
+}
