@@ -1,1 +1,285 @@
-//! placeholder
+//! Deterministic flattening of OCI layers into one ext4 filesystem image.
+//!
+//! A [`Flattener`] applies layer tars in order ([`Flattener::apply_layer`]),
+//! writing each regular file's data straight into that layer's region of the
+//! disk, and hands the disk out as [`CHUNK_BYTES`] chunks to a [`ChunkSink`]
+//! as soon as each is final. [`Flattener::finish`] then writes the ext4
+//! metadata after all the data, so metadata can never shift a data block.
+//!
+//! Layout rules that make chunks dedup across images:
+//! - each layer's file data starts on a chunk boundary, in tar order;
+//! - the data of a layer depends only on that layer's tar (and where the
+//!   layers below it ended), so images sharing their first N layers share
+//!   those layers' data chunks;
+//! - metadata (directories, inodes, bitmaps) sits after all layer data;
+//! - the same layers give the same bytes: inode numbers, times, UUID and hash
+//!   seed are all derived from the input, never from the clock or a random
+//!   source.
+//!
+//! The bytes of a file that an upper layer deletes or replaces stay in its
+//! layer's region as free blocks, just as they stay in the layer blob; this
+//! keeps lower-layer chunks shared between images.
+//!
+//! ```no_run
+//! use tessera_flatten::{Flattener, Options, ChunkSink, SinkError};
+//! struct Count(usize);
+//! impl ChunkSink for Count {
+//!     fn put_chunk(&mut self, _index: u64, _data: Vec<u8>) -> Result<(), SinkError> {
+//!         self.0 += 1;
+//!         Ok(())
+//!     }
+//! }
+//! let mut sink = Count(0);
+//! let mut f = Flattener::new(Options::default(), &mut sink);
+//! let layer = std::fs::File::open("layer.tar").unwrap();
+//! f.apply_layer("layer 1", layer).unwrap();
+//! let image = f.finish().unwrap();
+//! println!("{} bytes", image.disk_bytes);
+//! ```
+#![deny(missing_docs)]
+
+mod ext4;
+mod layer;
+mod tree;
+
+use std::io::Read;
+
+pub use layer::LayerStats;
+
+/// Filesystem block size.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Bytes per chunk; layer regions start on this boundary.
+pub const CHUNK_BYTES: usize = 512 * 1024;
+/// Blocks per chunk.
+pub(crate) const REGION_BLOCKS: u64 = CHUNK_BYTES as u64 / BLOCK_SIZE;
+
+/// Error a [`ChunkSink`] may return (e.g. the chunk store is full).
+pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Receives the disk, chunk by chunk, each exactly once and in any order.
+/// Chunks never handed over are all zeros.
+pub trait ChunkSink {
+    /// Takes chunk `index` ([`CHUNK_BYTES`] bytes). `data` may be all zeros.
+    fn put_chunk(&mut self, index: u64, data: Vec<u8>) -> Result<(), SinkError>;
+}
+
+/// Flattening options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Free space to leave for a writable root, in bytes (rounded up to chunks).
+    pub headroom_bytes: u64,
+    /// Seed for the filesystem UUID and directory hash seed; derive it from
+    /// the image's digests so equal inputs give equal bytes.
+    pub seed: [u8; 32],
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { headroom_bytes: 1 << 30, seed: [0; 32] }
+    }
+}
+
+/// Errors of flattening, naming the layer and path at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The layer is not a readable tar (corrupt, truncated, bad compression).
+    #[error("{layer}: unreadable tar: {source}")]
+    Tar {
+        /// Layer name.
+        layer: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// An entry was refused (e.g. it would write through a non-directory, or
+    /// a hard link points outside the tree).
+    #[error("{layer}: {path}: {reason}")]
+    Entry {
+        /// Layer name.
+        layer: String,
+        /// Path as written in the tar.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The result cannot be represented in the filesystem format.
+    #[error("cannot build the filesystem: {0}")]
+    Format(String),
+    /// The chunk sink failed.
+    #[error("storing chunk {index}: {source}")]
+    Sink {
+        /// Chunk index.
+        index: u64,
+        /// Underlying error.
+        source: SinkError,
+    },
+}
+
+/// The finished disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlatImage {
+    /// Bytes of the disk (a whole number of chunks).
+    pub disk_bytes: u64,
+    /// (first chunk, chunk count) of each layer's data region.
+    pub layer_regions: Vec<(u64, u64)>,
+    /// First chunk after the layer data (metadata, then headroom).
+    pub metadata_chunk: u64,
+    /// Free space left for a writable root.
+    pub headroom_bytes: u64,
+    /// Inodes in use and in total.
+    pub inodes_used: u64,
+    /// Inodes in the filesystem.
+    pub inodes_total: u64,
+    /// Things dropped on the way (e.g. xattrs of unknown namespaces).
+    pub warnings: Vec<String>,
+}
+
+/// Applies layers in order and writes the disk to a [`ChunkSink`].
+pub struct Flattener<'s> {
+    options: Options,
+    tree: tree::Tree,
+    sink: &'s mut dyn ChunkSink,
+    /// The chunk being filled with layer data.
+    current: Vec<u8>,
+    /// Next free block of layer data (the current chunk holds its block).
+    cursor: u64,
+    regions: Vec<(u64, u64)>,
+    warnings: Vec<String>,
+}
+
+impl<'s> Flattener<'s> {
+    /// Starts an empty disk.
+    pub fn new(options: Options, sink: &'s mut dyn ChunkSink) -> Flattener<'s> {
+        Flattener {
+            options,
+            tree: tree::Tree::new(),
+            sink,
+            current: new_chunk(),
+            cursor: REGION_BLOCKS, // chunk 0 holds the superblock
+            regions: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Applies one uncompressed layer tar, read to its very end (so a
+    /// digest-checking reader sees every byte). `name` names the layer in errors.
+    pub fn apply_layer(&mut self, name: &str, tar: impl Read) -> Result<LayerStats, Error> {
+        let first_chunk = self.cursor / REGION_BLOCKS;
+        let layer_index = self.regions.len() as u32 + 1;
+        let stats = layer::apply(self, name, layer_index, tar)?;
+        // Close the region on a chunk boundary.
+        if self.cursor % REGION_BLOCKS != 0 {
+            self.emit_current()?;
+            self.cursor = self.cursor.next_multiple_of(REGION_BLOCKS);
+        }
+        self.regions.push((first_chunk, self.cursor / REGION_BLOCKS - first_chunk));
+        Ok(stats)
+    }
+
+    /// Writes the filesystem metadata and hands over the remaining chunks.
+    pub fn finish(mut self) -> Result<FlatImage, Error> {
+        self.add_lost_found();
+        let data_end = self.cursor;
+        let headroom_blocks = self.options.headroom_bytes.div_ceil(BLOCK_SIZE).next_multiple_of(REGION_BLOCKS);
+        let built = ext4::build(&self.tree, data_end, headroom_blocks, &self.options.seed)?;
+        // Chunk 0 and every metadata chunk that has a non-zero block.
+        let mut chunk: Option<(u64, Vec<u8>)> = None;
+        for (block, bytes) in &built.blocks {
+            let index = block / REGION_BLOCKS;
+            if chunk.as_ref().map(|c| c.0) != Some(index) {
+                if let Some((i, data)) = chunk.take() {
+                    self.put(i, data)?;
+                }
+                chunk = Some((index, vec![0u8; CHUNK_BYTES]));
+            }
+            let off = ((block % REGION_BLOCKS) * BLOCK_SIZE) as usize;
+            chunk.as_mut().expect("set above").1[off..off + BLOCK_SIZE as usize].copy_from_slice(bytes);
+        }
+        if let Some((i, data)) = chunk.take() {
+            self.put(i, data)?;
+        }
+        let mut warnings = self.warnings;
+        warnings.extend(built.warnings);
+        Ok(FlatImage {
+            disk_bytes: built.total_blocks * BLOCK_SIZE,
+            layer_regions: self.regions,
+            metadata_chunk: data_end / REGION_BLOCKS,
+            headroom_bytes: headroom_blocks * BLOCK_SIZE,
+            inodes_used: built.inodes_used,
+            inodes_total: built.inodes_total,
+            warnings,
+        })
+    }
+
+    fn add_lost_found(&mut self) {
+        let root = self.tree.children(tree::ROOT).expect("root is a directory");
+        if root.get(b"lost+found".as_slice()).is_some_and(|c| self.tree.is_dir(c.node)) {
+            return;
+        }
+        let meta = tree::Meta { perm: 0o700, ..tree::Meta::implied_dir() };
+        let id = self.tree.add(tree::Node { meta, kind: tree::Kind::Dir(Default::default()) });
+        self.tree
+            .children_mut(tree::ROOT)
+            .expect("root is a directory")
+            .insert(b"lost+found".to_vec(), tree::Child { node: id, layer: 0 });
+    }
+
+    fn put(&mut self, index: u64, data: Vec<u8>) -> Result<(), Error> {
+        self.sink.put_chunk(index, data).map_err(|source| Error::Sink { index, source })
+    }
+
+    /// Hands over the chunk holding `cursor` and starts a fresh one.
+    fn emit_current(&mut self) -> Result<(), Error> {
+        let data = std::mem::replace(&mut self.current, new_chunk());
+        self.put(self.cursor / REGION_BLOCKS, data)
+    }
+
+    /// Copies a file's data from `src` to the next free blocks; returns its
+    /// first block. Errors if `src` ends before `size` bytes.
+    fn write_file(&mut self, src: &mut dyn Read, size: u64) -> std::io::Result<u64> {
+        let start = self.cursor;
+        let mut left = size;
+        while left > 0 {
+            let off = ((self.cursor % REGION_BLOCKS) * BLOCK_SIZE) as usize;
+            let room = (CHUNK_BYTES - off) as u64;
+            let want = left.min(room) as usize;
+            let mut filled = 0;
+            while filled < want {
+                let n = src.read(&mut self.current[off + filled..off + want])?;
+                if n == 0 {
+                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file data ends early"));
+                }
+                filled += n;
+            }
+            left -= want as u64;
+            let blocks = (want as u64).div_ceil(BLOCK_SIZE);
+            self.cursor += blocks;
+            if self.cursor % REGION_BLOCKS == 0 {
+                let data = std::mem::replace(&mut self.current, new_chunk());
+                self.sink
+                    .put_chunk(self.cursor / REGION_BLOCKS - 1, data)
+                    .map_err(|e| std::io::Error::other(SinkFailed(e.to_string())))?;
+            }
+        }
+        Ok(start)
+    }
+}
+
+/// Marks a sink failure that travelled through an `io::Error`.
+#[derive(Debug)]
+struct SinkFailed(String);
+
+impl std::fmt::Display for SinkFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SinkFailed {}
+
+fn new_chunk() -> Vec<u8> {
+    // Room for the 16-byte tag so the sink can seal in place.
+    let mut v = Vec::with_capacity(CHUNK_BYTES + 16);
+    v.resize(CHUNK_BYTES, 0);
+    v
+}
