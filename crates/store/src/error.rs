@@ -1,0 +1,61 @@
+use std::path::PathBuf;
+
+use tessera_chunk::ChunkId;
+
+/// Errors of chunk stores and the catalog.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No chunk under this id.
+    #[error("chunk {0} is not in the store")]
+    NotFound(ChunkId),
+    /// The disk holding the store is full.
+    #[error("{op} {path}: no space left on the store's disk")]
+    NoSpace {
+        /// What was being done.
+        op: &'static str,
+        /// Where.
+        path: PathBuf,
+    },
+    /// Any other I/O failure, with what was being done and where.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// No image of this name.
+    #[error("no image named {0:?} (see `tessera images`)")]
+    NoSuchImage(String),
+    /// The image name is not allowed.
+    #[error("invalid image name {0:?}: use 1-128 of A-Z a-z 0-9 . _ - , starting with a letter or digit")]
+    BadName(String),
+    /// A catalog file could not be parsed.
+    #[error("{path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Sealing, opening or manifest error.
+    #[error(transparent)]
+    Chunk(#[from] tessera_chunk::Error),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with context, naming a full disk plainly.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        let path = path.into();
+        if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
+            return Error::NoSpace { op, path };
+        }
+        Error::Io { op, path, source }
+    }
+}
