@@ -1,1 +1,239 @@
-//! placeholder
+//! The import pipeline, end to end:
+//!
+//! ```text
+//! tessera_oci::resolve      fetch + verify manifest, config, layer blobs
+//!   → Flattener::apply_layer  stream each layer into the ext4 image
+//!   → SealPool                seal each finished chunk on all cores, put-if-absent
+//!   → ChunkStore::sync        every chunk durable
+//!   → Catalog                 sealed manifest, then the name (atomic, durable)
+//! ```
+//!
+//! Nothing becomes visible until the end: an image appears under its name
+//! only once its manifest and every chunk it names are durable. A failure
+//! half-way leaves at most unreferenced chunks, which name no image.
+#![deny(missing_docs)]
+
+mod seal_pool;
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tessera_chunk::{ChunkRef, Geometry, ImageConfig, KeyProvider, LayerRegion, LayerSource, Manifest, Source, CHUNK_SIZE, MANIFEST_FORMAT};
+use tessera_flatten::{Flattener, Options as FlattenOptions};
+use tessera_oci::{Progress, PullOptions, Reference};
+use tessera_store::{check_name, ChunkStore, Home, ImageRef};
+
+pub use seal_pool::{seal_while, PoolSink, Sealed};
+
+const _: () = assert!(CHUNK_SIZE == tessera_flatten::CHUNK_BYTES, "flatten and seal agree on the chunk size");
+
+/// Errors of an import, each naming the image, layer or chunk at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Fetching or verifying the source image failed.
+    #[error("{reference}: {source}")]
+    Ingest {
+        /// The image.
+        reference: String,
+        /// Why.
+        source: tessera_oci::Error,
+    },
+    /// Flattening a layer failed.
+    #[error("{reference}: {source}")]
+    Flatten {
+        /// The image.
+        reference: String,
+        /// Why.
+        source: tessera_flatten::Error,
+    },
+    /// Storing failed.
+    #[error("{reference}: {source}")]
+    Store {
+        /// The image.
+        reference: String,
+        /// Why.
+        source: tessera_store::Error,
+    },
+    /// The keyring failed.
+    #[error(transparent)]
+    Keys(#[from] tessera_chunk::Error),
+}
+
+/// What to import and how.
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    /// Image name; defaults to the reference's repository and tag.
+    pub name: Option<String>,
+    /// Tenant whose key seals the manifest.
+    pub tenant: String,
+    /// Registry options.
+    pub pull: PullOptions,
+    /// Free space to leave in the filesystem.
+    pub headroom_bytes: u64,
+    /// Sealing threads (0: one per core).
+    pub threads: usize,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions { name: None, tenant: "default".into(), pull: PullOptions::default(), headroom_bytes: 1 << 30, threads: 0 }
+    }
+}
+
+/// The result of an import (the `--json` output of `tessera import`).
+#[derive(Clone, Debug, Serialize)]
+pub struct ImportReport {
+    /// Image name.
+    pub name: String,
+    /// Id of the sealed manifest.
+    pub manifest: String,
+    /// Bytes of the disk.
+    pub disk_bytes: u64,
+    /// Chunks in the disk (holes included).
+    pub chunks: u64,
+    /// All-zero chunks (stored nowhere).
+    pub holes: u64,
+    /// Chunks this import added to the store.
+    pub new_chunks: u64,
+    /// Bytes of the chunks this import added.
+    pub new_bytes: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// The reference imported.
+    pub source: String,
+    /// Manifest digest of the source.
+    pub source_digest: String,
+    /// Layers applied.
+    pub layers: usize,
+    /// Bytes of file data in the layers.
+    pub file_bytes: u64,
+    /// What was dropped on the way.
+    pub warnings: Vec<String>,
+}
+
+/// Imports `source` into `home`.
+pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn Progress) -> Result<ImportReport, Error> {
+    let started = Instant::now();
+    let reference = Reference::parse(source).map_err(|e| Error::Ingest { reference: source.to_owned(), source: e })?;
+    let shown = reference.to_string();
+    let store_err = |e| Error::Store { reference: shown.clone(), source: e };
+    let name = options.name.clone().unwrap_or_else(|| reference.default_name());
+    check_name(&name).map_err(store_err)?;
+    let mut keyring = home.keyring().map_err(store_err)?;
+    keyring.ensure_tenant(&options.tenant)?;
+
+    let image = tessera_oci::resolve(&reference, &options.pull, &home.tmp_dir(), progress)
+        .map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
+
+    // Same layers in, same bytes out: the filesystem's UUID and hash seed
+    // come from the layers' diff ids.
+    let mut seed_ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for l in &image.layers {
+        seed_ctx.update(l.diff_id.to_string().as_bytes());
+    }
+    let mut seed = [0u8; 32];
+    seed.copy_from_slice(seed_ctx.finish().as_ref());
+
+    let threads = if options.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    } else {
+        options.threads
+    };
+    progress.start("flattening and sealing", image.layers.iter().map(|l| l.size).sum());
+    let (flat, sealed) = seal_while(keyring.salt(), &home.chunks, threads, |sink| {
+        let mut flattener = Flattener::new(FlattenOptions { headroom_bytes: options.headroom_bytes, seed }, sink);
+        let mut file_bytes = 0;
+        for layer in &image.layers {
+            let tar = layer.open(progress).map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
+            let stats = flattener.apply_layer(&layer.label, tar).map_err(|e| flatten_err(e, &shown))?;
+            file_bytes += stats.file_bytes;
+        }
+        let flat = flattener.finish().map_err(|e| flatten_err(e, &shown))?;
+        Ok::<_, Error>((flat, file_bytes))
+    });
+    // A store failure explains a flatten failure, so report it first.
+    let sealed = sealed.map_err(store_err)?;
+    let (flat, file_bytes) = flat?;
+    home.chunks.sync().map_err(store_err)?;
+
+    let n_chunks = flat.disk_bytes / CHUNK_SIZE as u64;
+    let mut chunks: Vec<Option<ChunkRef>> = vec![None; n_chunks as usize];
+    for (index, r) in sealed.refs {
+        chunks[index as usize] = Some(r);
+    }
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        source: Source {
+            reference: shown.clone(),
+            manifest_digest: image.manifest_digest.to_string(),
+            config_digest: image.config_digest.to_string(),
+            platform: image.platform.clone(),
+            layers: image
+                .layers
+                .iter()
+                .map(|l| LayerSource {
+                    digest: l.digest.to_string(),
+                    diff_id: l.diff_id.to_string(),
+                    media_type: l.media_type.clone(),
+                    size: l.size,
+                })
+                .collect(),
+        },
+        config: ImageConfig {
+            entrypoint: image.config.entrypoint.clone(),
+            cmd: image.config.cmd.clone(),
+            env: image.config.env.clone(),
+            working_dir: image.config.working_dir.clone(),
+            user: image.config.user.clone(),
+            labels: image.config.labels.clone(),
+            exposed_ports: image.config.exposed_ports.clone(),
+            stop_signal: image.config.stop_signal.clone(),
+        },
+        geometry: Geometry {
+            disk_bytes: flat.disk_bytes,
+            chunk_size: CHUNK_SIZE as u64,
+            block_size: tessera_flatten::BLOCK_SIZE,
+            layers: flat.layer_regions.iter().map(|&(first_chunk, chunks)| LayerRegion { first_chunk, chunks }).collect(),
+            metadata_chunk: flat.metadata_chunk,
+            headroom_bytes: flat.headroom_bytes,
+            inodes_used: flat.inodes_used,
+            inodes_total: flat.inodes_total,
+        },
+        salt_id: keyring.salt().id().to_owned(),
+        imported_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        chunks,
+    };
+    manifest.validate()?;
+    let sealed_manifest = manifest.seal(&options.tenant, &keyring as &dyn KeyProvider)?;
+    let id = home.catalog.put_manifest(&sealed_manifest).map_err(store_err)?;
+    let previous = home.catalog.get(&name).ok();
+    home.catalog
+        .set(&name, &ImageRef { manifest: id.to_hex(), tenant: options.tenant.clone() })
+        .map_err(store_err)?;
+    if let Some(prev) = previous.filter(|p| p.manifest != id.to_hex()) {
+        if !home.catalog.list().map_err(store_err)?.iter().any(|(_, r)| r.manifest == prev.manifest) {
+            home.catalog.remove_manifest(&prev.manifest).map_err(store_err)?;
+        }
+    }
+    let holes = manifest.chunks.iter().filter(|c| c.is_none()).count() as u64;
+    Ok(ImportReport {
+        name,
+        manifest: id.to_hex(),
+        disk_bytes: flat.disk_bytes,
+        chunks: n_chunks,
+        holes,
+        new_chunks: sealed.new_chunks,
+        new_bytes: sealed.new_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        source: shown,
+        source_digest: image.manifest_digest.to_string(),
+        layers: image.layers.len(),
+        file_bytes,
+        warnings: flat.warnings,
+    })
+}
+
+fn flatten_err(e: tessera_flatten::Error, reference: &str) -> Error {
+    Error::Flatten { reference: reference.to_owned(), source: e }
+}

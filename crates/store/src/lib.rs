@@ -25,12 +25,14 @@
 mod catalog;
 pub mod conformance;
 mod error;
+mod home;
 mod local;
 mod memory;
 pub mod readback;
 
-pub use catalog::{Catalog, ImageRef};
+pub use catalog::{check_name, Catalog, ImageRef};
 pub use error::{Error, Result};
+pub use home::Home;
 pub use local::LocalDirStore;
 pub use memory::MemoryStore;
 use tessera_chunk::ChunkId;

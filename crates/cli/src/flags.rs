@@ -1,0 +1,140 @@
+//! Command-line flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Tessera loads container images on demand, block by block.
+///
+/// Images are flattened into one deterministic ext4 filesystem, cut into
+/// 512 KiB chunks, sealed with convergent encryption and stored once each.
+/// Everything lives under TESSERA_HOME (default ~/.local/share/tessera):
+/// no service needs to run.
+#[derive(Parser, Debug)]
+#[command(name = "tessera", version, propagate_version = true)]
+pub struct Cli {
+    /// Where the embedded store lives: chunks, manifests, keyring.
+    #[arg(long, env = "TESSERA_HOME", global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Import an image: fetch, verify, flatten to ext4, seal and store its chunks.
+    ///
+    /// SOURCE is spelled as skopeo spells it: oci:DIR[:TAG],
+    /// docker-archive:FILE[:REPO:TAG] or docker://HOST[:PORT]/REPO[:TAG|@sha256:…].
+    Import(ImportArgs),
+    /// List imported images.
+    Images {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's OCI config, disk geometry, chunk counts and source.
+    Inspect {
+        /// Image name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the plain ext4 image, rebuilt from the store chunk by chunk.
+    ///
+    /// Every chunk is checked against its id and opened with its key; a bad
+    /// chunk stops the export and no file is left behind.
+    Export {
+        /// Image name.
+        name: String,
+        /// Output file (written sparse; appears only when complete).
+        file: PathBuf,
+    },
+    /// Check every chunk of an image: present, matching its id, opening with its key.
+    ///
+    /// Exits 1 and names each bad chunk when any is bad.
+    Verify {
+        /// Image name.
+        name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image name (and its manifest unless another name uses it).
+    ///
+    /// Chunks stay in the store: other images may share them.
+    Rm {
+        /// Image names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The image to import.
+    pub source: String,
+    /// Name to import as (default: repository or directory name and tag).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Tenant whose master key seals the manifest.
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Platform to pick from an image index.
+    #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH")]
+    pub platform: String,
+    /// Talk plain HTTP to the registry.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Registry credentials (otherwise from ~/.docker/config.json).
+    #[arg(long, value_name = "USER:PASS")]
+    pub creds: Option<String>,
+    /// Free space to leave in the filesystem for a writable root (holes: costs nothing stored).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size, value_name = "SIZE")]
+    pub headroom: u64,
+    /// Sealing threads (default: one per core).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: usize,
+    /// Print one JSON object with the result.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses sizes such as `512MiB`, `1G`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("invalid size unit in {s:?} (use K, M, G, T)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("1Q").is_err());
+        assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn flags_are_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,100 @@
+//! Seals chunks on all cores while the flattener produces them.
+
+use std::sync::Mutex;
+use std::thread;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use tessera_chunk::{is_zero, seal_in_place, ChunkRef, Salt};
+use tessera_flatten::{ChunkSink, SinkError};
+use tessera_store::{ChunkStore, Error, Put};
+
+/// What the sealers did.
+#[derive(Default)]
+pub struct Sealed {
+    /// (chunk index, reference) of every non-hole chunk.
+    pub refs: Vec<(u64, ChunkRef)>,
+    /// Chunks the store did not have before.
+    pub new_chunks: u64,
+    /// Their sealed bytes.
+    pub new_bytes: u64,
+}
+
+/// The producer's end: hands chunks to the sealers.
+pub struct PoolSink<'p> {
+    tx: Sender<(u64, Vec<u8>)>,
+    failure: &'p Mutex<Option<Error>>,
+}
+
+/// Runs `produce` on this thread while `threads` sealers seal what it hands
+/// to its sink and put it in `store`. The queue is bounded, so memory stays
+/// at a few chunks per thread however large the image is. Returns what
+/// `produce` returned and what was sealed (or the first store error).
+pub fn seal_while<T>(
+    salt: &Salt,
+    store: &dyn ChunkStore,
+    threads: usize,
+    produce: impl FnOnce(&mut PoolSink<'_>) -> T,
+) -> (T, Result<Sealed, Error>) {
+    let failure = Mutex::new(None);
+    let (tx, rx) = bounded::<(u64, Vec<u8>)>(threads.max(1) * 2);
+    thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                let rx = rx.clone();
+                let failure = &failure;
+                s.spawn(move || seal_worker(rx, salt, store, failure))
+            })
+            .collect();
+        drop(rx);
+        let mut sink = PoolSink { tx, failure: &failure };
+        let out = produce(&mut sink);
+        drop(sink); // closes the queue: workers finish what is queued and stop
+        let mut all = Sealed::default();
+        for w in workers {
+            let t = w.join().expect("seal workers do not panic");
+            all.refs.extend(t.refs);
+            all.new_chunks += t.new_chunks;
+            all.new_bytes += t.new_bytes;
+        }
+        let result = match failure.lock().expect("no panics while holding the lock").take() {
+            Some(e) => Err(e),
+            None => Ok(all),
+        };
+        (out, result)
+    })
+}
+
+fn seal_worker(rx: Receiver<(u64, Vec<u8>)>, salt: &Salt, store: &dyn ChunkStore, failure: &Mutex<Option<Error>>) -> Sealed {
+    let mut tally = Sealed::default();
+    for (index, mut buf) in rx {
+        if failure.lock().expect("no panics while holding the lock").is_some() {
+            continue; // the import is failing: just drain the queue
+        }
+        if is_zero(&buf) {
+            continue; // a hole: stored nowhere
+        }
+        let (id, key) = seal_in_place(salt, &mut buf);
+        match store.put(&id, &buf) {
+            Ok(Put::Created) => {
+                tally.new_chunks += 1;
+                tally.new_bytes += buf.len() as u64;
+            }
+            Ok(Put::AlreadyPresent) => {}
+            Err(e) => {
+                failure.lock().expect("no panics while holding the lock").get_or_insert(e);
+                continue;
+            }
+        }
+        tally.refs.push((index, ChunkRef { id, key }));
+    }
+    tally
+}
+
+impl ChunkSink for PoolSink<'_> {
+    fn put_chunk(&mut self, index: u64, data: Vec<u8>) -> Result<(), SinkError> {
+        if let Some(e) = self.failure.lock().expect("no panics while holding the lock").as_ref() {
+            return Err(e.to_string().into());
+        }
+        self.tx.send((index, data)).map_err(|_| "seal workers stopped".into())
+    }
+}
