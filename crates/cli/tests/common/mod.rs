@@ -1,0 +1,226 @@
+//! Fixtures shared by the integration tests: the real `tessera` binary, real
+//! images built with umoci or by hand, a real `docker-registry` on loopback.
+
+#![allow(dead_code)]
+
+pub mod oci;
+pub mod tree;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Is `tool` on PATH? Under CI a missing tool fails the test, naming the package.
+pub fn require(tool: &str, package: &str) -> bool {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false);
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{tool} is missing: apt-get install {package}");
+        }
+        eprintln!("skipping: {tool} is missing (apt-get install {package})");
+    }
+    found
+}
+
+/// True when running as root (loop mounts, tmpfs, docker-registry ports are fine).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A scratch TESSERA_HOME plus a work directory, removed on drop.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env { dir: tempfile::tempdir().expect("a temp dir") }
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs `tessera ARGS` against this home.
+    pub fn tessera(&self, args: &[&str]) -> Output {
+        tessera_with_home(&self.home(), args)
+    }
+
+    /// Runs `tessera ARGS`, asserting success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.tessera(args);
+        assert!(out.status.success(), "tessera {args:?} failed:\n{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `tessera import ... --json`, parsed.
+    pub fn import(&self, source: &str, name: &str, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["import", source, "--name", name, "--json", "--headroom", "64MiB"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.ok(&args)).expect("import --json prints JSON")
+    }
+
+    pub fn image_names(&self) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["images", "--json"])).unwrap();
+        v.as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_owned()).collect()
+    }
+}
+
+pub fn tessera_with_home(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .env("TESSERA_HOME", home)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the tessera binary runs")
+}
+
+/// stdout and stderr of a finished command, for assertion messages.
+pub fn text(out: &Output) -> String {
+    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Runs a command, asserting success.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed:\n{}", text(&out));
+    out
+}
+
+/// A busybox image built with umoci: `DIR:TAG` with /bin/busybox, a few
+/// applets, a file with content, a hard link, a symlink, an xattr and a
+/// set-uid bit.
+pub fn busybox_layout(dir: &Path, tag: &str) {
+    run(Command::new("umoci").args(["init", "--layout"]).arg(dir));
+    let image = format!("{}:{tag}", dir.display());
+    run(Command::new("umoci").args(["new", "--image", &image]));
+    let bundle = dir.with_extension("bundle");
+    run(Command::new("umoci").args(["unpack", "--image", &image]).arg(&bundle));
+    let root = bundle.join("rootfs");
+    for d in ["bin", "etc", "tmp", "var/empty"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static provides /bin/busybox");
+    for applet in ["sh", "cat", "ls", "echo", "true", "false"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/greeting"), "hello from tessera\n").unwrap();
+    std::fs::hard_link(root.join("etc/greeting"), root.join("etc/greeting.hard")).unwrap();
+    std::fs::write(root.join("bin/suid"), "#!/bin/sh\n").unwrap();
+    run(Command::new("chmod").args(["4755"]).arg(root.join("bin/suid")));
+    run(Command::new("chmod").args(["1777"]).arg(root.join("tmp")));
+    run(Command::new("chown").args(["1000:1000"]).arg(root.join("var/empty")));
+    run(Command::new("setfattr").args(["-n", "user.tessera", "-v", "xattr-value"]).arg(root.join("etc/greeting")));
+    run(Command::new("umoci").args(["repack", "--image", &image]).arg(&bundle));
+    run(Command::new("umoci").args([
+        "config", "--image", &image,
+        "--config.entrypoint", "/bin/sh",
+        "--config.cmd", "-c", "--config.cmd", "cat /etc/greeting",
+        "--config.env", "GREETING=hello",
+        "--config.workingdir", "/etc",
+        "--config.user", "1000:1000",
+    ]));
+    std::fs::remove_dir_all(&bundle).unwrap();
+}
+
+/// Adds a layer with `files` (path → content) on top of `DIR:TAG`, as `DIR:NEWTAG`.
+pub fn add_layer(dir: &Path, tag: &str, new_tag: &str, files: &[(&str, &[u8])]) {
+    let image = format!("{}:{tag}", dir.display());
+    let new_image = format!("{}:{new_tag}", dir.display());
+    let bundle = dir.with_extension(format!("bundle-{new_tag}"));
+    run(Command::new("umoci").args(["unpack", "--image", &image]).arg(&bundle));
+    for (path, data) in files {
+        let p = bundle.join("rootfs").join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    run(Command::new("umoci").args(["repack", "--image", &new_image]).arg(&bundle));
+    std::fs::remove_dir_all(&bundle).unwrap();
+}
+
+/// A `docker-registry` on a free loopback port, stopped on drop.
+pub struct Registry {
+    child: Child,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts a registry; with `htpasswd`, basic auth for user `tessera`, password `s3cret`.
+    pub fn start(with_auth: bool) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if with_auth {
+            // bcrypt hash of "s3cret" (cost 5), made with htpasswd -nbB.
+            let htpasswd = dir.path().join("htpasswd");
+            let hash = Command::new("python3").args(["-c", "import crypt,sys; print(crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=32)))"]).output().unwrap();
+            let hash = String::from_utf8_lossy(&hash.stdout).trim().to_owned();
+            assert!(hash.starts_with("$2b$"), "python3 crypt made a bcrypt hash: {hash:?}");
+            std::fs::write(&htpasswd, format!("tessera:{}\n", hash.replacen("$2b$", "$2y$", 1))).unwrap();
+            config.push_str(&format!("auth:\n  htpasswd:\n    realm: tessera-test\n    path: {}\n", htpasswd.display()));
+        }
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let child = Command::new("docker-registry").arg("serve").arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("docker-registry starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry { child, addr, dir }
+    }
+
+    /// Pushes `oci:LAYOUT:TAG` as `REPO:TAG` with skopeo.
+    pub fn push(&self, layout: &Path, tag: &str, repo: &str, creds: Option<&str>) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if let Some(c) = creds {
+            cmd.args(["--dest-creds", c]);
+        }
+        cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}/{repo}:{tag}", self.addr));
+        run(&mut cmd);
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Loop-mounts `image` read-only at a fresh directory; unmounts on drop.
+pub struct LoopMount {
+    pub dir: tempfile::TempDir,
+}
+
+impl LoopMount {
+    pub fn new(image: &Path) -> LoopMount {
+        let dir = tempfile::tempdir().unwrap();
+        run(Command::new("mount").args(["-o", "loop,ro"]).arg(image).arg(dir.path()));
+        LoopMount { dir }
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Writes `bytes` to `path`.
+pub fn write(path: &Path, bytes: &[u8]) {
+    std::fs::File::create(path).unwrap().write_all(bytes).unwrap();
+}
