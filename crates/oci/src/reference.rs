@@ -103,7 +103,7 @@ fn parse_registry(rest: &str) -> Result<Reference, String> {
         Some((n, d)) => (n, Some(d.parse::<Digest>().map_err(|e| e.to_string())?)),
         None => (rest, None),
     };
-    let (host, path) = name.split_once('/').ok_or("expected HOST[:PORT]/REPO")?;
+    let (host, path) = name.split_once('/').ok_or("expected HOST[:PORT]/REPO: spell the registry host")?;
     if !(host.contains('.') || host.contains(':') || host == "localhost") {
         return Err(format!("{host:?} is not a registry host: spell the host, e.g. docker://127.0.0.1:5000/{name}"));
     }
