@@ -1,0 +1,37 @@
+#!/bin/sh
+# Tessera's main job on its embedded defaults: build a real OCI image (busybox,
+# with umoci), import it into TESSERA_HOME (default ~/.local/share/tessera),
+# then list, inspect and verify it. Installs what it needs on Debian 12.
+set -eu
+cd "$(dirname "$0")/.."
+
+need=""
+for p in umoci busybox-static e2fsprogs; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need="$need $p"
+done
+if [ -n "$need" ]; then
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends $need >/dev/null
+fi
+
+cargo build --release --quiet
+tessera=./target/release/tessera
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+umoci init --layout "$work/layout"
+umoci new --image "$work/layout:demo"
+umoci unpack --rootless --image "$work/layout:demo" "$work/bundle" >/dev/null
+mkdir -p "$work/bundle/rootfs/bin" "$work/bundle/rootfs/etc"
+cp /bin/busybox "$work/bundle/rootfs/bin/busybox"
+for applet in sh ls cat echo; do ln -s busybox "$work/bundle/rootfs/bin/$applet"; done
+echo "hello from tessera" > "$work/bundle/rootfs/etc/greeting"
+umoci repack --image "$work/layout:demo" "$work/bundle"
+umoci config --image "$work/layout:demo" --config.entrypoint /bin/cat --config.cmd /etc/greeting
+
+$tessera import "oci:$work/layout:demo" --name demo
+$tessera images
+$tessera inspect demo
+$tessera verify demo

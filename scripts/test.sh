@@ -1,0 +1,28 @@
+#!/bin/sh
+# Runs Tessera's whole test suite on a Debian 12 machine, installing what it
+# needs first: the Debian packages that give the tests real peers, and
+# cargo-nextest if it is missing.
+set -eu
+cd "$(dirname "$0")/.."
+
+packages="umoci skopeo docker-registry debootstrap busybox-static e2fsprogs attr fuse3 libnbd-bin util-linux python3"
+missing=""
+for p in $packages; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "installing:$missing" >&2
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    # Debian's docker-registry service listens on all interfaces; the tests
+    # start their own, on loopback.
+    $sudo_cmd systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+    exec cargo nextest run --workspace --no-fail-fast "$@"
+else
+    exec cargo test --workspace --no-fail-fast "$@"
+fi
