@@ -10,7 +10,7 @@ use tessera_import::ImportOptions;
 use tessera_oci::PullOptions;
 use tessera_store::{readback, Home, ImageRef};
 
-use crate::flags::{Cli, Command, ImportArgs};
+use crate::flags::{BenchCommand, Cli, Command, ImportArgs};
 use crate::progress::{human, Bars};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -26,6 +26,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { name, file } => export(&home, &name, &file),
         Command::Verify { name, json } => verify(&home, &name, json),
         Command::Rm { names } => rm(&home, &names),
+        Command::Bench(BenchCommand::Seal { file, threads: t }) => {
+            let t = if t == 0 { threads() } else { t };
+            let r = tessera_import::seal_file(&file, t).with_context(|| format!("reading {}", file.display()))?;
+            let mut v = serde_json::to_value(&r)?;
+            v["mib_per_second"] = json!(r.bytes as f64 / (1 << 20) as f64 / r.seconds);
+            println!("{v}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -62,6 +62,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measurements behind docs/BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Remove an image name (and its manifest unless another name uses it).
     ///
     /// Chunks stay in the store: other images may share them.
@@ -69,6 +72,19 @@ pub enum Command {
         /// Image names.
         #[arg(required = true)]
         names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Seal every non-zero 512 KiB chunk of FILE on all cores, with no store:
+    /// the baseline import throughput is compared with. Prints JSON.
+    Seal {
+        /// A raw disk image, e.g. from `tessera export`.
+        file: PathBuf,
+        /// Threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
 }
 

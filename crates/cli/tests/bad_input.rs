@@ -236,8 +236,15 @@ fn kill_9_mid_import_leaves_nothing_visible() {
     child.wait().unwrap();
     assert!(env.image_names().is_empty(), "a killed import is not listed");
 
-    // The store is still good: the same import completes and verifies.
+    // The store is still good: the same import completes, verifies, and
+    // clears what the killed one left.
     let report = env.import(&src, "big", &[]);
+    let leftovers = std::fs::read_dir(&chunks)
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp-"))
+        .count();
+    assert_eq!(leftovers, 0, "stale temporaries are removed");
     assert!(report["chunks"].as_u64().unwrap() > 512);
     env.ok(&["verify", "big"]);
 }

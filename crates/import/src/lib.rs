@@ -13,6 +13,7 @@
 //! half-way leaves at most unreferenced chunks, which name no image.
 #![deny(missing_docs)]
 
+mod bench;
 mod seal_pool;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -23,6 +24,7 @@ use tessera_flatten::{Flattener, Options as FlattenOptions};
 use tessera_oci::{Progress, PullOptions, Reference};
 use tessera_store::{check_name, ChunkStore, Home, ImageRef};
 
+pub use bench::{seal_file, SealBench};
 pub use seal_pool::{seal_while, PoolSink, Sealed};
 
 const _: () = assert!(CHUNK_SIZE == tessera_flatten::CHUNK_BYTES, "flatten and seal agree on the chunk size");
@@ -120,6 +122,7 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     let store_err = |e| Error::Store { reference: shown.clone(), source: e };
     let name = options.name.clone().unwrap_or_else(|| reference.default_name());
     check_name(&name).map_err(store_err)?;
+    home.remove_stale_temporaries().map_err(store_err)?;
     let mut keyring = home.keyring().map_err(store_err)?;
     keyring.ensure_tenant(&options.tenant)?;
 

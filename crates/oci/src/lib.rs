@@ -41,6 +41,18 @@ pub use digest::{digest_of, Digest, Hasher, VerifyingReader};
 pub use reference::{Reference, Target};
 pub use spec::Compression;
 
+/// Entry points for the fuzz targets in `fuzz/`; not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses bytes as a manifest or index, picks a platform, and parses them as a config.
+    pub fn parse_document(bytes: &[u8]) {
+        if let Ok(crate::spec::Document::Index(i)) = crate::spec::Document::parse(bytes, None) {
+            let _ = crate::spec::pick_platform(&i, "linux/amd64");
+        }
+        let _ = serde_json::from_slice::<crate::spec::ConfigFile>(bytes);
+    }
+}
+
 /// Errors of ingest, naming the image, blob or layer at fault.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

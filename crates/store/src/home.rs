@@ -44,6 +44,23 @@ impl Home {
         Ok(LocalKeyring::open_or_create(&self.root.join("keyring.json"))?)
     }
 
+    /// Removes what imports killed mid-way left behind: chunk temporaries
+    /// and download spools of processes that no longer run.
+    pub fn remove_stale_temporaries(&self) -> Result<usize> {
+        let mut n = self.chunks.remove_stale_temporaries()?;
+        if let Ok(entries) = std::fs::read_dir(self.tmp_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // pull-PID-DIGEST
+                let pid = name.strip_prefix("pull-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+                if pid.is_some_and(|p| !crate::pid_alive(p)) && std::fs::remove_dir_all(entry.path()).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Looks up `name` and opens its manifest.
     pub fn manifest(&self, name: &str) -> Result<(ImageRef, Manifest)> {
         let r = self.catalog.get(name)?;

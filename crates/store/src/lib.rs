@@ -71,3 +71,8 @@ pub trait ChunkStore: Send + Sync {
     /// Makes every completed put durable.
     fn sync(&self) -> Result<()>;
 }
+
+/// Whether process `pid` is running (temporaries carry their writer's pid).
+pub(crate) fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}

@@ -33,13 +33,18 @@ impl LocalDirStore {
         self.root.join(&hex[..2]).join(hex)
     }
 
-    /// Removes temporary files left by puts that died; returns how many.
+    /// Removes temporary files left by puts whose process died (kill -9,
+    /// power loss); returns how many. Safe while other processes put.
     pub fn remove_stale_temporaries(&self) -> Result<usize> {
         let mut n = 0;
         for dir in self.fanout_dirs()? {
             for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
                 let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
-                if entry.file_name().to_string_lossy().starts_with(".tmp-") && fs::remove_file(entry.path()).is_ok() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // .tmp-ID-PID-N
+                let Some(rest) = name.strip_prefix(".tmp-") else { continue };
+                let pid = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+                if pid.is_none_or(|p| !crate::pid_alive(p)) && fs::remove_file(entry.path()).is_ok() {
                     n += 1;
                 }
             }
@@ -173,9 +178,12 @@ mod tests {
         let store = LocalDirStore::open(dir.path()).unwrap();
         let id = ChunkId::of(b"x");
         store.put(&id, b"x").unwrap();
-        let stale = store.path_of(&id).with_file_name(".tmp-dead");
+        let stale = store.path_of(&id).with_file_name(format!(".tmp-{}-{}-0", id.to_hex(), u32::MAX - 1));
+        let live = store.path_of(&id).with_file_name(format!(".tmp-{}-{}-0", id.to_hex(), std::process::id()));
         fs::write(&stale, b"half").unwrap();
+        fs::write(&live, b"half").unwrap();
         assert_eq!(store.list().unwrap(), vec![id]);
         assert_eq!(store.remove_stale_temporaries().unwrap(), 1);
+        assert!(live.exists(), "a running process's temporary is left alone");
     }
 }
