@@ -132,7 +132,7 @@ fn registry_and_docker_archive() {
     let env = Env::new();
     let layout = env.path("layout");
     busybox_layout(&layout, "bb");
-    let reg = Registry::start(false);
+    let reg = Registry::start(Auth::None);
     reg.push(&layout, "bb", "team/app", None);
     let via_registry = env.import(&format!("docker://{}/team/app:bb", reg.addr), "reg", &["--insecure"]);
     assert_eq!(via_registry["name"], "reg");
@@ -162,13 +162,22 @@ fn registry_and_docker_archive() {
 
 #[test]
 fn registry_with_basic_auth() {
-    if !have_tools() || !require("skopeo", "skopeo") || !require("docker-registry", "docker-registry") {
+    registry_with_auth(Auth::Basic);
+}
+
+#[test]
+fn registry_with_token_auth() {
+    registry_with_auth(Auth::Token);
+}
+
+fn registry_with_auth(auth: Auth) {
+    if !have_tools() || !require("skopeo", "skopeo") || !require("docker-registry", "docker-registry") || !require("openssl", "openssl") {
         return;
     }
     let env = Env::new();
     let layout = env.path("layout");
     busybox_layout(&layout, "bb");
-    let reg = Registry::start(true);
+    let reg = Registry::start(auth);
     reg.push(&layout, "bb", "private/app", Some("tessera:s3cret"));
     let src = format!("docker://{}/private/app:bb", reg.addr);
 

@@ -145,41 +145,91 @@ pub fn add_layer(dir: &Path, tag: &str, new_tag: &str, files: &[(&str, &[u8])]) 
     std::fs::remove_dir_all(&bundle).unwrap();
 }
 
+/// How a test registry authenticates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    /// Anyone may pull and push.
+    None,
+    /// HTTP basic auth (htpasswd): user `tessera`, password `s3cret`.
+    Basic,
+    /// Bearer tokens from a token issuer (`fixtures/token_server.py`) that
+    /// takes the same user and password.
+    Token,
+}
+
 /// A `docker-registry` on a free loopback port, stopped on drop.
 pub struct Registry {
     child: Child,
+    issuer: Option<Child>,
     pub addr: String,
     pub dir: tempfile::TempDir,
 }
 
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_listening(addr: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl Registry {
-    /// Starts a registry; with `htpasswd`, basic auth for user `tessera`, password `s3cret`.
-    pub fn start(with_auth: bool) -> Registry {
+    pub fn start(auth: Auth) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("127.0.0.1:{}", free_port());
         let mut config = format!(
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
             dir.path().join("data").display()
         );
-        if with_auth {
-            // bcrypt hash of "s3cret" (cost 5), made with htpasswd -nbB.
-            let htpasswd = dir.path().join("htpasswd");
-            let hash = Command::new("python3").args(["-c", "import crypt,sys; print(crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=32)))"]).output().unwrap();
-            let hash = String::from_utf8_lossy(&hash.stdout).trim().to_owned();
-            assert!(hash.starts_with("$2b$"), "python3 crypt made a bcrypt hash: {hash:?}");
-            std::fs::write(&htpasswd, format!("tessera:{}\n", hash.replacen("$2b$", "$2y$", 1))).unwrap();
-            config.push_str(&format!("auth:\n  htpasswd:\n    realm: tessera-test\n    path: {}\n", htpasswd.display()));
+        let mut issuer = None;
+        match auth {
+            Auth::None => {}
+            Auth::Basic => {
+                let htpasswd = dir.path().join("htpasswd");
+                let hash = Command::new("python3")
+                    .args(["-c", "import crypt; print(crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=32)))"])
+                    .output()
+                    .unwrap();
+                let hash = String::from_utf8_lossy(&hash.stdout).trim().to_owned();
+                assert!(hash.starts_with("$2b$"), "python3 crypt made a bcrypt hash: {hash:?}");
+                std::fs::write(&htpasswd, format!("tessera:{hash}\n")).unwrap();
+                config.push_str(&format!("auth:\n  htpasswd:\n    realm: tessera-test\n    path: {}\n", htpasswd.display()));
+            }
+            Auth::Token => {
+                let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+                run(Command::new("openssl")
+                    .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tessera-test-issuer", "-keyout"])
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(&cert)
+                    .stderr(Stdio::null()));
+                let token_addr = format!("127.0.0.1:{}", free_port());
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/token_server.py");
+                let child = Command::new("python3")
+                    .arg(script)
+                    .arg(token_addr.rsplit(':').next().unwrap())
+                    .arg(&key)
+                    .arg(&cert)
+                    .args(["tessera-test-issuer", "tessera-test", "tessera", "s3cret"])
+                    .spawn()
+                    .expect("python3 runs the token issuer");
+                issuer = Some(child);
+                wait_listening(&token_addr, "the token issuer");
+                config.push_str(&format!(
+                    "auth:\n  token:\n    realm: http://{token_addr}/token\n    service: tessera-test\n    issuer: tessera-test-issuer\n    rootcertbundle: {}\n",
+                    cert.display()
+                ));
+            }
         }
         let cfg = dir.path().join("config.yml");
         std::fs::write(&cfg, config).unwrap();
         let child = Command::new("docker-registry").arg("serve").arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("docker-registry starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Registry { child, addr, dir }
+        wait_listening(&addr, "docker-registry");
+        Registry { child, issuer, addr, dir }
     }
 
     /// Pushes `oci:LAYOUT:TAG` as `REPO:TAG` with skopeo.
@@ -196,8 +246,10 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in std::iter::once(&mut self.child).chain(self.issuer.as_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
