@@ -13,11 +13,18 @@ use common::*;
 fn import_fails(env: &Env, dir: &std::path::Path, needles: &[&str]) {
     let out = env.tessera(&["import", &format!("oci:{}:t", dir.display()), "--name", "bad"]);
     assert!(!out.status.success(), "import should fail:\n{}", text(&out));
+    assert_eq!(chunk_files(env), 0, "a failed import leaves nothing in the store");
     let msg = String::from_utf8_lossy(&out.stderr);
     for n in needles {
         assert!(msg.contains(n), "error {msg:?} should mention {n:?}");
     }
     assert!(!env.image_names().contains(&"bad".to_string()), "a failed import must not be listed");
+}
+
+/// Files in the chunk store, temporaries included.
+fn chunk_files(env: &Env) -> usize {
+    let Ok(dirs) = std::fs::read_dir(env.home().join("chunks")) else { return 0 };
+    dirs.map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count()).sum()
 }
 
 fn good_tar() -> Vec<u8> {
@@ -73,7 +80,7 @@ fn digest_mismatches_are_refused_before_anything_is_stored() {
     bytes[n / 2] ^= 1;
     std::fs::write(&path, bytes).unwrap();
     import_fails(&env, &dir, &["layer 1/1", "digest mismatch"]);
-    assert_eq!(std::fs::read_dir(env.home().join("chunks")).unwrap().count(), 0, "no chunk was stored");
+    assert_eq!(chunk_files(&env), 0, "no chunk (nor temporary) was left in the store");
 
     // A wrong diff id in the config.
     let dir = env.path("diffid");
@@ -123,6 +130,7 @@ fn hostile_paths_are_neutralised_or_refused() {
     assert!(!std::path::Path::new("/escape").exists());
 
     // A hard link to nothing is refused, naming the layer and the path.
+    let env = Env::new();
     let mut t = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::Link);

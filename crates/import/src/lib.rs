@@ -1,16 +1,18 @@
 //! The import pipeline, end to end:
 //!
 //! ```text
-//! tessera_oci::resolve      fetch + verify manifest, config, layer blobs
-//!   → Flattener::apply_layer  stream each layer into the ext4 image
-//!   → SealPool                seal each finished chunk on all cores, put-if-absent
-//!   → ChunkStore::sync        every chunk durable
+//! tessera_oci::resolve      fetch + verify manifest and config (and registry blobs)
+//!   → Flattener::apply_layer  stream each layer into the ext4 image, checking
+//!                             the blob digest and diff id as the stream ends
+//!   → seal_while              seal each finished chunk on all cores, stage it
+//!   → PutBatch::commit        every digest checked: chunks visible and durable
 //!   → Catalog                 sealed manifest, then the name (atomic, durable)
 //! ```
 //!
-//! Nothing becomes visible until the end: an image appears under its name
-//! only once its manifest and every chunk it names are durable. A failure
-//! half-way leaves at most unreferenced chunks, which name no image.
+//! Nothing becomes visible until the end: chunks are staged and committed
+//! only once every layer has streamed to its end with matching digests, and
+//! an image appears under its name only once its manifest and every chunk it
+//! names are durable. A failure leaves nothing behind in the local store.
 #![deny(missing_docs)]
 
 mod bench;
@@ -144,12 +146,19 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
         options.threads
     };
     progress.start("flattening and sealing", image.layers.iter().map(|l| l.size).sum());
-    let (flat, sealed) = seal_while(keyring.salt(), &home.chunks, threads, |sink| {
+    let batch = home.chunks.batch();
+    let (flat, sealed) = seal_while(keyring.salt(), batch.as_ref(), threads, |sink| {
         let mut flattener = Flattener::new(FlattenOptions { headroom_bytes: options.headroom_bytes, seed }, sink);
         let mut file_bytes = 0;
         for layer in &image.layers {
-            let tar = layer.open(progress).map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
-            let stats = flattener.apply_layer(&layer.label, tar).map_err(|e| flatten_err(e, &shown))?;
+            let ingest_err = |e| Error::Ingest { reference: shown.clone(), source: e };
+            let tar = layer.open(progress).map_err(ingest_err)?;
+            let stats = match flattener.apply_layer(&layer.label, tar) {
+                Ok(s) => s,
+                // A damaged blob often shows first as bad compression or a
+                // bad tar: name the digest mismatch when that is the cause.
+                Err(e) => return Err(layer.check().err().map(ingest_err).unwrap_or_else(|| flatten_err(e, &shown))),
+            };
             file_bytes += stats.file_bytes;
         }
         let flat = flattener.finish().map_err(|e| flatten_err(e, &shown))?;
@@ -158,7 +167,7 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     // A store failure explains a flatten failure, so report it first.
     let sealed = sealed.map_err(store_err)?;
     let (flat, file_bytes) = flat?;
-    home.chunks.sync().map_err(store_err)?;
+    batch.commit().map_err(store_err)?;
 
     let n_chunks = flat.disk_bytes / CHUNK_SIZE as u64;
     let mut chunks: Vec<Option<ChunkRef>> = vec![None; n_chunks as usize];

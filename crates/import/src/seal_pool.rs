@@ -6,7 +6,7 @@ use std::thread;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tessera_chunk::{is_zero, seal_in_place, ChunkRef, Salt};
 use tessera_flatten::{ChunkSink, SinkError};
-use tessera_store::{ChunkStore, Error, Put};
+use tessera_store::{Error, Put, PutBatch};
 
 /// What the sealers did.
 #[derive(Default)]
@@ -26,12 +26,12 @@ pub struct PoolSink<'p> {
 }
 
 /// Runs `produce` on this thread while `threads` sealers seal what it hands
-/// to its sink and put it in `store`. The queue is bounded, so memory stays
+/// to its sink and stage it in `batch`. The queue is bounded, so memory stays
 /// at a few chunks per thread however large the image is. Returns what
 /// `produce` returned and what was sealed (or the first store error).
 pub fn seal_while<T>(
     salt: &Salt,
-    store: &dyn ChunkStore,
+    batch: &dyn PutBatch,
     threads: usize,
     produce: impl FnOnce(&mut PoolSink<'_>) -> T,
 ) -> (T, Result<Sealed, Error>) {
@@ -42,7 +42,7 @@ pub fn seal_while<T>(
             .map(|_| {
                 let rx = rx.clone();
                 let failure = &failure;
-                s.spawn(move || seal_worker(rx, salt, store, failure))
+                s.spawn(move || seal_worker(rx, salt, batch, failure))
             })
             .collect();
         drop(rx);
@@ -64,7 +64,7 @@ pub fn seal_while<T>(
     })
 }
 
-fn seal_worker(rx: Receiver<(u64, Vec<u8>)>, salt: &Salt, store: &dyn ChunkStore, failure: &Mutex<Option<Error>>) -> Sealed {
+fn seal_worker(rx: Receiver<(u64, Vec<u8>)>, salt: &Salt, batch: &dyn PutBatch, failure: &Mutex<Option<Error>>) -> Sealed {
     let mut tally = Sealed::default();
     for (index, mut buf) in rx {
         if failure.lock().expect("no panics while holding the lock").is_some() {
@@ -74,7 +74,7 @@ fn seal_worker(rx: Receiver<(u64, Vec<u8>)>, salt: &Salt, store: &dyn ChunkStore
             continue; // a hole: stored nowhere
         }
         let (id, key) = seal_in_place(salt, &mut buf);
-        match store.put(&id, &buf) {
+        match batch.put(&id, &buf) {
             Ok(Put::Created) => {
                 tally.new_chunks += 1;
                 tally.new_bytes += buf.len() as u64;

@@ -86,7 +86,6 @@ pub(crate) fn resolve(reference: &Reference, file: &Path, tag: Option<&str>, pro
     for name in &entry.layers {
         locs.push(region(name)?);
     }
-    progress.start("verifying layers", locs.iter().map(|l| l.len).sum());
     let n = locs.len();
     let mut layers = Vec::new();
     for (i, (loc, diff_id)) in locs.into_iter().zip(&diff_ids).enumerate() {
@@ -95,11 +94,12 @@ pub(crate) fn resolve(reference: &Reference, file: &Path, tag: Option<&str>, pro
         let compression = spec::sniff_compression(&head[..got]);
         let what = format!("layer {}/{n} {}", i + 1, entry.layers[i]);
         let (digest, media_type) = if compression == Compression::None {
-            // A plain tar's digest is its diff id: check it before use.
-            loc.verify(diff_id, &what, progress)?;
+            // A plain tar's digest is its diff id, checked while streaming.
             (diff_id.clone(), "application/vnd.oci.image.layer.v1.tar")
         } else {
-            // Only the uncompressed digest is known: checked while streaming.
+            // Only the uncompressed digest is declared; the stored digest is
+            // computed here for the record, and the diff id checked while streaming.
+            progress.start(&what, loc.len);
             let (d, _) = crate::digest_of(loc.open()?, diff_id).map_err(|e| Error::io(file, e))?;
             progress.advance(loc.len);
             let mt = if compression == Compression::Gzip {
@@ -116,7 +116,7 @@ pub(crate) fn resolve(reference: &Reference, file: &Path, tag: Option<&str>, pro
             loc,
         ));
     }
-    assemble(reference, Digest::sha256(&manifest_bytes), config_digest, &config_bytes, layers, None)
+    assemble(reference, Digest::sha256(&manifest_bytes), config_digest, &config_bytes, layers, None, false)
 }
 
 fn normalize(name: &str) -> String {

@@ -4,7 +4,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::spec::{self, Document};
-use crate::{assemble, check_document, BlobLocation, Digest, Error, Progress, PullOptions, Reference, ResolvedImage};
+use crate::{assemble, check_document, BlobLocation, Digest, Error, PullOptions, Reference, ResolvedImage};
+
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -13,7 +14,6 @@ pub(crate) fn resolve(
     dir: &Path,
     tag: Option<&str>,
     options: &PullOptions,
-    progress: &dyn Progress,
 ) -> Result<ResolvedImage, Error> {
     let layout_file = dir.join("oci-layout");
     if !layout_file.exists() {
@@ -50,18 +50,15 @@ pub(crate) fn resolve(
             Document::Manifest(m) => {
                 let config_bytes = read_blob(dir, &m.config.digest, spec::MAX_CONFIG)?;
                 check_document(&config_bytes, &m.config.digest, "image config")?;
-                let total: u64 = m.layers.iter().map(|l| l.size).sum();
-                progress.start("verifying layers", total);
+                // Layer digests are checked as the layers are streamed.
                 let mut layers = Vec::new();
-                for (i, l) in m.layers.iter().enumerate() {
+                for l in &m.layers {
                     let compression = spec::layer_compression(&l.media_type)?;
                     let path = blob_path(dir, &l.digest);
                     let len = fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
-                    let blob = BlobLocation::whole(path, len);
-                    blob.verify(&l.digest, &format!("layer {}/{} {}", i + 1, m.layers.len(), l.digest), progress)?;
-                    layers.push((l.clone(), compression, blob));
+                    layers.push((l.clone(), compression, BlobLocation::whole(path, len)));
                 }
-                return assemble(reference, desc.digest.clone(), m.config.digest.clone(), &config_bytes, layers, None);
+                return assemble(reference, desc.digest.clone(), m.config.digest.clone(), &config_bytes, layers, None, true);
             }
         }
     }

@@ -1,12 +1,14 @@
 //! Ingest: find an image, fetch its blobs, and verify every digest before
 //! anything downstream sees a byte.
 //!
-//! [`resolve`] turns a [`Reference`] into a [`ResolvedImage`]: the manifest,
-//! config and layer blobs, each checked against its digest (registry blobs
-//! are streamed to a spool directory while they are hashed, so no layer is
-//! ever held in memory). [`Layer::open`] then streams a layer's tar,
-//! decompressed, and checks its uncompressed digest (the config's diff id)
-//! when the stream ends.
+//! [`resolve`] turns a [`Reference`] into a [`ResolvedImage`]: the manifest
+//! and config, checked against their digests, and the layer blobs (registry
+//! blobs are streamed to a spool directory while they are hashed, so no
+//! layer is ever held in memory). [`Layer::open`] then streams a layer's
+//! tar, decompressed, checking the blob's digest and the uncompressed digest
+//! (the config's diff id) as the stream ends, so each byte is read once:
+//! a caller stages what it derives and commits only after every layer's
+//! stream has ended cleanly.
 //!
 //! Transports, spelled as skopeo spells them:
 //! - `oci:DIR[:TAG]`: an OCI image layout;
@@ -220,6 +222,9 @@ pub struct Layer {
     /// Position in the image, for messages (`layer 2/5 sha256:…`).
     pub label: String,
     blob: BlobLocation,
+    /// Whether the blob's digest still has to be checked while streaming
+    /// (registry blobs were checked as they were downloaded).
+    check_blob: bool,
 }
 
 /// Where a blob's bytes are: a region of a local file.
@@ -253,16 +258,29 @@ impl BlobLocation {
 }
 
 impl Layer {
-    /// Streams the uncompressed tar. Reading it to the end checks the diff
-    /// id: a mismatch is an `InvalidData` error from the last read.
+    /// Streams the uncompressed tar. Reading it to the end checks the
+    /// blob's digest and the diff id: a mismatch is an `InvalidData` error
+    /// from the last read.
     pub fn open<'p>(&self, progress: &'p dyn Progress) -> Result<Box<dyn Read + 'p>, Error> {
-        let raw = ProgressReader { inner: self.blob.open()?, progress };
+        let buffered = io::BufReader::with_capacity(1 << 20, ProgressReader { inner: self.blob.open()?, progress });
+        // A plain tar's digest is its diff id: one check covers both.
+        let raw: Box<dyn Read + 'p> = if self.check_blob && self.compression != Compression::None {
+            Box::new(VerifyingReader::new(buffered, self.digest.clone(), self.label.clone()))
+        } else {
+            Box::new(buffered)
+        };
         let plain: Box<dyn Read + 'p> = match self.compression {
             Compression::None => Box::new(raw),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, raw))),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 16, raw))),
             Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| Error::io(&self.blob.path, e))?),
         };
         Ok(Box::new(VerifyingReader::new(plain, self.diff_id.clone(), format!("{} (uncompressed)", self.label))))
+    }
+
+    /// Hashes the blob as stored and compares it with its digest: after a
+    /// failed stream, tells a damaged blob from a bad layer.
+    pub fn check(&self) -> Result<(), Error> {
+        self.blob.verify(&self.digest, &self.label, &NoProgress)
     }
 }
 
@@ -297,7 +315,7 @@ pub fn resolve(
     progress: &dyn Progress,
 ) -> Result<ResolvedImage, Error> {
     match reference {
-        Reference::Layout { dir, tag } => layout::resolve(reference, dir, tag.as_deref(), options, progress),
+        Reference::Layout { dir, tag } => layout::resolve(reference, dir, tag.as_deref(), options),
         Reference::Archive { file, tag } => archive::resolve(reference, file, tag.as_deref(), progress),
         Reference::Registry { .. } => registry::resolve(reference, options, spool_dir, progress),
     }
@@ -311,6 +329,7 @@ pub(crate) fn assemble(
     config_bytes: &[u8],
     layers: Vec<(spec::Descriptor, Compression, BlobLocation)>,
     spool: Option<Spool>,
+    check_blobs: bool,
 ) -> Result<ResolvedImage, Error> {
     let config: spec::ConfigFile = serde_json::from_slice(config_bytes)
         .map_err(|e| Error::BadDocument(format!("image config {config_digest}: {e}")))?;
@@ -322,6 +341,19 @@ pub(crate) fn assemble(
         )));
     }
     let n = layers.len();
+    for (i, ((d, compression, blob), diff_id)) in layers.iter().zip(&config.rootfs.diff_ids).enumerate() {
+        let what = format!("layer {}/{n} {}", i + 1, d.digest);
+        if *compression == Compression::None && &d.digest != diff_id {
+            return Err(Error::DigestMismatch { what: format!("{what} (uncompressed)"), expected: diff_id.to_string(), actual: d.digest.to_string() });
+        }
+        if blob.len != d.size {
+            return Err(Error::DigestMismatch {
+                what,
+                expected: format!("{} bytes", d.size),
+                actual: format!("{} bytes", blob.len),
+            });
+        }
+    }
     let layers = layers
         .into_iter()
         .zip(config.rootfs.diff_ids.iter())
@@ -334,6 +366,7 @@ pub(crate) fn assemble(
             size: d.size,
             compression,
             blob,
+            check_blob: check_blobs,
         })
         .collect();
     let run = config.config.unwrap_or_default();

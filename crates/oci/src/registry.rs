@@ -87,7 +87,7 @@ pub(crate) fn resolve(
                     let path = client.download(&l.digest, l.size, &spool.0, &what, progress)?;
                     layers.push((l.clone(), compression, BlobLocation::whole(path, l.size)));
                 }
-                return assemble(reference, digest, m.config.digest.clone(), &config_bytes, layers, Some(spool));
+                return assemble(reference, digest, m.config.digest.clone(), &config_bytes, layers, Some(spool), false);
             }
         }
     }

@@ -14,6 +14,7 @@ pub fn run(store: &dyn ChunkStore) {
     absent_ids(store);
     list_sees_every_put(store);
     large_chunks_round_trip(store);
+    batches(store);
     store.sync().expect("sync succeeds");
 }
 
@@ -79,4 +80,24 @@ fn large_chunks_round_trip(store: &dyn ChunkStore) {
     let id = ChunkId::of(&bytes);
     store.put(&id, &bytes).unwrap();
     assert_eq!(store.get(&id).unwrap(), bytes);
+}
+
+fn batches(store: &dyn ChunkStore) {
+    let (present, bytes) = chunk(40);
+    store.put(&present, &bytes).unwrap();
+    let batch = store.batch();
+    assert_eq!(batch.put(&present, &bytes).unwrap(), Put::AlreadyPresent);
+    let (a, a_bytes) = chunk(41);
+    assert_eq!(batch.put(&a, &a_bytes).unwrap(), Put::Created);
+    assert_eq!(batch.put(&a, &a_bytes).unwrap(), Put::AlreadyPresent, "a batch knows its own puts");
+    batch.commit().unwrap();
+    assert_eq!(store.get(&a).unwrap(), a_bytes);
+    // A batch dropped without commit leaves no partial chunk.
+    let (b, b_bytes) = chunk(42);
+    let batch = store.batch();
+    batch.put(&b, &b_bytes).unwrap();
+    drop(batch);
+    if store.exists(&b).unwrap() {
+        assert_eq!(store.get(&b).unwrap(), b_bytes);
+    }
 }

@@ -56,6 +56,10 @@ pub enum Put {
 /// - a chunk is durable once [`ChunkStore::sync`] returns after its put;
 /// - `get` of an absent id is [`Error::NotFound`];
 /// - `delete` of an absent id is not an error;
+/// - the puts of a [`PutBatch`] are all visible and durable once
+///   [`PutBatch::commit`] returns; a batch dropped without commit never
+///   leaves a partial chunk (a backend may hide its puts until commit, as
+///   [`LocalDirStore`] does, or show them at once, as [`MemoryStore`] does);
 /// - the store never checks or changes the bytes: callers verify ids.
 pub trait ChunkStore: Send + Sync {
     /// Stores `bytes` under `id` unless it is already there.
@@ -70,6 +74,31 @@ pub trait ChunkStore: Send + Sync {
     fn delete(&self, id: &ChunkId) -> Result<bool>;
     /// Makes every completed put durable.
     fn sync(&self) -> Result<()>;
+    /// Starts a batch of puts that become visible and durable together.
+    fn batch(&self) -> Box<dyn PutBatch + '_>;
+}
+
+/// Puts that become visible and durable together, at [`PutBatch::commit`]:
+/// an import stages its chunks, checks every digest, then commits.
+pub trait PutBatch: Send + Sync {
+    /// Stages `bytes` under `id` unless the store or this batch has it.
+    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<Put>;
+    /// Makes every staged put visible and durable.
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// A batch whose puts go straight to the store; commit syncs it. For
+/// backends with nothing to gain from staging.
+pub struct ImmediateBatch<'s>(pub &'s dyn ChunkStore);
+
+impl PutBatch for ImmediateBatch<'_> {
+    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<Put> {
+        self.0.put(id, bytes)
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        self.0.sync()
+    }
 }
 
 /// Whether process `pid` is running (temporaries carry their writer's pid).

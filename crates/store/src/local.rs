@@ -1,14 +1,16 @@
 //! The embedded default chunk store: one file per chunk in a local directory.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use tessera_chunk::ChunkId;
 
-use crate::{ChunkStore, Error, Put, Result};
+use crate::{ChunkStore, Error, Put, PutBatch, Result};
 
 /// Chunks as files `ROOT/ab/abcdef…` (the first byte of the id fans out).
 ///
@@ -52,6 +54,38 @@ impl LocalDirStore {
         Ok(n)
     }
 
+    /// Writes `bytes` to a fresh temporary beside `id`'s path, flushed to
+    /// disk when `sync` is set.
+    fn write_temporary(&self, id: &ChunkId, bytes: &[u8], sync: bool) -> Result<PathBuf> {
+        let path = self.path_of(id);
+        let dir = path.parent().expect("chunk paths have a parent");
+        let tmp = dir.join(format!(
+            ".tmp-{}-{}-{}",
+            id.to_hex(),
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    fs::create_dir_all(dir)?;
+                    OpenOptions::new().write(true).create_new(true).open(&tmp)?
+                }
+                other => other?,
+            };
+            f.write_all(bytes)?;
+            if sync {
+                f.sync_data()?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("write chunk", &tmp, e));
+        }
+        Ok(tmp)
+    }
+
     fn fanout_dirs(&self) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.root).map_err(|e| Error::io("list", &self.root, e))? {
@@ -72,35 +106,8 @@ impl ChunkStore for LocalDirStore {
         if path.exists() {
             return Ok(Put::AlreadyPresent);
         }
-        let dir = path.parent().expect("chunk paths have a parent");
-        let tmp = dir.join(format!(
-            ".tmp-{}-{}-{}",
-            id.to_hex(),
-            std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed)
-        ));
-        let write = || -> std::io::Result<()> {
-            let mut f = match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    fs::create_dir_all(dir)?;
-                    OpenOptions::new().write(true).create_new(true).open(&tmp)?
-                }
-                other => other?,
-            };
-            f.write_all(bytes)?;
-            f.sync_data()?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(Error::io("write chunk", &tmp, e));
-        }
-        // Renaming over a chunk a concurrent put just placed is harmless:
-        // both hold the same bytes.
-        fs::rename(&tmp, &path).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            Error::io("rename chunk into place", &path, e)
-        })?;
+        let tmp = self.write_temporary(id, bytes, true)?;
+        rename_into_place(&tmp, &path)?;
         Ok(Put::Created)
     }
 
@@ -151,6 +158,57 @@ impl ChunkStore for LocalDirStore {
         }
         Ok(())
     }
+
+    fn batch(&self) -> Box<dyn PutBatch + '_> {
+        Box::new(LocalBatch { store: self, staged: Mutex::new(Vec::new()), seen: Mutex::new(HashSet::new()) })
+    }
+}
+
+/// Renames a written temporary to its chunk path. Renaming over a chunk a
+/// concurrent put just placed is harmless: both hold the same bytes.
+fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
+    fs::rename(tmp, path).map_err(|e| {
+        let _ = fs::remove_file(tmp);
+        Error::io("rename chunk into place", path, e)
+    })
+}
+
+/// Staged chunks: temporaries written without a flush each; on commit one
+/// `syncfs` makes them durable, they are renamed into place, and a second
+/// `syncfs` makes the names durable. Until then no staged chunk is visible,
+/// and a dropped batch removes its temporaries.
+struct LocalBatch<'s> {
+    store: &'s LocalDirStore,
+    staged: Mutex<Vec<(PathBuf, PathBuf)>>,
+    seen: Mutex<HashSet<ChunkId>>,
+}
+
+impl PutBatch for LocalBatch<'_> {
+    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<Put> {
+        if !self.seen.lock().expect("no panics while holding the lock").insert(*id) || self.store.exists(id)? {
+            return Ok(Put::AlreadyPresent);
+        }
+        let tmp = self.store.write_temporary(id, bytes, false)?;
+        self.staged.lock().expect("no panics while holding the lock").push((tmp, self.store.path_of(id)));
+        Ok(Put::Created)
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        self.store.sync()?;
+        let staged = std::mem::take(&mut *self.staged.lock().expect("no panics while holding the lock"));
+        for (tmp, path) in &staged {
+            rename_into_place(tmp, path)?;
+        }
+        self.store.sync()
+    }
+}
+
+impl Drop for LocalBatch<'_> {
+    fn drop(&mut self) {
+        for (tmp, _) in self.staged.get_mut().expect("no panics while holding the lock").drain(..) {
+            let _ = fs::remove_file(tmp);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +228,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::conformance::run_concurrent(Arc::new(LocalDirStore::open(dir.path()).unwrap()));
         crate::conformance::run_concurrent(Arc::new(crate::MemoryStore::default()));
+    }
+
+    #[test]
+    fn a_dropped_batch_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDirStore::open(dir.path()).unwrap();
+        let id = ChunkId::of(b"staged");
+        let batch = store.batch();
+        batch.put(&id, b"staged").unwrap();
+        assert!(!store.exists(&id).unwrap(), "staged chunks are invisible until commit");
+        drop(batch);
+        assert!(store.list().unwrap().is_empty());
+        assert_eq!(store.remove_stale_temporaries().unwrap(), 0, "the batch removed its temporaries");
     }
 
     #[test]

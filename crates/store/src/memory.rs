@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use tessera_chunk::ChunkId;
 
-use crate::{ChunkStore, Error, Put, Result};
+use crate::{ChunkStore, Error, ImmediateBatch, Put, PutBatch, Result};
 
 /// Chunks in a hash map; clones share one map.
 #[derive(Default, Clone)]
@@ -42,6 +42,10 @@ impl ChunkStore for MemoryStore {
 
     fn sync(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn batch(&self) -> Box<dyn PutBatch + '_> {
+        Box::new(ImmediateBatch(self))
     }
 }
 
