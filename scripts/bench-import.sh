@@ -28,38 +28,51 @@ if [ ! -f "$work/layout/index.json" ] || ! grep -q '"plus"' "$work/layout/index.
     head -c 3145728 /dev/urandom > "$work/bundle/rootfs/opt/small-layer.bin"
     umoci repack --image "$work/layout:plus" "$work/bundle"
     rm -rf "$work/bundle"
-    skopeo copy --quiet --dest-decompress "oci:$work/layout:big" "oci:$work/plain:big"
+    python3 scripts/oci-decompress.py "$work/layout" "$work/plain" big
 fi
 
 rss_of() { awk -F: '/Maximum resident set size/ {gsub(/ /, "", $2); print $2}' "$1"; }
 json() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$@"; }
 
+# Stores to import into: this disk, and (as root) a tmpfs, which shows the
+# pipeline's own speed where the disk's write speed would otherwise bound it.
+targets="disk:$work"
+if [ "$(id -u)" -eq 0 ]; then
+    mkdir -p "$work/tmpfs"
+    mountpoint -q "$work/tmpfs" || mount -t tmpfs -o size=8G tmpfs "$work/tmpfs"
+    targets="$targets tmpfs:$work/tmpfs"
+fi
+
+# The baseline: sealing the same bytes alone, and the disk's write speed.
+home="$work/home-baseline"
+rm -rf "$home"
+TESSERA_HOME="$home" "$tessera" import "oci:$work/layout:big" --name big --json >/dev/null
+TESSERA_HOME="$home" "$tessera" export big "$work/big.raw" >/dev/null
+"$tessera" bench seal "$work/big.raw" >"$work/seal.json"
+rm -rf "$home"
+dd if="$work/big.raw" of="$work/dd.out" bs=1M conv=fdatasync 2>"$work/dd.txt"
+rm -f "$work/big.raw" "$work/dd.out"
+echo "baseline: seal alone $(json "$work/seal.json" seconds) s for $(json "$work/seal.json" bytes) bytes on $(json "$work/seal.json" threads) threads ($(json "$work/seal.json" mib_per_second | cut -c1-6) MiB/s); disk write: $(tail -1 "$work/dd.txt")"
+
 for variant in gzip:layout plain:plain; do
-    label=${variant%%:*}
-    dir=${variant#*:}
-    home="$work/home-$label"
-    rm -rf "$home"
-    sync
-    TESSERA_HOME="$home" /usr/bin/time -v "$tessera" import "oci:$work/$dir:big" --name big --json \
-        >"$work/import-$label.json" 2>"$work/time-$label.txt"
-    TESSERA_HOME="$home" "$tessera" export big "$work/big.raw" >/dev/null
-    "$tessera" bench seal "$work/big.raw" >"$work/seal-$label.json"
-    rm -f "$work/big.raw"
-    imp=$(json "$work/import-$label.json" seconds)
-    seal=$(json "$work/seal-$label.json" seconds)
-    sealed_bytes=$(json "$work/seal-$label.json" bytes)
-    disk=$(json "$work/import-$label.json" disk_bytes)
-    rss=$(rss_of "$work/time-$label.txt")
-    python3 - "$label" "$imp" "$seal" "$sealed_bytes" "$disk" "$rss" <<'PY'
-import sys
-label, imp, seal, sealed, disk, rss = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-mib = sealed / 2**20
-print(f"{label} layers: disk {disk/2**30:.2f} GiB, {mib:.0f} MiB of non-hole chunks")
-print(f"  import     {imp:7.2f} s  {mib/imp:8.1f} MiB/s")
-print(f"  seal alone {seal:7.2f} s  {mib/seal:8.1f} MiB/s")
-print(f"  ratio import/seal-alone throughput: {seal/imp:.2f}  (goal >= 0.8)")
-print(f"  peak RSS of import: {rss/1024:.0f} MiB  ({rss*1024/disk*100:.1f}% of the disk)")
+    for target in $targets; do
+        label=${variant%%:*}
+        where=${target%%:*}
+        home="${target#*:}/home-$label"
+        rm -rf "$home"
+        sync
+        TESSERA_HOME="$home" /usr/bin/time -v "$tessera" import "oci:$work/${variant#*:}:big" --name big --json \
+            >"$work/import-$label-$where.json" 2>"$work/time-$label-$where.txt"
+        [ "$where" = disk ] || rm -rf "$home"
+        python3 - "$label layers into $where" "$work/import-$label-$where.json" "$work/seal.json" "$(rss_of "$work/time-$label-$where.txt")" <<'PY'
+import json, sys
+label, imp, seal, rss = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3])), int(sys.argv[4])
+mib = seal["bytes"] / 2**20
+print(f"{label}: import {imp['seconds']:.2f} s = {mib/imp['seconds']:.0f} MiB/s of non-hole chunks; "
+      f"ratio to seal alone {seal['seconds']/imp['seconds']:.2f} (goal >= 0.8); "
+      f"peak RSS {rss/1024:.0f} MiB for a {imp['disk_bytes']/2**30:.2f} GiB disk")
 PY
+    done
 done
 
 home="$work/home-gzip"

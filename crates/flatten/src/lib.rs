@@ -61,6 +61,12 @@ pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
 pub trait ChunkSink {
     /// Takes chunk `index` ([`CHUNK_BYTES`] bytes). `data` may be all zeros.
     fn put_chunk(&mut self, index: u64, data: Vec<u8>) -> Result<(), SinkError>;
+
+    /// A spent buffer to fill again, if the sink keeps any (its contents do
+    /// not matter). Saves allocating and zeroing a chunk per chunk.
+    fn recycled(&mut self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// Flattening options.
@@ -154,7 +160,7 @@ impl<'s> Flattener<'s> {
             options,
             tree: tree::Tree::new(),
             sink,
-            current: new_chunk(),
+            current: new_chunk(None),
             cursor: REGION_BLOCKS, // chunk 0 holds the superblock
             regions: Vec::new(),
             warnings: Vec::new(),
@@ -169,6 +175,8 @@ impl<'s> Flattener<'s> {
         let stats = layer::apply(self, name, layer_index, tar)?;
         // Close the region on a chunk boundary.
         if self.cursor % REGION_BLOCKS != 0 {
+            let used = ((self.cursor % REGION_BLOCKS) * BLOCK_SIZE) as usize;
+            self.current[used..].fill(0);
             self.emit_current()?;
             self.cursor = self.cursor.next_multiple_of(REGION_BLOCKS);
         }
@@ -230,7 +238,7 @@ impl<'s> Flattener<'s> {
 
     /// Hands over the chunk holding `cursor` and starts a fresh one.
     fn emit_current(&mut self) -> Result<(), Error> {
-        let data = std::mem::replace(&mut self.current, new_chunk());
+        let data = std::mem::replace(&mut self.current, new_chunk(self.sink.recycled()));
         self.put(self.cursor / REGION_BLOCKS, data)
     }
 
@@ -253,9 +261,11 @@ impl<'s> Flattener<'s> {
             }
             left -= want as u64;
             let blocks = (want as u64).div_ceil(BLOCK_SIZE);
+            // The buffer may be recycled: zero the tail of the last block.
+            self.current[off + want..off + (blocks * BLOCK_SIZE) as usize].fill(0);
             self.cursor += blocks;
             if self.cursor % REGION_BLOCKS == 0 {
-                let data = std::mem::replace(&mut self.current, new_chunk());
+                let data = std::mem::replace(&mut self.current, new_chunk(self.sink.recycled()));
                 self.sink
                     .put_chunk(self.cursor / REGION_BLOCKS - 1, data)
                     .map_err(|e| std::io::Error::other(SinkFailed(e.to_string())))?;
@@ -277,9 +287,10 @@ impl std::fmt::Display for SinkFailed {
 
 impl std::error::Error for SinkFailed {}
 
-fn new_chunk() -> Vec<u8> {
-    // Room for the 16-byte tag so the sink can seal in place.
-    let mut v = Vec::with_capacity(CHUNK_BYTES + 16);
+/// A chunk buffer of [`CHUNK_BYTES`]; a recycled one keeps its old bytes,
+/// which the writer overwrites or zeroes before handing it over.
+fn new_chunk(recycled: Option<Vec<u8>>) -> Vec<u8> {
+    let mut v = recycled.unwrap_or_else(|| Vec::with_capacity(CHUNK_BYTES + 16)); // room for a GCM tag
     v.resize(CHUNK_BYTES, 0);
     v
 }

@@ -19,9 +19,11 @@ pub struct Sealed {
     pub new_bytes: u64,
 }
 
-/// The producer's end: hands chunks to the sealers.
+/// The producer's end: hands chunks to the sealers, and takes back spent
+/// buffers.
 pub struct PoolSink<'p> {
     tx: Sender<(u64, Vec<u8>)>,
+    spent: Receiver<Vec<u8>>,
     failure: &'p Mutex<Option<Error>>,
 }
 
@@ -37,16 +39,18 @@ pub fn seal_while<T>(
 ) -> (T, Result<Sealed, Error>) {
     let failure = Mutex::new(None);
     let (tx, rx) = bounded::<(u64, Vec<u8>)>(threads.max(1) * 2);
+    let (spent_tx, spent_rx) = bounded::<Vec<u8>>(threads.max(1) * 3);
     thread::scope(|s| {
         let workers: Vec<_> = (0..threads.max(1))
             .map(|_| {
                 let rx = rx.clone();
+                let spent = spent_tx.clone();
                 let failure = &failure;
-                s.spawn(move || seal_worker(rx, salt, batch, failure))
+                s.spawn(move || seal_worker(rx, spent, salt, batch, failure))
             })
             .collect();
-        drop(rx);
-        let mut sink = PoolSink { tx, failure: &failure };
+        drop((rx, spent_tx));
+        let mut sink = PoolSink { tx, spent: spent_rx, failure: &failure };
         let out = produce(&mut sink);
         drop(sink); // closes the queue: workers finish what is queued and stop
         let mut all = Sealed::default();
@@ -64,30 +68,48 @@ pub fn seal_while<T>(
     })
 }
 
-fn seal_worker(rx: Receiver<(u64, Vec<u8>)>, salt: &Salt, batch: &dyn PutBatch, failure: &Mutex<Option<Error>>) -> Sealed {
+fn seal_worker(
+    rx: Receiver<(u64, Vec<u8>)>,
+    spent: Sender<Vec<u8>>,
+    salt: &Salt,
+    batch: &dyn PutBatch,
+    failure: &Mutex<Option<Error>>,
+) -> Sealed {
     let mut tally = Sealed::default();
     for (index, mut buf) in rx {
-        if failure.lock().expect("no panics while holding the lock").is_some() {
-            continue; // the import is failing: just drain the queue
+        let sealed = seal_one(&mut buf, salt, batch, failure, &mut tally);
+        let _ = spent.try_send(buf); // full: let it drop
+        if let Some(r) = sealed {
+            tally.refs.push((index, r));
         }
-        if is_zero(&buf) {
-            continue; // a hole: stored nowhere
-        }
-        let (id, key) = seal_in_place(salt, &mut buf);
-        match batch.put(&id, &buf) {
-            Ok(Put::Created) => {
-                tally.new_chunks += 1;
-                tally.new_bytes += buf.len() as u64;
-            }
-            Ok(Put::AlreadyPresent) => {}
-            Err(e) => {
-                failure.lock().expect("no panics while holding the lock").get_or_insert(e);
-                continue;
-            }
-        }
-        tally.refs.push((index, ChunkRef { id, key }));
     }
     tally
+}
+
+/// Seals and stages one chunk; `None` for a hole or a failure (recorded).
+fn seal_one(
+    buf: &mut Vec<u8>,
+    salt: &Salt,
+    batch: &dyn PutBatch,
+    failure: &Mutex<Option<Error>>,
+    tally: &mut Sealed,
+) -> Option<ChunkRef> {
+    if failure.lock().expect("no panics while holding the lock").is_some() || is_zero(buf) {
+        return None; // failing: just drain the queue; or a hole: stored nowhere
+    }
+    let (id, key) = seal_in_place(salt, buf);
+    match batch.put(&id, buf) {
+        Ok(Put::Created) => {
+            tally.new_chunks += 1;
+            tally.new_bytes += buf.len() as u64;
+        }
+        Ok(Put::AlreadyPresent) => {}
+        Err(e) => {
+            failure.lock().expect("no panics while holding the lock").get_or_insert(e);
+            return None;
+        }
+    }
+    Some(ChunkRef { id, key })
 }
 
 impl ChunkSink for PoolSink<'_> {
@@ -96,5 +118,9 @@ impl ChunkSink for PoolSink<'_> {
             return Err(e.to_string().into());
         }
         self.tx.send((index, data)).map_err(|_| "seal workers stopped".into())
+    }
+
+    fn recycled(&mut self) -> Option<Vec<u8>> {
+        self.spent.try_recv().ok()
     }
 }
