@@ -40,4 +40,4 @@ pub use manifest::{
     ChunkRef, Geometry, ImageConfig, LayerRegion, LayerSource, Manifest, SealedManifest, Source,
     MANIFEST_FORMAT,
 };
-pub use seal::{is_zero, open, open_in_place, seal, seal_in_place, ChunkId, ChunkKey, Salt, SealedChunk, CHUNK_SIZE, SEALED_CHUNK_SIZE};
+pub use seal::{check_id, decrypt_in_place, is_zero, open, open_in_place, seal, seal_in_place, ChunkId, ChunkKey, Salt, SealedChunk, CHUNK_SIZE, SEALED_CHUNK_SIZE};

@@ -100,12 +100,24 @@ pub fn open(id: &ChunkId, key: &ChunkKey, ciphertext: Vec<u8>) -> Result<Vec<u8>
 
 /// Like [`open`], in place: on success `buf` holds the plaintext.
 pub fn open_in_place(id: &ChunkId, key: &ChunkKey, buf: &mut Vec<u8>) -> Result<()> {
+    check_id(id, buf)?;
+    decrypt_in_place(id, key, buf)
+}
+
+/// Checks that `buf` is a whole sealed chunk whose SHA-256 is `id`.
+pub fn check_id(id: &ChunkId, buf: &[u8]) -> Result<()> {
     if buf.len() != SEALED_CHUNK_SIZE {
         return Err(Error::BadLength { id: *id, len: buf.len(), expected: SEALED_CHUNK_SIZE });
     }
     if ChunkId::of(buf) != *id {
         return Err(Error::IdMismatch { id: *id });
     }
+    Ok(())
+}
+
+/// Opens a chunk whose id [`check_id`] already checked (the GCM tag is
+/// still checked): on success `buf` holds the plaintext.
+pub fn decrypt_in_place(id: &ChunkId, key: &ChunkKey, buf: &mut Vec<u8>) -> Result<()> {
     let aead = aead_key(&key.0);
     let plain_len = aead
         .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), buf)

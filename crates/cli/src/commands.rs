@@ -10,7 +10,7 @@ use tessera_import::ImportOptions;
 use tessera_oci::PullOptions;
 use tessera_store::{readback, Home, ImageRef};
 
-use crate::flags::{BenchCommand, Cli, Command, ImportArgs};
+use crate::flags::{BenchCommand, Cli, Command, ImportArgs, ServeArgs};
 use crate::progress::{human, Bars};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -20,6 +20,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     };
     let home = Home::open(&home_dir).with_context(|| format!("opening TESSERA_HOME {}", home_dir.display()))?;
     match cli.command {
+        Command::Serve(args) => serve(home, args),
         Command::Import(args) => import(&home, args),
         Command::Images { json } => images(&home, json),
         Command::Inspect { name, json } => inspect(&home, &name, json),
@@ -200,5 +201,46 @@ fn rm(home: &Home, names: &[String]) -> Result<ExitCode> {
         home.catalog.remove(name)?;
         println!("removed {name}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
+    use tessera_agent::{Agent, AgentOptions, Listen};
+    let nbd = if a.nbd.is_empty() {
+        vec![Listen::Unix(home.root().join("nbd.sock"))]
+    } else {
+        a.nbd.iter().map(|s| Listen::parse(s).map_err(anyhow::Error::msg)).collect::<Result<_>>()?
+    };
+    let options = AgentOptions {
+        nbd: nbd.clone(),
+        metrics: a.metrics.clone(),
+        cache_dir: a.cache_dir.unwrap_or_else(|| home.root().join("cache")),
+        cache_mem: a.cache_mem,
+        cache_disk: a.cache_disk,
+        origin_concurrency: a.origin_concurrency,
+        origin_queue: a.origin_queue,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(128).build()?;
+    let agent = std::sync::Arc::new(Agent::new(home, options).context("starting the agent")?);
+    let listening: Vec<String> = nbd.iter().map(|l| l.to_string()).collect();
+    runtime.block_on(async move {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        let started = agent.clone().run(async {
+            eprintln!(
+                "tessera: serving NBD on {}{}",
+                listening.join(", "),
+                a.metrics.as_deref().map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
+            );
+            shutdown.await
+        });
+        started.await
+    })?;
+    eprintln!("tessera: stopped");
     Ok(ExitCode::SUCCESS)
 }

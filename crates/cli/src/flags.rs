@@ -62,6 +62,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve every imported image as a lazy block device over NBD.
+    ///
+    /// Export NAME is the image, read-only; export NAME@LABEL is a writable
+    /// copy-on-write view whose writes land in an overlay of its own (under
+    /// the cache directory), kept across reconnects and restarts. Images
+    /// imported while the agent runs are exported at once. Chunks are
+    /// fetched on first read through a memory cache, a disk cache and the
+    /// store, and checked before they are served.
+    Serve(ServeArgs),
     /// Measurements behind docs/BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -73,6 +82,32 @@ pub enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Listen for NBD clients at unix:PATH or HOST:PORT (repeatable;
+    /// default unix:$TESSERA_HOME/nbd.sock).
+    #[arg(long = "nbd", value_name = "ADDR")]
+    pub nbd: Vec<String>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+    /// Directory for the disk cache and the overlays (default $TESSERA_HOME/cache).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Memory cache size (plaintext chunks).
+    #[arg(long, default_value = "512MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub cache_mem: u64,
+    /// Disk cache size (sealed chunks).
+    #[arg(long, default_value = "10GiB", value_parser = parse_size, value_name = "SIZE")]
+    pub cache_disk: u64,
+    /// Requests to the origin store allowed at once.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub origin_concurrency: usize,
+    /// Origin requests allowed to wait for a slot; beyond that they fail at once.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub origin_queue: usize,
 }
 
 #[derive(Subcommand, Debug)]

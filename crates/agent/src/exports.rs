@@ -1,0 +1,163 @@
+//! The images of a `TESSERA_HOME` as NBD exports: `NAME` read-only, and
+//! `NAME@LABEL` a copy-on-write view with an overlay of its own.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tessera_cache::Loader;
+use tessera_chunk::CHUNK_SIZE;
+use tessera_store::{check_name, Home};
+
+use crate::nbd::{Device, Exports};
+use crate::overlay::{Overlay, BLOCK};
+use crate::vdisk::VirtualDisk;
+
+/// Exports backed by the catalog, looked up afresh at each handshake.
+pub struct CatalogExports {
+    home: Arc<Home>,
+    loader: Arc<Loader>,
+    overlays: PathBuf,
+    /// Open disks by image name (replaced when the image is re-imported).
+    disks: Mutex<HashMap<String, Arc<VirtualDisk>>>,
+    /// Open overlays by export name, shared by every connection to it.
+    open_overlays: Mutex<HashMap<String, Arc<Overlay>>>,
+}
+
+impl CatalogExports {
+    /// Exports of `home`, reading through `loader`, with overlays under `overlays`.
+    pub fn new(home: Arc<Home>, loader: Arc<Loader>, overlays: PathBuf) -> CatalogExports {
+        CatalogExports { home, loader, overlays, disks: Mutex::new(HashMap::new()), open_overlays: Mutex::new(HashMap::new()) }
+    }
+
+    /// The current disk of image `name`.
+    pub fn disk(&self, name: &str) -> Result<Arc<VirtualDisk>, String> {
+        let r = self.home.catalog.get(name).map_err(|e| e.to_string())?;
+        let mut disks = self.disks.lock().expect("no panics while holding the lock");
+        if let Some(d) = disks.get(name).filter(|d| d.manifest_id() == r.manifest) {
+            return Ok(Arc::clone(d));
+        }
+        let (r, manifest) = self.home.manifest(name).map_err(|e| e.to_string())?;
+        let disk = Arc::new(VirtualDisk::new(name, &r.manifest, manifest, Arc::clone(&self.loader)));
+        disks.insert(name.to_owned(), Arc::clone(&disk));
+        Ok(disk)
+    }
+
+    /// Flushes every open overlay (on shutdown).
+    pub fn flush_all(&self) {
+        for (name, o) in self.open_overlays.lock().expect("no panics while holding the lock").iter() {
+            if let Err(e) = o.flush() {
+                eprintln!("tessera: overlay {name}: {e}");
+            }
+        }
+    }
+}
+
+impl Exports for CatalogExports {
+    fn names(&self) -> Vec<String> {
+        self.home.catalog.list().map(|l| l.into_iter().map(|(n, _)| n).collect()).unwrap_or_default()
+    }
+
+    fn open(&self, export: &str) -> Result<Arc<dyn Device>, String> {
+        let (name, label) = match export.split_once('@') {
+            Some((n, l)) => (n, Some(l)),
+            None => (export, None),
+        };
+        let disk = self.disk(name)?;
+        let Some(label) = label else { return Ok(Arc::new(ImageDevice(disk))) };
+        check_name(label).map_err(|_| format!("invalid overlay label {label:?} (use A-Z a-z 0-9 . _ -)"))?;
+        let mut open = self.open_overlays.lock().expect("no panics while holding the lock");
+        let overlay = match open.get(export) {
+            Some(o) => Arc::clone(o),
+            None => {
+                let dir = self.overlays.join(format!("{name}@{label}"));
+                let o = Arc::new(Overlay::open(&dir, disk.manifest_id(), disk.size()).map_err(|e| e.to_string())?);
+                open.insert(export.to_owned(), Arc::clone(&o));
+                o
+            }
+        };
+        Ok(Arc::new(OverlayDevice { disk, overlay }))
+    }
+}
+
+/// Holes of the image in `[offset, offset + len)` as runs.
+fn image_allocation(disk: &VirtualDisk, offset: u64, len: u64, mut written: impl FnMut(u64, u64) -> bool) -> Vec<(u64, bool)> {
+    let mut runs: Vec<(u64, bool)> = Vec::new();
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let index = pos / CHUNK_SIZE as u64;
+        let next = ((index + 1) * CHUNK_SIZE as u64).min(end);
+        // Within a chunk, overlay blocks may differ from the image.
+        let mut at = pos;
+        while at < next {
+            let step = ((at / BLOCK + 1) * BLOCK).min(next);
+            let hole = disk.is_hole(index) && !written(at, step - at);
+            match runs.last_mut() {
+                Some((l, h)) if *h == hole => *l += step - at,
+                _ => runs.push((step - at, hole)),
+            }
+            at = step;
+        }
+        pos = next;
+    }
+    runs
+}
+
+/// `NAME`: the image, read-only.
+struct ImageDevice(Arc<VirtualDisk>);
+
+impl Device for ImageDevice {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn writable(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_at(buf, offset).map_err(io::Error::other)
+    }
+    fn write(&self, _: u64, _: &[u8]) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn zero(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+    fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        image_allocation(&self.0, offset, len, |_, _| false)
+    }
+}
+
+/// `NAME@LABEL`: the image with this label's writes on top.
+struct OverlayDevice {
+    disk: Arc<VirtualDisk>,
+    overlay: Arc<Overlay>,
+}
+
+impl Device for OverlayDevice {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.overlay.read_at(&self.disk, buf, offset)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.overlay.write_at(&self.disk, data, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.overlay.flush()
+    }
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.overlay.zero(&self.disk, offset, len)
+    }
+    fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        image_allocation(&self.disk, offset, len, |o, l| self.overlay.any_written(o, l))
+    }
+}

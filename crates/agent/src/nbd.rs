@@ -1,0 +1,579 @@
+//! An NBD server: the fixed-newstyle handshake and the transmission phase
+//! of the NBD protocol, over TCP or unix sockets, many clients at once.
+//!
+//! Options: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`,
+//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT` (for
+//! `base:allocation`); others are answered "unsupported". Commands: `READ`,
+//! `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES`, `BLOCK_STATUS`, `CACHE`, `DISC`.
+//! Requests on one connection run concurrently; replies are written whole,
+//! one at a time. A malformed or hostile request closes that connection
+//! (logged); the server and other clients carry on.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, Semaphore};
+
+use tessera_cache::metrics::{header, Histogram};
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
+const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_NAME: u16 = 1;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TF_HAS_FLAGS: u16 = 1;
+const TF_READ_ONLY: u16 = 2;
+const TF_SEND_FLUSH: u16 = 4;
+const TF_SEND_FUA: u16 = 8;
+const TF_SEND_TRIM: u16 = 32;
+const TF_SEND_WRITE_ZEROES: u16 = 64;
+const TF_SEND_DF: u16 = 128;
+const TF_CAN_MULTI_CONN: u16 = 256;
+const TF_SEND_CACHE: u16 = 1024;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_CACHE: u16 = 5;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
+
+const CMD_FLAG_FUA: u16 = 1;
+const CMD_FLAG_REQ_ONE: u16 = 8;
+
+const REPLY_FLAG_DONE: u16 = 1;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+const EPERM: u32 = 1;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+const ENOTSUP: u32 = 95;
+
+/// The context id of `base:allocation`.
+const ALLOCATION_CONTEXT: u32 = 1;
+/// Largest request payload accepted (32 MiB, as qemu-nbd).
+pub const MAX_REQUEST: u32 = 32 << 20;
+/// Largest option payload accepted during the handshake.
+const MAX_OPTION: u32 = 64 << 10;
+/// Requests of one connection that may run at once.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// A block device behind an export. Calls may block: the server makes them
+/// from blocking threads.
+pub trait Device: Send + Sync {
+    /// Bytes of the device.
+    fn size(&self) -> u64;
+    /// Whether writes are allowed.
+    fn writable(&self) -> bool;
+    /// Fills `buf` from `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `data` at `offset`.
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Writes zeros over `[offset, offset + len)` (also used for trim).
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Allocation of `[offset, offset + len)`: runs of (length, is a hole).
+    fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)>;
+}
+
+/// The exports a server offers; looked up at each handshake, so exports
+/// added while the server runs are offered at once.
+pub trait Exports: Send + Sync {
+    /// Names to list.
+    fn names(&self) -> Vec<String>;
+    /// Opens export `name`, or says why not.
+    fn open(&self, name: &str) -> Result<Arc<dyn Device>, String>;
+}
+
+/// Server-wide counters.
+#[derive(Default)]
+pub struct NbdStats {
+    /// Connections open now.
+    pub connections: AtomicU64,
+    /// Connections accepted so far.
+    pub connections_total: AtomicU64,
+    /// Connections closed for a protocol violation.
+    pub protocol_errors: AtomicU64,
+    requests: [AtomicU64; 8],
+    errors: [AtomicU64; 8],
+    latency: [Histogram; 8],
+}
+
+const OP_NAMES: [&str; 8] = ["read", "write", "disc", "flush", "trim", "cache", "write_zeroes", "block_status"];
+
+impl NbdStats {
+    /// Appends the server's metrics in Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        header(out, "tessera_nbd_connections", "gauge", "NBD connections open now.");
+        let _ = writeln!(out, "tessera_nbd_connections {}", self.connections.load(Ordering::Relaxed));
+        header(out, "tessera_nbd_connections_total", "counter", "NBD connections accepted.");
+        let _ = writeln!(out, "tessera_nbd_connections_total {}", self.connections_total.load(Ordering::Relaxed));
+        header(out, "tessera_nbd_protocol_errors_total", "counter", "NBD connections closed for a malformed request.");
+        let _ = writeln!(out, "tessera_nbd_protocol_errors_total {}", self.protocol_errors.load(Ordering::Relaxed));
+        header(out, "tessera_nbd_requests_total", "counter", "NBD requests, by command.");
+        for (i, op) in OP_NAMES.iter().enumerate() {
+            let _ = writeln!(out, "tessera_nbd_requests_total{{op=\"{op}\"}} {}", self.requests[i].load(Ordering::Relaxed));
+        }
+        header(out, "tessera_nbd_request_errors_total", "counter", "NBD requests answered with an error, by command.");
+        for (i, op) in OP_NAMES.iter().enumerate() {
+            let _ = writeln!(out, "tessera_nbd_request_errors_total{{op=\"{op}\"}} {}", self.errors[i].load(Ordering::Relaxed));
+        }
+        header(out, "tessera_nbd_request_seconds", "histogram", "Time to answer an NBD request, by command.");
+        for i in [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_BLOCK_STATUS] {
+            self.latency[i as usize].render(out, "tessera_nbd_request_seconds", &format!("op=\"{}\"", OP_NAMES[i as usize]));
+        }
+    }
+}
+
+/// A protocol violation: the connection is closed.
+#[derive(Debug)]
+struct Violation(String);
+
+fn violation<T>(msg: impl Into<String>) -> Result<T, Violation> {
+    Err(Violation(msg.into()))
+}
+
+impl From<io::Error> for Violation {
+    fn from(e: io::Error) -> Violation {
+        Violation(e.to_string())
+    }
+}
+
+/// Serves one client connection to its end. `peer` names it in logs.
+pub async fn serve_connection<S>(stream: S, exports: Arc<dyn Exports>, stats: Arc<NbdStats>, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    stats.connections_total.fetch_add(1, Ordering::Relaxed);
+    let (mut rd, wr) = tokio::io::split(stream);
+    let wr = Arc::new(Mutex::new(wr));
+    let result = async {
+        let Some(session) = handshake(&mut rd, &wr, exports.as_ref()).await? else { return Ok(()) };
+        transmission(rd, wr.clone(), session, stats.clone()).await
+    }
+    .await;
+    if let Err(Violation(msg)) = result {
+        if !msg.contains("early eof") && !msg.contains("reset by peer") && !msg.contains("Broken pipe") {
+            stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            eprintln!("tessera: nbd: closing connection from {peer}: {msg}");
+        }
+    }
+    let _ = wr.lock().await.shutdown().await;
+    stats.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// What the handshake agreed on.
+struct Session {
+    device: Arc<dyn Device>,
+    structured: bool,
+    allocation: bool,
+}
+
+type Writer<S> = Arc<Mutex<tokio::io::WriteHalf<S>>>;
+
+async fn option_reply<S: AsyncWrite>(wr: &Writer<S>, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    let mut m = Vec::with_capacity(20 + data.len());
+    m.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    wr.lock().await.write_all(&m).await
+}
+
+fn transmission_flags(device: &dyn Device, structured: bool) -> u16 {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    if !device.writable() {
+        f |= TF_READ_ONLY;
+    }
+    if structured {
+        f |= TF_SEND_DF;
+    }
+    f
+}
+
+/// Reads a length-prefixed string from an option payload.
+fn take_string(data: &[u8], at: &mut usize) -> Result<String, Violation> {
+    let Some(len) = data.get(*at..*at + 4) else { return violation("option payload too short") };
+    let len = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
+    *at += 4;
+    let Some(s) = data.get(*at..*at + len) else { return violation("option string runs past the payload") };
+    *at += len;
+    String::from_utf8(s.to_vec()).or_else(|_| violation("option string is not UTF-8"))
+}
+
+async fn handshake<S>(rd: &mut tokio::io::ReadHalf<S>, wr: &Writer<S>, exports: &dyn Exports) -> Result<Option<Session>, Violation>
+where
+    S: AsyncRead + AsyncWrite,
+{
+    {
+        let mut w = wr.lock().await;
+        let mut hello = NBDMAGIC.to_be_bytes().to_vec();
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        w.write_all(&hello).await?;
+    }
+    let client_flags = rd.read_u32().await?;
+    if client_flags & !(FLAG_FIXED_NEWSTYLE as u32 | FLAG_NO_ZEROES as u32) != 0 {
+        return violation(format!("unknown client flags {client_flags:#x}"));
+    }
+    let no_zeroes = client_flags & FLAG_NO_ZEROES as u32 != 0;
+    let mut structured = false;
+    let mut allocation = false;
+    loop {
+        if rd.read_u64().await? != IHAVEOPT {
+            return violation("option without the IHAVEOPT magic");
+        }
+        let opt = rd.read_u32().await?;
+        let len = rd.read_u32().await?;
+        if len > MAX_OPTION {
+            return violation(format!("option {opt} of {len} bytes"));
+        }
+        let mut data = vec![0u8; len as usize];
+        rd.read_exact(&mut data).await?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let device = match exports.open(&name) {
+                    Ok(d) => d,
+                    Err(why) => return violation(format!("export {name:?}: {why}")),
+                };
+                let mut m = device.size().to_be_bytes().to_vec();
+                m.extend_from_slice(&transmission_flags(device.as_ref(), false).to_be_bytes());
+                if !no_zeroes {
+                    m.extend_from_slice(&[0u8; 124]);
+                }
+                wr.lock().await.write_all(&m).await?;
+                return Ok(Some(Session { device, structured: false, allocation: false }));
+            }
+            OPT_ABORT => {
+                let _ = option_reply(wr, opt, REP_ACK, &[]).await;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if len != 0 {
+                    option_reply(wr, opt, REP_ERR_INVALID, b"LIST takes no data").await?;
+                    continue;
+                }
+                for name in exports.names() {
+                    let mut m = (name.len() as u32).to_be_bytes().to_vec();
+                    m.extend_from_slice(name.as_bytes());
+                    option_reply(wr, opt, REP_SERVER, &m).await?;
+                }
+                option_reply(wr, opt, REP_ACK, &[]).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                let mut at = 0;
+                let name = take_string(&data, &mut at)?;
+                let Some(n) = data.get(at..at + 2) else { return violation("INFO/GO without a request count") };
+                let n = u16::from_be_bytes(n.try_into().expect("2 bytes")) as usize;
+                at += 2;
+                if data.len() != at + 2 * n {
+                    option_reply(wr, opt, REP_ERR_INVALID, b"malformed information requests").await?;
+                    continue;
+                }
+                let wanted: Vec<u16> = data[at..].chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+                let device = match exports.open(&name) {
+                    Ok(d) => d,
+                    Err(why) => {
+                        option_reply(wr, opt, REP_ERR_UNKNOWN, why.as_bytes()).await?;
+                        continue;
+                    }
+                };
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&device.size().to_be_bytes());
+                info.extend_from_slice(&transmission_flags(device.as_ref(), structured).to_be_bytes());
+                option_reply(wr, opt, REP_INFO, &info).await?;
+                if wanted.contains(&INFO_NAME) {
+                    let mut m = INFO_NAME.to_be_bytes().to_vec();
+                    m.extend_from_slice(name.as_bytes());
+                    option_reply(wr, opt, REP_INFO, &m).await?;
+                }
+                if wanted.contains(&INFO_BLOCK_SIZE) {
+                    let mut m = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                    for v in [1u32, 4096, MAX_REQUEST] {
+                        m.extend_from_slice(&v.to_be_bytes());
+                    }
+                    option_reply(wr, opt, REP_INFO, &m).await?;
+                }
+                option_reply(wr, opt, REP_ACK, &[]).await?;
+                if opt == OPT_GO {
+                    return Ok(Some(Session { device, structured, allocation }));
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if len != 0 {
+                    option_reply(wr, opt, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data").await?;
+                    continue;
+                }
+                structured = true;
+                option_reply(wr, opt, REP_ACK, &[]).await?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                if !structured {
+                    option_reply(wr, opt, REP_ERR_INVALID, b"negotiate structured replies first").await?;
+                    continue;
+                }
+                let mut at = 0;
+                let name = take_string(&data, &mut at)?;
+                let Some(n) = data.get(at..at + 4) else { return violation("meta context request without a count") };
+                let n = u32::from_be_bytes(n.try_into().expect("4 bytes"));
+                at += 4;
+                let mut queries = Vec::new();
+                for _ in 0..n {
+                    queries.push(take_string(&data, &mut at)?);
+                }
+                if exports.open(&name).is_err() {
+                    option_reply(wr, opt, REP_ERR_UNKNOWN, b"no such export").await?;
+                    continue;
+                }
+                let listing = opt == OPT_LIST_META_CONTEXT;
+                let matches = |q: &str| q == "base:allocation" || (listing && q == "base:");
+                if (listing && queries.is_empty()) || queries.iter().any(|q| matches(q)) {
+                    let mut m = ALLOCATION_CONTEXT.to_be_bytes().to_vec();
+                    m.extend_from_slice(b"base:allocation");
+                    option_reply(wr, opt, REP_META_CONTEXT, &m).await?;
+                    if !listing {
+                        allocation = true;
+                    }
+                } else if !listing {
+                    allocation = false;
+                }
+                option_reply(wr, opt, REP_ACK, &[]).await?;
+            }
+            _ => option_reply(wr, opt, REP_ERR_UNSUP, b"unsupported option").await?,
+        }
+    }
+}
+
+/// One request as read from the wire.
+struct Request {
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    payload: Vec<u8>,
+}
+
+async fn transmission<S>(mut rd: tokio::io::ReadHalf<S>, wr: Writer<S>, session: Session, stats: Arc<NbdStats>) -> Result<(), Violation>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let session = Arc::new(session);
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let mut head = [0u8; 28];
+        rd.read_exact(&mut head).await?;
+        let magic = u32::from_be_bytes(head[0..4].try_into().expect("4 bytes"));
+        if magic != REQUEST_MAGIC {
+            return violation(format!("bad request magic {magic:#x}"));
+        }
+        let mut req = Request {
+            flags: u16::from_be_bytes(head[4..6].try_into().expect("2 bytes")),
+            kind: u16::from_be_bytes(head[6..8].try_into().expect("2 bytes")),
+            cookie: u64::from_be_bytes(head[8..16].try_into().expect("8 bytes")),
+            offset: u64::from_be_bytes(head[16..24].try_into().expect("8 bytes")),
+            length: u32::from_be_bytes(head[24..28].try_into().expect("4 bytes")),
+            payload: Vec::new(),
+        };
+        if req.kind == CMD_WRITE {
+            if req.length > MAX_REQUEST {
+                return violation(format!("write of {} bytes (limit {MAX_REQUEST})", req.length));
+            }
+            req.payload = vec![0u8; req.length as usize];
+            rd.read_exact(&mut req.payload).await?;
+        }
+        if req.kind == CMD_DISC {
+            // Let requests in flight finish, then close.
+            let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
+            return Ok(());
+        }
+        let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let (session, wr, stats) = (session.clone(), wr.clone(), stats.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let op = (req.kind as usize).min(7);
+            stats.requests[op].fetch_add(1, Ordering::Relaxed);
+            let reply = answer(&session, req).await;
+            if reply.failed {
+                stats.errors[op].fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = wr.lock().await.write_all(&reply.bytes).await;
+            stats.latency[op].observe(started.elapsed());
+            drop(permit);
+        });
+    }
+}
+
+/// A reply, ready to write.
+struct Reply {
+    bytes: Vec<u8>,
+    failed: bool,
+}
+
+fn simple(cookie: u64, error: u32, data: &[u8]) -> Reply {
+    let mut m = Vec::with_capacity(16 + data.len());
+    m.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    m.extend_from_slice(&error.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(data);
+    Reply { bytes: m, failed: error != 0 }
+}
+
+fn structured_chunk(out: &mut Vec<u8>, cookie: u64, flags: u16, kind: u16, payload: &[&[u8]]) {
+    let len: usize = payload.iter().map(|p| p.len()).sum();
+    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    for p in payload {
+        out.extend_from_slice(p);
+    }
+}
+
+/// An error reply in the form the session and command call for.
+fn error_reply(session: &Session, req: &Request, error: u32, msg: &str) -> Reply {
+    if session.structured && (req.kind == CMD_READ || req.kind == CMD_BLOCK_STATUS) {
+        let mut m = Vec::new();
+        let msg = &msg.as_bytes()[..msg.len().min(4096)];
+        structured_chunk(&mut m, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, &[&error.to_be_bytes(), &(msg.len() as u16).to_be_bytes(), msg]);
+        Reply { bytes: m, failed: true }
+    } else {
+        simple(req.cookie, error, &[])
+    }
+}
+
+fn errno_of(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => ENOSPC,
+        _ if e.kind() == io::ErrorKind::InvalidInput => EINVAL,
+        _ => EIO,
+    }
+}
+
+async fn answer(session: &Arc<Session>, req: Request) -> Reply {
+    let size = session.device.size();
+    let in_range = req.offset.checked_add(req.length as u64).is_some_and(|end| end <= size);
+    match req.kind {
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS | CMD_CACHE if !in_range => {
+            error_reply(session, &req, EINVAL, "request past the end of the export")
+        }
+        CMD_READ | CMD_CACHE if req.length > MAX_REQUEST => error_reply(session, &req, EINVAL, "request too large"),
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !session.device.writable() => {
+            error_reply(session, &req, EPERM, "export is read-only")
+        }
+        CMD_READ | CMD_CACHE => {
+            let s = session.clone();
+            let (offset, len) = (req.offset, req.length as usize);
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                s.device.read(offset, &mut buf).map(|()| buf)
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+            match read {
+                Err(e) => {
+                    eprintln!("tessera: nbd: read of {len} bytes at {offset}: {e}");
+                    error_reply(session, &req, errno_of(&e), &e.to_string())
+                }
+                Ok(_) if req.kind == CMD_CACHE => simple(req.cookie, 0, &[]),
+                Ok(_) if session.structured && len == 0 => {
+                    let mut m = Vec::new();
+                    structured_chunk(&mut m, req.cookie, REPLY_FLAG_DONE, 0, &[]);
+                    Reply { bytes: m, failed: false }
+                }
+                Ok(buf) if session.structured => {
+                    let mut m = Vec::with_capacity(32 + buf.len());
+                    if buf.iter().all(|&b| b == 0) && !buf.is_empty() {
+                        structured_chunk(&mut m, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, &[&req.offset.to_be_bytes(), &req.length.to_be_bytes()]);
+                    } else {
+                        structured_chunk(&mut m, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, &[&req.offset.to_be_bytes(), &buf]);
+                    }
+                    Reply { bytes: m, failed: false }
+                }
+                Ok(buf) => simple(req.cookie, 0, &buf),
+            }
+        }
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH => {
+            let s = session.clone();
+            let fua = req.flags & CMD_FLAG_FUA != 0;
+            let (kind, offset, length) = (req.kind, req.offset, req.length as u64);
+            let payload = req.payload;
+            let done = tokio::task::spawn_blocking(move || {
+                match kind {
+                    CMD_WRITE => s.device.write(offset, &payload)?,
+                    CMD_TRIM | CMD_WRITE_ZEROES => s.device.zero(offset, length)?,
+                    _ => {}
+                }
+                if fua || kind == CMD_FLUSH {
+                    s.device.flush()?;
+                }
+                Ok::<(), io::Error>(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+            match done {
+                Ok(()) => simple(req.cookie, 0, &[]),
+                Err(e) => {
+                    eprintln!("tessera: nbd: {} at {offset}: {e}", OP_NAMES[kind as usize]);
+                    simple(req.cookie, errno_of(&e), &[])
+                }
+            }
+        }
+        CMD_BLOCK_STATUS => {
+            if !session.allocation {
+                return error_reply(session, &req, EINVAL, "base:allocation was not negotiated");
+            }
+            let runs = session.device.allocation(req.offset, req.length as u64);
+            let mut payload = ALLOCATION_CONTEXT.to_be_bytes().to_vec();
+            for (len, hole) in runs.iter().take(if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { usize::MAX }) {
+                payload.extend_from_slice(&(*len as u32).to_be_bytes());
+                payload.extend_from_slice(&(if *hole { 3u32 } else { 0 }).to_be_bytes());
+            }
+            let mut m = Vec::new();
+            structured_chunk(&mut m, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &[&payload]);
+            Reply { bytes: m, failed: false }
+        }
+        _ => simple(req.cookie, ENOTSUP, &[]),
+    }
+}

@@ -1,0 +1,175 @@
+//! The origin chunk store, behind a bound on concurrent requests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use tessera_chunk::ChunkId;
+use tessera_store::ChunkStore;
+
+use crate::{ChunkSource, Error, Tier};
+
+/// The origin store, admitting at most `limit` requests at once and queueing
+/// at most `queue` more; past that a request is refused at once, so a cold
+/// or lost cache cannot turn into a flood on the store.
+pub struct Origin {
+    store: Arc<dyn ChunkStore>,
+    limit: usize,
+    queue: usize,
+    state: Mutex<Admission>,
+    freed: Condvar,
+    /// Requests in flight now (a gauge).
+    pub in_flight: AtomicU64,
+    /// The most ever in flight at once.
+    pub peak_in_flight: AtomicU64,
+    /// Requests refused because the queue was full.
+    pub shed: AtomicU64,
+    /// Requests made (admitted or not).
+    pub requests: AtomicU64,
+}
+
+#[derive(Default)]
+struct Admission {
+    running: usize,
+    waiting: usize,
+}
+
+/// How long a queued request waits for a slot before it gives up.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Origin {
+    /// Wraps `store`.
+    pub fn new(store: Arc<dyn ChunkStore>, limit: usize, queue: usize) -> Origin {
+        Origin {
+            store,
+            limit: limit.max(1),
+            queue,
+            state: Mutex::new(Admission::default()),
+            freed: Condvar::new(),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    fn admit(&self, id: &ChunkId) -> Result<Slot<'_>, Error> {
+        let mut s = self.state.lock().expect("no panics while holding the lock");
+        if s.running >= self.limit {
+            if s.waiting >= self.queue {
+                self.shed.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::Overloaded(*id, s.running));
+            }
+            s.waiting += 1;
+            let (mut guard, timeout) = self
+                .freed
+                .wait_timeout_while(s, QUEUE_TIMEOUT, |s| s.running >= self.limit)
+                .expect("no panics while holding the lock");
+            guard.waiting -= 1;
+            if timeout.timed_out() {
+                self.shed.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::Overloaded(*id, guard.running));
+            }
+            s = guard;
+        }
+        s.running += 1;
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+        Ok(Slot(self))
+    }
+}
+
+/// An admitted request; frees its slot on drop.
+struct Slot<'o>(&'o Origin);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.state.lock().expect("no panics while holding the lock").running -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+impl ChunkSource for Origin {
+    fn tier(&self) -> Tier {
+        Tier::Origin
+    }
+
+    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let _slot = self.admit(id)?;
+        match self.store.get(id) {
+            Ok(b) => Ok(Some(b)),
+            Err(tessera_store::Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(Error::Source { id: *id, tier: "origin", reason: e.to_string() }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_store::MemoryStore;
+
+    #[test]
+    fn conformance() {
+        let store = MemoryStore::default();
+        let present: Vec<(ChunkId, Vec<u8>)> = (0..4u8)
+            .map(|i| {
+                let b = vec![i; 1000];
+                let id = ChunkId::of(&b);
+                store.put(&id, &b).unwrap();
+                (id, b)
+            })
+            .collect();
+        crate::conformance::run(Arc::new(Origin::new(Arc::new(store), 2, 16)), &present, ChunkId([9; 32]));
+    }
+
+    /// A store whose gets take a while, to pile requests up.
+    struct Slow(MemoryStore);
+
+    impl ChunkStore for Slow {
+        fn put(&self, id: &ChunkId, b: &[u8]) -> tessera_store::Result<tessera_store::Put> {
+            self.0.put(id, b)
+        }
+        fn get(&self, id: &ChunkId) -> tessera_store::Result<Vec<u8>> {
+            std::thread::sleep(Duration::from_millis(20));
+            self.0.get(id)
+        }
+        fn exists(&self, id: &ChunkId) -> tessera_store::Result<bool> {
+            self.0.exists(id)
+        }
+        fn list(&self) -> tessera_store::Result<Vec<ChunkId>> {
+            self.0.list()
+        }
+        fn delete(&self, id: &ChunkId) -> tessera_store::Result<bool> {
+            self.0.delete(id)
+        }
+        fn sync(&self) -> tessera_store::Result<()> {
+            Ok(())
+        }
+        fn batch(&self) -> Box<dyn tessera_store::PutBatch + '_> {
+            Box::new(tessera_store::ImmediateBatch(self))
+        }
+    }
+
+    #[test]
+    fn in_flight_never_exceeds_the_bound_and_overflow_is_shed() {
+        let store = MemoryStore::default();
+        let id = ChunkId::of(b"x");
+        store.put(&id, b"x").unwrap();
+        let origin = Arc::new(Origin::new(Arc::new(Slow(store)), 3, 5));
+        let threads: Vec<_> = (0..32)
+            .map(|_| {
+                let o = Arc::clone(&origin);
+                std::thread::spawn(move || o.fetch(&id))
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(origin.peak_in_flight.load(Ordering::Relaxed) <= 3);
+        let shed = results.iter().filter(|r| matches!(r, Err(Error::Overloaded(..)))).count();
+        assert!(shed > 0, "32 requests against a bound of 3 and a queue of 5 shed some");
+        assert_eq!(shed as u64, origin.shed.load(Ordering::Relaxed));
+        assert!(results.iter().filter(|r| r.is_ok()).count() >= 8);
+    }
+}
