@@ -220,8 +220,10 @@ async fn option_reply<S: AsyncWrite>(wr: &Writer<S>, opt: u32, kind: u32, data: 
 }
 
 fn transmission_flags(device: &dyn Device, structured: bool) -> u16 {
-    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
-    if !device.writable() {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    if device.writable() {
+        f |= TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
+    } else {
         f |= TF_READ_ONLY;
     }
     if structured {

@@ -8,6 +8,8 @@
 //!   → lower sources in order: peer, cache tier (later issues), origin store
 //! ```
 //!
+//! A read that waited for another reader's fetch of the same chunk counts
+//! as served from memory, so each tier's count is the work that tier did.
 //! Every fetched chunk is checked against its id and opened with its key
 //! before it is served or cached; a corrupt cached copy is dropped and
 //! fetched again from below. Concurrent misses for one chunk cause one fetch

@@ -101,10 +101,12 @@ impl Loader {
             self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
             let guard = flight.result.lock().expect("no panics while holding the lock");
             let guard = flight.done.wait_while(guard, |r| r.is_none()).expect("no panics while holding the lock");
+            // Served from memory, by another reader's fetch: each fetch is
+            // counted once, under the tier that did the work.
             return match guard.as_ref().expect("set before notifying") {
-                Ok((p, tier)) => {
-                    self.stats.count(*tier, started);
-                    Ok((Arc::clone(p), *tier))
+                Ok((p, _)) => {
+                    self.stats.count(Tier::Memory, started);
+                    Ok((Arc::clone(p), Tier::Memory))
                 }
                 Err(reason) => Err(Error::Source { id: r.id, tier: "coalesced fetch", reason: reason.clone() }),
             };
@@ -272,5 +274,7 @@ mod tests {
         }
         let fetched = origin.requests.load(Ordering::Relaxed);
         assert_eq!(fetched, 1, "16 concurrent misses caused {fetched} origin fetches");
+        assert_eq!(loader.stats.reads(Tier::Origin), 1);
+        assert_eq!(loader.stats.reads(Tier::Memory), 15);
     }
 }

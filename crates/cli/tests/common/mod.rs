@@ -276,3 +276,75 @@ impl Drop for LoopMount {
 pub fn write(path: &Path, bytes: &[u8]) {
     std::fs::File::create(path).unwrap().write_all(bytes).unwrap();
 }
+
+/// A running `tessera serve` on a unix socket, with metrics; stopped (SIGTERM) on drop.
+pub struct Served {
+    child: Child,
+    pub socket: PathBuf,
+    pub metrics_addr: String,
+}
+
+impl Served {
+    pub fn start(env: &Env, extra: &[&str]) -> Served {
+        let socket = env.path("nbd.sock");
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["serve", "--nbd", &format!("unix:{}", socket.display()), "--metrics", &metrics_addr])
+            .args(extra)
+            .env("TESSERA_HOME", env.home())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("tessera serve starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "tessera serve did not listen on {}", socket.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        wait_listening(&metrics_addr, "the metrics endpoint");
+        Served { child, socket, metrics_addr }
+    }
+
+    /// `nbd+unix:///EXPORT?socket=…`
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// The value of one metric series, e.g. `tessera_chunk_reads_total{source="disk"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&self.metrics_addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {series} in:\n{body}"))
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        // SAFETY: kill takes a pid and a signal number.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The worker agent with real NBD clients: nbdinfo, nbdcopy, qemu-img, qemu-io.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn have_tools() -> bool {
+    require("umoci", "umoci")
+        && require("busybox", "busybox-static")
+        && require("setfattr", "attr")
+        && require("nbdcopy", "libnbd-bin")
+        && require("nbdinfo", "libnbd-bin")
+        && require("qemu-img", "qemu-utils")
+        && require("qemu-io", "qemu-utils")
+}
+
+/// An image imported into a fresh home, and its `tessera export`.
+fn imported() -> (Env, Vec<u8>) {
+    let env = Env::new();
+    let layout = env.path("layout");
+    busybox_layout(&layout, "bb");
+    env.import(&format!("oci:{}:bb", layout.display()), "bb", &[]);
+    let raw = env.path("bb.raw");
+    env.ok(&["export", "bb", raw.to_str().unwrap()]);
+    let bytes = std::fs::read(&raw).unwrap();
+    (env, bytes)
+}
+
+fn nbdcopy(uri: &str, out: &std::path::Path) -> Vec<u8> {
+    run(Command::new("nbdcopy").arg(uri).arg(out));
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn exports_read_as_the_exported_image() {
+    if !have_tools() {
+        return;
+    }
+    let (env, want) = imported();
+    let agent = Served::start(&env, &[]);
+    let list = run(Command::new("nbdinfo").arg("--list").arg(agent.uri("")));
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("export=\"bb\""), "{list}");
+    assert!(list.contains("base:allocation"), "{list}");
+    assert!(list.contains("is_read_only: true"), "{list}");
+
+    assert!(nbdcopy(&agent.uri("bb"), &env.path("copy.raw")) == want, "nbdcopy differs from tessera export");
+    let q = env.path("qemu.raw");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(agent.uri("bb")).arg(&q));
+    assert!(std::fs::read(&q).unwrap() == want, "qemu-img convert differs from tessera export");
+    assert!(agent.metric("tessera_chunk_reads_total{source=\"origin\"}") > 0.0);
+
+    // An image imported while the agent runs is exported at once.
+    let layout = env.path("layout");
+    env.import(&format!("oci:{}:bb", layout.display()), "late", &[]);
+    assert!(nbdcopy(&agent.uri("late"), &env.path("late.raw")) == want);
+
+    // Reads of a read-only export succeed; writes are refused.
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 0 4096"]).arg(agent.uri("bb")).output().unwrap();
+    assert!(!out.status.success() || String::from_utf8_lossy(&out.stderr).contains("ermission") || String::from_utf8_lossy(&out.stdout).contains("ermission"), "{}", text(&out));
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    let out = c.output().unwrap();
+    let all = text(&out);
+    assert!(out.status.success() && !all.contains("Pattern verification failed") && !all.contains("error"), "qemu-io {cmds:?}:\n{all}");
+    out
+}
+
+#[test]
+fn labels_are_private_copy_on_write_views() {
+    if !have_tools() {
+        return;
+    }
+    let (env, want) = imported();
+    let agent = Served::start(&env, &[]);
+    qemu_io(&agent.uri("bb@a"), &["write -P 0xab 0 65536", "write -P 0xcd 70000 3000", "flush"]);
+    qemu_io(&agent.uri("bb@a"), &["read -P 0xab 0 65536", "read -P 0xcd 70000 3000"]);
+    // Bytes around the unaligned write are the image's.
+    let mut view = vec![0u8; 80_000];
+    let out = env.path("a.raw");
+    let a = nbdcopy(&agent.uri("bb@a"), &out);
+    view.copy_from_slice(&a[..80_000]);
+    assert!(view[..65536].iter().all(|&b| b == 0xab));
+    assert_eq!(&view[65536..70000], &want[65536..70000]);
+    assert!(view[70000..73000].iter().all(|&b| b == 0xcd));
+    assert_eq!(&view[73000..80000], &want[73000..80000]);
+    assert_eq!(&a[80_000..], &want[80_000..]);
+
+    // The image and another label are untouched.
+    assert!(nbdcopy(&agent.uri("bb"), &env.path("bb.copy")) == want);
+    assert!(nbdcopy(&agent.uri("bb@b"), &env.path("b.copy")) == want);
+
+    // Zeroing and trimming land in the overlay too.
+    qemu_io(&agent.uri("bb@b"), &["write -z 4096 8192", "discard 16384 4096", "read -P 0 4096 8192", "flush"]);
+
+    // The overlay outlives reconnects and a restart of the agent.
+    agent.stop();
+    let agent = Served::start(&env, &[]);
+    qemu_io(&agent.uri("bb@a"), &["read -P 0xab 0 65536", "read -P 0xcd 70000 3000"]);
+    env.ok(&["verify", "bb"]);
+}
+
+#[test]
+fn a_restarted_agent_serves_from_its_disk_cache_and_drops_corrupt_copies() {
+    if !have_tools() {
+        return;
+    }
+    let (env, want) = imported();
+    let agent = Served::start(&env, &[]);
+    assert!(nbdcopy(&agent.uri("bb"), &env.path("1.raw")) == want);
+    let from_origin = agent.metric("tessera_chunk_reads_total{source=\"origin\"}");
+    assert!(from_origin > 0.0);
+    agent.stop();
+
+    let agent = Served::start(&env, &[]);
+    assert!(nbdcopy(&agent.uri("bb"), &env.path("2.raw")) == want);
+    assert_eq!(agent.metric("tessera_chunk_reads_total{source=\"origin\"}"), 0.0, "a restarted agent reads its disk cache, not the origin");
+    assert!(agent.metric("tessera_chunk_reads_total{source=\"disk\"}") > 0.0);
+    agent.stop();
+
+    // Corrupt one cached chunk: it is detected, dropped and fetched again.
+    let cache = env.home().join("cache/chunks");
+    let victim = std::fs::read_dir(&cache)
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .next()
+        .unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[4242] ^= 0x10;
+    std::fs::write(&victim, bytes).unwrap();
+    let agent = Served::start(&env, &[]);
+    assert!(nbdcopy(&agent.uri("bb"), &env.path("3.raw")) == want, "corrupt cached bytes were served");
+    assert_eq!(agent.metric("tessera_cache_corrupt_total"), 1.0);
+    assert_eq!(agent.metric("tessera_chunk_reads_total{source=\"origin\"}"), 1.0);
+}
+
+#[test]
+fn thirty_two_clients_at_once() {
+    if !have_tools() {
+        return;
+    }
+    let (env, want) = imported();
+    let agent = Served::start(&env, &["--origin-concurrency", "4"]);
+    let children: Vec<_> = (0..32)
+        .map(|i| {
+            let out = env.path(&format!("c{i}.raw"));
+            let export = if i % 2 == 0 { "bb".to_string() } else { format!("bb@c{i}") };
+            (Command::new("nbdcopy").arg(agent.uri(&export)).arg(&out).spawn().unwrap(), out)
+        })
+        .collect();
+    for (mut child, out) in children {
+        assert!(child.wait().unwrap().success());
+        assert!(std::fs::read(&out).unwrap() == want);
+        std::fs::remove_file(out).unwrap();
+    }
+    assert!(agent.metric("tessera_nbd_connections_total") >= 32.0);
+    assert_eq!(agent.metric("tessera_origin_requests_shed_total"), 0.0);
+}
+
+/// Speaks just enough NBD by hand to send what a real client never would.
+struct RawClient(UnixStream);
+
+impl RawClient {
+    fn connect(socket: &std::path::Path) -> RawClient {
+        let s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = RawClient(s);
+        let mut hello = [0u8; 18];
+        c.0.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        c.0.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
+        c
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut m = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec();
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.0.write_all(&m).unwrap();
+    }
+
+    /// EXPORT_NAME: straight into transmission.
+    fn open(socket: &std::path::Path, export: &str) -> RawClient {
+        let mut c = RawClient::connect(socket);
+        c.option(1, export.as_bytes());
+        let mut info = [0u8; 10];
+        c.0.read_exact(&mut info).unwrap();
+        c
+    }
+
+    fn request(&mut self, kind: u16, offset: u64, len: u32) {
+        let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&kind.to_be_bytes());
+        m.extend_from_slice(&7u64.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        self.0.write_all(&m).unwrap();
+    }
+
+    /// The error of a simple reply.
+    fn simple_error(&mut self) -> u32 {
+        let mut r = [0u8; 16];
+        self.0.read_exact(&mut r).unwrap();
+        assert_eq!(u32::from_be_bytes(r[..4].try_into().unwrap()), 0x6744_6698);
+        u32::from_be_bytes(r[4..8].try_into().unwrap())
+    }
+
+    /// Whether the server closed the connection.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        matches!(self.0.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn malformed_requests_close_only_their_connection() {
+    if !have_tools() {
+        return;
+    }
+    let (env, want) = imported();
+    let agent = Served::start(&env, &[]);
+    let size = want.len() as u64;
+
+    let mut c = RawClient::open(&agent.socket, "bb");
+    c.request(0, size - 10, 100);
+    assert_eq!(c.simple_error(), 22, "a read past the end is EINVAL");
+    c.request(1, 0, 4);
+    c.0.write_all(b"abcd").unwrap();
+    assert_eq!(c.simple_error(), 1, "a write to a read-only export is EPERM");
+    c.request(42, 0, 0);
+    assert_eq!(c.simple_error(), 95, "an unknown command is ENOTSUP");
+    c.0.write_all(&[0xde; 28]).unwrap();
+    assert!(c.closed(), "a bad request magic closes the connection");
+
+    let mut c = RawClient::open(&agent.socket, "bb@x");
+    c.request(1, 0, 1 << 30);
+    assert!(c.closed(), "a 1 GiB write payload closes the connection");
+
+    let mut c = RawClient::connect(&agent.socket);
+    c.option(7, &[0, 0, 0, 200, b'x']);
+    assert!(c.closed(), "a GO whose name runs past its payload closes the connection");
+
+    let mut c = RawClient::connect(&agent.socket);
+    c.0.write_all(&[0xff; 16]).unwrap();
+    assert!(c.closed(), "an option without the magic closes the connection");
+
+    let mut c = RawClient::connect(&agent.socket);
+    c.option(1, b"no-such-image");
+    assert!(c.closed());
+
+    // Random bytes after the handshake, on many connections at once.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..16 {
+        let mut c = RawClient::open(&agent.socket, "bb");
+        let junk: Vec<u8> = (0..4096)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let _ = c.0.write_all(&junk);
+        assert!(c.closed());
+    }
+
+    // The server and other clients carry on.
+    assert!(nbdcopy(&agent.uri("bb"), &env.path("after.raw")) == want);
+    assert!(agent.metric("tessera_nbd_protocol_errors_total") >= 4.0);
+}
