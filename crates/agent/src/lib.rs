@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod exports;
+pub mod fuse;
 pub mod metrics_http;
 pub mod nbd;
 pub mod overlay;

@@ -21,6 +21,8 @@ pub const BLOCK: u64 = 4096;
 /// The writes of one label.
 pub struct Overlay {
     dir: PathBuf,
+    /// Holds an exclusive lock on `DIR/lock`: one process per overlay.
+    _lock: File,
     data: File,
     size: u64,
     /// One bit per block: written here.
@@ -35,6 +37,11 @@ impl Overlay {
     /// of the image is refused: its blocks would land on the wrong files.
     pub fn open(dir: &Path, manifest_id: &str, size: u64) -> io::Result<Overlay> {
         fs::create_dir_all(dir)?;
+        let lock = File::create(dir.join("lock"))?;
+        // SAFETY: flock takes a valid open descriptor owned by `lock`.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io::Error::other(format!("overlay {} is in use by another tessera process", dir.display())));
+        }
         let base = dir.join("base");
         match fs::read_to_string(&base) {
             Ok(b) if b.trim() == manifest_id => {}
@@ -62,7 +69,7 @@ impl Overlay {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        Ok(Overlay { dir: dir.to_owned(), data, size, map: Mutex::new(map), writing: Mutex::new(()) })
+        Ok(Overlay { dir: dir.to_owned(), _lock: lock, data, size, map: Mutex::new(map), writing: Mutex::new(()) })
     }
 
     fn written(map: &[u64], block: u64) -> bool {

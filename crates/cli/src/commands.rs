@@ -10,7 +10,7 @@ use tessera_import::ImportOptions;
 use tessera_oci::PullOptions;
 use tessera_store::{readback, Home, ImageRef};
 
-use crate::flags::{BenchCommand, Cli, Command, ImportArgs, ServeArgs};
+use crate::flags::{BenchCommand, Cli, Command, ImportArgs, MountArgs, ServeArgs};
 use crate::progress::{human, Bars};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -21,6 +21,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let home = Home::open(&home_dir).with_context(|| format!("opening TESSERA_HOME {}", home_dir.display()))?;
     match cli.command {
         Command::Serve(args) => serve(home, args),
+        Command::Mount(args) => mount(home, args),
         Command::Import(args) => import(&home, args),
         Command::Images { json } => images(&home, json),
         Command::Inspect { name, json } => inspect(&home, &name, json),
@@ -224,13 +225,7 @@ fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
     let agent = std::sync::Arc::new(Agent::new(home, options).context("starting the agent")?);
     let listening: Vec<String> = nbd.iter().map(|l| l.to_string()).collect();
     runtime.block_on(async move {
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        };
+        let shutdown = interrupted();
         let started = agent.clone().run(async {
             eprintln!(
                 "tessera: serving NBD on {}{}",
@@ -242,5 +237,56 @@ fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
         started.await
     })?;
     eprintln!("tessera: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn mount(home: Home, a: MountArgs) -> Result<ExitCode> {
+    use tessera_agent::nbd::Exports;
+    use tessera_agent::{fuse, Agent, AgentOptions};
+    let options = AgentOptions {
+        nbd: Vec::new(),
+        metrics: None,
+        cache_dir: a.cache_dir.unwrap_or_else(|| home.root().join("cache")),
+        cache_mem: a.cache_mem,
+        cache_disk: a.cache_disk,
+        origin_concurrency: a.origin_concurrency,
+        origin_queue: 256,
+    };
+    let agent = Agent::new(home, options).context("starting the agent")?;
+    let device = agent.exports.open(&a.name).map_err(anyhow::Error::msg).with_context(|| format!("opening {}", a.name))?;
+    let writable = device.writable();
+    let session = fuse::mount(fuse::DiskFs::new(&a.name, device), &a.dir)
+        .with_context(|| format!("mounting FUSE on {} (is fuse3 installed and /dev/fuse there?)", a.dir.display()))?;
+    let file = a.dir.join(&a.name);
+    if let Some(mp) = &a.loop_mount {
+        let opts = if writable { "loop" } else { "loop,ro" };
+        let out = std::process::Command::new("mount").args(["-o", opts]).arg(&file).arg(mp).output().context("running mount")?;
+        if !out.status.success() {
+            drop(session);
+            anyhow::bail!("loop-mounting {} on {}: {}", file.display(), mp.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        eprintln!("tessera: {} is {}; its filesystem is mounted on {}", file.display(), a.name, mp.display());
+    } else {
+        eprintln!("tessera: {} is {}", file.display(), a.name);
+    }
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(interrupted());
+    if let Some(mp) = &a.loop_mount {
+        let ok = std::process::Command::new("umount").arg(mp).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            eprintln!("tessera: could not unmount {}; unmounting lazily", mp.display());
+            let _ = std::process::Command::new("umount").arg("-l").arg(mp).status();
+        }
+    }
+    drop(session);
+    agent.exports.flush_all();
     Ok(ExitCode::SUCCESS)
 }

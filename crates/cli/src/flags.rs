@@ -71,6 +71,13 @@ pub enum Command {
     /// fetched on first read through a memory cache, a disk cache and the
     /// store, and checked before they are served.
     Serve(ServeArgs),
+    /// Show an image as a file on a FUSE filesystem: DIR/NAME is the disk.
+    ///
+    /// Lets `mount -o loop` work where there is no nbd kernel module; --loop
+    /// does that too. NAME@LABEL gives a writable copy-on-write view (the
+    /// same overlay `tessera serve` uses). Runs until interrupted, then
+    /// unmounts everything it mounted.
+    Mount(MountArgs),
     /// Measurements behind docs/BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -108,6 +115,29 @@ pub struct ServeArgs {
     /// Origin requests allowed to wait for a slot; beyond that they fail at once.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub origin_queue: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Image name, or NAME@LABEL for a writable view.
+    pub name: String,
+    /// Empty directory to mount the FUSE filesystem on.
+    pub dir: PathBuf,
+    /// Also loop-mount the disk's ext4 filesystem here.
+    #[arg(long = "loop", value_name = "MOUNTPOINT")]
+    pub loop_mount: Option<PathBuf>,
+    /// Directory for the disk cache and the overlays (default $TESSERA_HOME/cache).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Memory cache size (plaintext chunks).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub cache_mem: u64,
+    /// Disk cache size (sealed chunks).
+    #[arg(long, default_value = "10GiB", value_parser = parse_size, value_name = "SIZE")]
+    pub cache_disk: u64,
+    /// Requests to the origin store allowed at once.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub origin_concurrency: usize,
 }
 
 #[derive(Subcommand, Debug)]

@@ -283,3 +283,29 @@ fn malformed_requests_close_only_their_connection() {
     assert!(nbdcopy(&agent.uri("bb"), &env.path("after.raw")) == want);
     assert!(agent.metric("tessera_nbd_protocol_errors_total") >= 4.0);
 }
+
+#[test]
+fn fuse_file_loop_mounts_as_the_image_tree() {
+    if !have_tools() || !is_root() || !std::path::Path::new("/dev/fuse").exists() || !require("fusermount3", "fuse3") {
+        return;
+    }
+    let (env, _) = imported();
+    let mounted = Mounted::start(&env, "bb", "ro");
+    assert_eq!(std::fs::metadata(mounted.dir.join("bb")).unwrap().len(), std::fs::metadata(env.path("bb.raw")).unwrap().len());
+    let bundle = env.path("unpacked");
+    run(Command::new("umoci").args(["unpack", "--image", &format!("{}:bb", env.path("layout").display())]).arg(&bundle));
+    let ours = tree::snapshot(&mounted.mountpoint, &["lost+found"]);
+    let theirs = tree::snapshot(&bundle.join("rootfs"), &[]);
+    assert_eq!(ours, theirs, "the loop-mounted FUSE file differs from umoci unpack");
+    mounted.stop();
+    assert!(!env.path("root-ro").join("lost+found").exists(), "the loop mount is gone after stop");
+
+    // A label is writable through FUSE too, and keeps its writes.
+    let rw = Mounted::start(&env, "bb@w", "rw");
+    std::fs::write(rw.mountpoint.join("tmp/hello"), "written through fuse\n").unwrap();
+    rw.stop();
+    let again = Mounted::start(&env, "bb@w", "rw2");
+    assert_eq!(std::fs::read_to_string(again.mountpoint.join("tmp/hello")).unwrap(), "written through fuse\n");
+    again.stop();
+    env.ok(&["verify", "bb"]);
+}

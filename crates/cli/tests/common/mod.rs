@@ -348,3 +348,65 @@ impl Drop for Served {
         }
     }
 }
+
+/// A running `tessera mount`; stopped with SIGTERM on drop.
+pub struct Mounted {
+    child: Child,
+    pub dir: PathBuf,
+    pub mountpoint: PathBuf,
+}
+
+impl Mounted {
+    /// `tessera mount EXPORT DIR --loop MOUNTPOINT`, waiting for the loop mount.
+    pub fn start(env: &Env, export: &str, tag: &str) -> Mounted {
+        let dir = env.path(&format!("fuse-{tag}"));
+        let mountpoint = env.path(&format!("root-{tag}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["mount", export])
+            .arg(&dir)
+            .arg("--loop")
+            .arg(&mountpoint)
+            .env("TESSERA_HOME", env.home())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("tessera mount starts");
+        let mut m = Mounted { child, dir, mountpoint };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !m.mountpoint.join("lost+found").exists() {
+            assert!(m.child.try_wait().unwrap().is_none(), "tessera mount exited early");
+            assert!(Instant::now() < deadline, "the loop mount did not appear");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        // SAFETY: kill takes a pid and a signal number.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+                let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}
