@@ -118,6 +118,9 @@ impl Device for ImageDevice {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.0.read_at(buf, offset).map_err(io::Error::other)
     }
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        self.0.read_cached(buf, offset).then_some(Ok(()))
+    }
     fn write(&self, _: u64, _: &[u8]) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EPERM))
     }
@@ -147,6 +150,10 @@ impl Device for OverlayDevice {
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.overlay.read_at(&self.disk, buf, offset)
+    }
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        let untouched = !self.overlay.any_written(offset, buf.len() as u64);
+        (untouched && self.disk.read_cached(buf, offset)).then_some(Ok(()))
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.overlay.write_at(&self.disk, data, offset)

@@ -8,6 +8,7 @@
 //! are served. Metrics are served in Prometheus text at `/metrics`.
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod exports;
 pub mod fuse;
 pub mod metrics_http;
@@ -172,6 +173,7 @@ impl Agent {
             t.abort();
         }
         self.exports.flush_all();
+        self.loader.drain();
         for s in sockets {
             let _ = std::fs::remove_file(s);
         }

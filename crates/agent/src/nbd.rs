@@ -102,6 +102,11 @@ pub trait Device: Send + Sync {
     fn writable(&self) -> bool;
     /// Fills `buf` from `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Fills `buf` without blocking when it can (everything in memory);
+    /// `None` when [`Device::read`] is needed.
+    fn read_cached(&self, _offset: u64, _buf: &mut [u8]) -> Option<io::Result<()>> {
+        None
+    }
     /// Writes `data` at `offset`.
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes completed writes durable.
@@ -505,14 +510,21 @@ async fn answer(session: &Arc<Session>, req: Request) -> Reply {
             error_reply(session, &req, EPERM, "export is read-only")
         }
         CMD_READ | CMD_CACHE => {
-            let s = session.clone();
             let (offset, len) = (req.offset, req.length as usize);
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
-                s.device.read(offset, &mut buf).map(|()| buf)
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+            // The reply is built around the data: the device reads straight
+            // into it, after room for the header.
+            let head = if session.structured { 28 } else { 16 };
+            let mut m = vec![0u8; head + len];
+            // Chunks in memory are served here; anything else on a blocking thread.
+            let read = match session.device.read_cached(offset, &mut m[head..]) {
+                Some(r) => r.map(|()| m),
+                None => {
+                    let s = session.clone();
+                    tokio::task::spawn_blocking(move || s.device.read(offset, &mut m[head..]).map(|()| m))
+                        .await
+                        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+                }
+            };
             match read {
                 Err(e) => {
                     eprintln!("tessera: nbd: read of {len} bytes at {offset}: {e}");
@@ -524,16 +536,23 @@ async fn answer(session: &Arc<Session>, req: Request) -> Reply {
                     structured_chunk(&mut m, req.cookie, REPLY_FLAG_DONE, 0, &[]);
                     Reply { bytes: m, failed: false }
                 }
-                Ok(buf) if session.structured => {
-                    let mut m = Vec::with_capacity(32 + buf.len());
-                    if buf.iter().all(|&b| b == 0) && !buf.is_empty() {
-                        structured_chunk(&mut m, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, &[&req.offset.to_be_bytes(), &req.length.to_be_bytes()]);
-                    } else {
-                        structured_chunk(&mut m, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, &[&req.offset.to_be_bytes(), &buf]);
-                    }
+                Ok(m) if session.structured && tessera_chunk::is_zero(&m[head..]) => {
+                    let mut r = Vec::new();
+                    structured_chunk(&mut r, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, &[&req.offset.to_be_bytes(), &req.length.to_be_bytes()]);
+                    Reply { bytes: r, failed: false }
+                }
+                Ok(mut m) if session.structured => {
+                    let mut h = Vec::with_capacity(head);
+                    structured_chunk(&mut h, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, &[]);
+                    h[16..20].copy_from_slice(&(8 + len as u32).to_be_bytes());
+                    h.extend_from_slice(&req.offset.to_be_bytes());
+                    m[..head].copy_from_slice(&h);
                     Reply { bytes: m, failed: false }
                 }
-                Ok(buf) => simple(req.cookie, 0, &buf),
+                Ok(mut m) => {
+                    m[..head].copy_from_slice(&simple(req.cookie, 0, &[]).bytes);
+                    Reply { bytes: m, failed: false }
+                }
             }
         }
         CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH => {

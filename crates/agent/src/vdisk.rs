@@ -72,6 +72,31 @@ impl VirtualDisk {
         self.manifest.chunks.get(index as usize).is_none_or(|c| c.is_none())
     }
 
+    /// Fills `buf` with the bytes at `offset` if every chunk it needs is a
+    /// hole or in memory; returns false (with `buf` partly filled) otherwise.
+    /// Never blocks on I/O.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.size()) {
+            return false;
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let index = pos / CHUNK_SIZE as u64;
+            let within = (pos % CHUNK_SIZE as u64) as usize;
+            let n = (CHUNK_SIZE - within).min(buf.len() - done);
+            match &self.manifest.chunks[index as usize] {
+                None => buf[done..done + n].fill(0),
+                Some(r) => match self.loader.cached(r) {
+                    Some(plain) => buf[done..done + n].copy_from_slice(&plain[within..within + n]),
+                    None => return false,
+                },
+            }
+            done += n;
+        }
+        true
+    }
+
     /// Fills `buf` with the bytes at `offset`. Blocks on fetches.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
         if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.size()) {

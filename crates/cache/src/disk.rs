@@ -4,7 +4,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender, TrySendError};
 
 use tessera_chunk::ChunkId;
 
@@ -12,12 +15,23 @@ use crate::{ChunkSource, Error, Lru2, Tier};
 
 /// Sealed chunks as files `DIR/ab/ID`, at most `capacity` bytes.
 pub struct DiskCache {
+    inner: Arc<Inner>,
+    /// Chunks waiting for the writer thread.
+    behind: Mutex<Option<Sender<(ChunkId, Vec<u8>)>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Inner {
     dir: PathBuf,
     index: Mutex<Lru2<ChunkId, ()>>,
     counter: AtomicU64,
-    /// Chunks evicted so far.
-    pub evictions: AtomicU64,
+    evictions: AtomicU64,
+    pending: AtomicU64,
+    dropped: AtomicU64,
 }
+
+/// Chunks that may wait for the writer; past that, new ones are not cached.
+const WRITE_BEHIND: usize = 64;
 
 impl DiskCache {
     /// Opens the cache in `dir`, indexing what a previous run left there
@@ -46,18 +60,98 @@ impl DiskCache {
             }
         }
         found.sort();
-        let cache = DiskCache {
+        let inner = Arc::new(Inner {
             dir: dir.to_owned(),
             index: Mutex::new(Lru2::new(capacity, 4096)),
             counter: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
-        };
+            pending: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        });
         for (_, id, len, _) in found {
-            cache.admit(id, len);
+            inner.admit(id, len);
         }
-        Ok(cache)
+        let (tx, rx) = bounded::<(ChunkId, Vec<u8>)>(WRITE_BEHIND);
+        let w = Arc::clone(&inner);
+        let writer = std::thread::spawn(move || {
+            for (id, bytes) in rx {
+                if let Err(e) = w.insert(&id, &bytes) {
+                    eprintln!("tessera: disk cache: cannot keep chunk {id}: {e}");
+                }
+                w.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+        });
+        Ok(DiskCache { inner, behind: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) })
     }
 
+    /// Keeps sealed `bytes` of `id` soon, on the writer thread; if the
+    /// writer is too far behind, the chunk is not cached.
+    pub fn insert_later(&self, id: ChunkId, bytes: Vec<u8>) {
+        let behind = self.behind.lock().expect("no panics while holding the lock");
+        let Some(tx) = behind.as_ref() else { return };
+        self.inner.pending.fetch_add(1, Ordering::Relaxed);
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send((id, bytes)) {
+            self.inner.pending.fetch_sub(1, Ordering::Relaxed);
+            self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits (up to `limit`) until every chunk given to
+    /// [`DiskCache::insert_later`] is written.
+    pub fn drain(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.inner.pending.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Keeps sealed `bytes` of `id` now (written to a temporary, then renamed).
+    pub fn insert(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<()> {
+        self.inner.insert(id, bytes)
+    }
+
+    /// Drops `id` (e.g. found corrupt).
+    pub fn remove(&self, id: &ChunkId) {
+        self.inner.remove(id)
+    }
+
+    /// Bytes cached now.
+    pub fn used(&self) -> u64 {
+        self.inner.index.lock().expect("no panics while holding the lock").used()
+    }
+
+    /// Chunks cached now.
+    pub fn len(&self) -> usize {
+        self.inner.index.lock().expect("no panics while holding the lock").len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Chunks evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.inner.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Chunks not cached because the writer was too far behind.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for DiskCache {
+    fn drop(&mut self) {
+        // Close the queue; the writer finishes what is queued.
+        self.behind.lock().expect("no panics while holding the lock").take();
+        if let Some(w) = self.writer.lock().expect("no panics while holding the lock").take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Inner {
     fn path_of(&self, id: &ChunkId) -> PathBuf {
         let hex = id.to_hex();
         self.dir.join(&hex[..2]).join(hex)
@@ -77,8 +171,7 @@ impl DiskCache {
         }
     }
 
-    /// Keeps sealed `bytes` of `id` (written to a temporary, then renamed).
-    pub fn insert(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<()> {
+    fn insert(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<()> {
         let path = self.path_of(id);
         let parent = path.parent().expect("cache paths have a parent");
         fs::create_dir_all(parent)?;
@@ -90,31 +183,9 @@ impl DiskCache {
         Ok(())
     }
 
-    /// Drops `id` (e.g. found corrupt).
-    pub fn remove(&self, id: &ChunkId) {
+    fn remove(&self, id: &ChunkId) {
         self.index.lock().expect("no panics while holding the lock").remove(id);
         let _ = fs::remove_file(self.path_of(id));
-    }
-
-    /// Bytes cached now.
-    pub fn used(&self) -> u64 {
-        self.index.lock().expect("no panics while holding the lock").used()
-    }
-
-    /// Chunks cached now.
-    pub fn len(&self) -> usize {
-        self.index.lock().expect("no panics while holding the lock").len()
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl ChunkSource for DiskCache {
-    fn tier(&self) -> Tier {
-        Tier::Disk
     }
 
     fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
@@ -131,6 +202,17 @@ impl ChunkSource for DiskCache {
         }
     }
 }
+
+impl ChunkSource for DiskCache {
+    fn tier(&self) -> Tier {
+        Tier::Disk
+    }
+
+    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
+        self.inner.fetch(id)
+    }
+}
+
 
 #[cfg(test)]
 mod tests {
@@ -164,7 +246,7 @@ mod tests {
         }
         assert!(cache.used() <= 350);
         assert_eq!(cache.len(), 3);
-        assert!(cache.evictions.load(Ordering::Relaxed) >= 7);
+        assert!(cache.evictions() >= 7);
         drop(cache);
         let again = DiskCache::open(dir.path(), 350).unwrap();
         assert_eq!(again.len(), 3);

@@ -78,6 +78,15 @@ impl Loader {
         }
     }
 
+    /// The plaintext of chunk `r` if it is in memory (counted as a memory
+    /// read); never blocks on I/O.
+    pub fn cached(&self, r: &ChunkRef) -> Option<Plain> {
+        let started = Instant::now();
+        let p = self.memory.lock().expect("no panics while holding the lock").get(&r.id).cloned()?;
+        self.stats.count(Tier::Memory, started);
+        Some(p)
+    }
+
     /// The plaintext of chunk `r` and the tier it came from. Blocks: call it
     /// from a thread that may wait on I/O.
     pub fn read(&self, r: &ChunkRef) -> Result<(Plain, Tier), Error> {
@@ -124,6 +133,13 @@ impl Loader {
         result
     }
 
+    /// Waits for chunks being written behind to the disk cache.
+    pub fn drain(&self) {
+        if let Some(d) = &self.disk {
+            d.drain(std::time::Duration::from_secs(30));
+        }
+    }
+
     fn fetch_below(&self, r: &ChunkRef) -> Result<(Plain, Tier), Error> {
         if let Some(disk) = &self.disk {
             if let Some(mut sealed) = disk.fetch(&r.id)? {
@@ -143,9 +159,8 @@ impl Loader {
             let Some(mut sealed) = source.fetch(&r.id)? else { continue };
             check_id(&r.id, &sealed).map_err(|e| Error::Corrupt { id: r.id, tier: tier.label(), reason: e.to_string() })?;
             if let Some(disk) = &self.disk {
-                if let Err(e) = disk.insert(&r.id, &sealed) {
-                    eprintln!("tessera: disk cache: cannot keep chunk {}: {e}", r.id);
-                }
+                // Written behind: the reader does not wait for the cache disk.
+                disk.insert_later(r.id, sealed.clone());
             }
             decrypt_in_place(&r.id, &r.key, &mut sealed)
                 .map_err(|e| Error::Corrupt { id: r.id, tier: tier.label(), reason: e.to_string() })?;
@@ -182,9 +197,11 @@ impl Loader {
         header(out, "tessera_cache_evictions_total", "counter", "Chunks evicted from each cache.");
         let _ = writeln!(out, "tessera_cache_evictions_total{{cache=\"memory\"}} {}", self.stats.memory_evictions.load(Ordering::Relaxed));
         if let Some(d) = &self.disk {
-            let _ = writeln!(out, "tessera_cache_evictions_total{{cache=\"disk\"}} {}", d.evictions.load(Ordering::Relaxed));
+            let _ = writeln!(out, "tessera_cache_evictions_total{{cache=\"disk\"}} {}", d.evictions());
             let _ = writeln!(out, "tessera_cache_bytes{{cache=\"disk\"}} {}", d.used());
             let _ = writeln!(out, "tessera_cache_chunks{{cache=\"disk\"}} {}", d.len());
+            header(out, "tessera_cache_write_behind_dropped_total", "counter", "Chunks not kept on the cache disk because its writer was behind.");
+            let _ = writeln!(out, "tessera_cache_write_behind_dropped_total {}", d.dropped());
         }
         header(out, "tessera_cache_corrupt_total", "counter", "Cached chunks found corrupt, dropped and fetched again.");
         let _ = writeln!(out, "tessera_cache_corrupt_total {}", self.stats.corrupt.load(Ordering::Relaxed));
@@ -227,6 +244,7 @@ mod tests {
             assert_eq!(loader.read(r).unwrap().1, Tier::Memory);
         }
         assert_eq!(loader.stats.reads(Tier::Origin), 3);
+        loader.drain();
         drop(loader);
         // A restarted agent: memory is empty, the disk cache serves.
         let disk = Arc::new(DiskCache::open(dir.path(), 64 << 20).unwrap());
@@ -236,6 +254,7 @@ mod tests {
             assert_eq!((&*p, tier), (plain, Tier::Disk));
         }
         // A corrupted cached copy is dropped and fetched again from the origin.
+        drop(loader);
         let victim = disk.fetch(&chunks[0].0.id).unwrap().unwrap();
         let mut bad = victim.clone();
         bad[100] ^= 1;

@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { name, file } => export(&home, &name, &file),
         Command::Verify { name, json } => verify(&home, &name, json),
         Command::Rm { names } => rm(&home, &names),
+        Command::Bench(BenchCommand::NbdLatency { socket, export, block, count, span }) => nbd_latency(&socket, &export, block, count, span),
         Command::Bench(BenchCommand::Seal { file, threads: t }) => {
             let t = if t == 0 { threads() } else { t };
             let r = tessera_import::seal_file(&file, t).with_context(|| format!("reading {}", file.display()))?;
@@ -288,5 +289,29 @@ fn mount(home: Home, a: MountArgs) -> Result<ExitCode> {
     }
     drop(session);
     agent.exports.flush_all();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn nbd_latency(socket: &std::path::Path, export: &str, block: u64, count: usize, span: Option<u64>) -> Result<ExitCode> {
+    let mut c = tessera_agent::client::Client::connect(socket, export).with_context(|| format!("connecting to {}", socket.display()))?;
+    let span = span.unwrap_or(c.size).min(c.size);
+    let blocks = (span / block).max(1);
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut buf = vec![0u8; block as usize];
+    let mut lat = Vec::with_capacity(count);
+    let started = std::time::Instant::now();
+    for _ in 0..count {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let offset = (state % blocks) * block;
+        let t = std::time::Instant::now();
+        c.read(offset, &mut buf)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let total = started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+    println!("{}", json!({"reads": count, "block": block, "p50_us": pct(0.5), "p99_us": pct(0.99), "mean_us": lat.iter().sum::<f64>() / count as f64, "iops": count as f64 / total}));
     Ok(ExitCode::SUCCESS)
 }

@@ -151,6 +151,25 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Latency of random reads from an NBD export, one at a time, through
+    /// the same minimal client whatever the server. Prints JSON.
+    NbdLatency {
+        /// The server's unix socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Export name.
+        #[arg(long)]
+        export: String,
+        /// Bytes per read (aligned to this size).
+        #[arg(long, default_value = "4096", value_parser = parse_size)]
+        block: u64,
+        /// Reads to time.
+        #[arg(long, default_value_t = 20000)]
+        count: usize,
+        /// Only read within the first SIZE bytes (e.g. the warm part).
+        #[arg(long, value_parser = parse_size)]
+        span: Option<u64>,
+    },
 }
 
 #[derive(Args, Debug)]
