@@ -206,8 +206,19 @@ fn rm(home: &Home, names: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Fewer allocator arenas: the agent's many I/O threads would otherwise
+/// each keep chunk-sized free buffers of their own.
+fn bound_allocator() {
+    // SAFETY: mallopt only tunes glibc's allocator; it is called before any
+    // thread of ours starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
     use tessera_agent::{Agent, AgentOptions, Listen};
+    bound_allocator();
     let nbd = if a.nbd.is_empty() {
         vec![Listen::Unix(home.root().join("nbd.sock"))]
     } else {
@@ -253,6 +264,7 @@ async fn interrupted() {
 fn mount(home: Home, a: MountArgs) -> Result<ExitCode> {
     use tessera_agent::nbd::Exports;
     use tessera_agent::{fuse, Agent, AgentOptions};
+    bound_allocator();
     let options = AgentOptions {
         nbd: Vec::new(),
         metrics: None,

@@ -55,6 +55,11 @@ fn exports_read_as_the_exported_image() {
     assert!(std::fs::read(&q).unwrap() == want, "qemu-img convert differs from tessera export");
     assert!(agent.metric("tessera_chunk_reads_total{source=\"origin\"}") > 0.0);
 
+    // Block status: holes are reported as holes (nbdinfo --map uses base:allocation).
+    let map = run(Command::new("nbdinfo").arg("--map").arg(agent.uri("bb")));
+    let map = String::from_utf8_lossy(&map.stdout);
+    assert!(map.contains("hole,zero") && map.contains("data"), "{map}");
+
     // An image imported while the agent runs is exported at once.
     let layout = env.path("layout");
     env.import(&format!("oci:{}:bb", layout.display()), "late", &[]);
@@ -76,6 +81,19 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
     let all = text(&out);
     assert!(out.status.success() && !all.contains("Pattern verification failed") && !all.contains("error"), "qemu-io {cmds:?}:\n{all}");
     out
+}
+
+#[test]
+fn tcp_listeners_serve_too() {
+    if !have_tools() {
+        return;
+    }
+    let (env, want) = imported();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let _agent = Served::start(&env, &["--nbd", &addr]);
+    assert!(nbdcopy(&format!("nbd://{addr}/bb"), &env.path("tcp.raw")) == want);
+    qemu_io(&format!("nbd://{addr}/bb@tcp"), &["write -P 0x5a 0 4096", "read -P 0x5a 0 4096"]);
 }
 
 #[test]
