@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-packages="umoci skopeo docker-registry debootstrap busybox-static e2fsprogs attr fuse3 libnbd-bin util-linux python3 openssl"
+packages="umoci skopeo docker-registry debootstrap busybox-static e2fsprogs attr fuse3 libnbd-bin qemu-utils util-linux python3 openssl"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
