@@ -68,9 +68,12 @@ impl Exports for CatalogExports {
         let Some(label) = label else { return Ok(Arc::new(ImageDevice(disk))) };
         check_name(label).map_err(|_| format!("invalid overlay label {label:?} (use A-Z a-z 0-9 . _ -)"))?;
         let mut open = self.open_overlays.lock().expect("no panics while holding the lock");
-        let overlay = match open.get(export) {
+        // An overlay opened over an older version of the image is not reused:
+        // opening it again refuses the version mismatch.
+        let overlay = match open.get(export).filter(|o| o.manifest_id() == disk.manifest_id()) {
             Some(o) => Arc::clone(o),
             None => {
+                open.remove(export);
                 let dir = self.overlays.join(format!("{name}@{label}"));
                 let o = Arc::new(Overlay::open(&dir, disk.manifest_id(), disk.size()).map_err(|e| e.to_string())?);
                 open.insert(export.to_owned(), Arc::clone(&o));

@@ -82,7 +82,6 @@ const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
-const ENOTSUP: u32 = 95;
 
 /// The context id of `base:allocation`.
 const ALLOCATION_CONTEXT: u32 = 1;
@@ -191,7 +190,7 @@ where
     let (mut rd, wr) = tokio::io::split(stream);
     let wr = Arc::new(Mutex::new(wr));
     let result = async {
-        let Some(session) = handshake(&mut rd, &wr, exports.as_ref()).await? else { return Ok(()) };
+        let Some(session) = handshake(&mut rd, &wr, &exports).await? else { return Ok(()) };
         transmission(rd, wr.clone(), session, stats.clone()).await
     }
     .await;
@@ -247,7 +246,26 @@ fn take_string(data: &[u8], at: &mut usize) -> Result<String, Violation> {
     String::from_utf8(s.to_vec()).or_else(|_| violation("option string is not UTF-8"))
 }
 
-async fn handshake<S>(rd: &mut tokio::io::ReadHalf<S>, wr: &Writer<S>, exports: &dyn Exports) -> Result<Option<Session>, Violation>
+/// Opens an export on a blocking thread (it may read and decrypt a manifest).
+async fn open_export(exports: &Arc<dyn Exports>, name: &str) -> Result<Arc<dyn Device>, String> {
+    let (exports, name) = (Arc::clone(exports), name.to_owned());
+    tokio::task::spawn_blocking(move || exports.open(&name)).await.unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// Parses a meta context request: export name, then queries, nothing after.
+fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let mut at = 0;
+    let name = take_string(data, &mut at).ok()?;
+    let n = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?);
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        queries.push(take_string(data, &mut at).ok()?);
+    }
+    (at == data.len()).then_some((name, queries))
+}
+
+async fn handshake<S>(rd: &mut tokio::io::ReadHalf<S>, wr: &Writer<S>, exports: &Arc<dyn Exports>) -> Result<Option<Session>, Violation>
 where
     S: AsyncRead + AsyncWrite,
 {
@@ -279,17 +297,17 @@ where
         match opt {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let device = match exports.open(&name) {
+                let device = match open_export(exports, &name).await {
                     Ok(d) => d,
                     Err(why) => return violation(format!("export {name:?}: {why}")),
                 };
                 let mut m = device.size().to_be_bytes().to_vec();
-                m.extend_from_slice(&transmission_flags(device.as_ref(), false).to_be_bytes());
+                m.extend_from_slice(&transmission_flags(device.as_ref(), structured).to_be_bytes());
                 if !no_zeroes {
                     m.extend_from_slice(&[0u8; 124]);
                 }
                 wr.lock().await.write_all(&m).await?;
-                return Ok(Some(Session { device, structured: false, allocation: false }));
+                return Ok(Some(Session { device, structured, allocation }));
             }
             OPT_ABORT => {
                 let _ = option_reply(wr, opt, REP_ACK, &[]).await;
@@ -318,7 +336,7 @@ where
                     continue;
                 }
                 let wanted: Vec<u16> = data[at..].chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
-                let device = match exports.open(&name) {
+                let device = match open_export(exports, &name).await {
                     Ok(d) => d,
                     Err(why) => {
                         option_reply(wr, opt, REP_ERR_UNKNOWN, why.as_bytes()).await?;
@@ -355,34 +373,33 @@ where
                 option_reply(wr, opt, REP_ACK, &[]).await?;
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let listing = opt == OPT_LIST_META_CONTEXT;
+                if !listing {
+                    // The set is replaced, even when this request fails.
+                    allocation = false;
+                }
                 if !structured {
                     option_reply(wr, opt, REP_ERR_INVALID, b"negotiate structured replies first").await?;
                     continue;
                 }
-                let mut at = 0;
-                let name = take_string(&data, &mut at)?;
-                let Some(n) = data.get(at..at + 4) else { return violation("meta context request without a count") };
-                let n = u32::from_be_bytes(n.try_into().expect("4 bytes"));
-                at += 4;
-                let mut queries = Vec::new();
-                for _ in 0..n {
-                    queries.push(take_string(&data, &mut at)?);
-                }
-                if exports.open(&name).is_err() {
+                let Some((name, queries)) = parse_meta_request(&data) else {
+                    option_reply(wr, opt, REP_ERR_INVALID, b"malformed meta context request").await?;
+                    continue;
+                };
+                if open_export(exports, &name).await.is_err() {
                     option_reply(wr, opt, REP_ERR_UNKNOWN, b"no such export").await?;
                     continue;
                 }
-                let listing = opt == OPT_LIST_META_CONTEXT;
                 let matches = |q: &str| q == "base:allocation" || (listing && q == "base:");
                 if (listing && queries.is_empty()) || queries.iter().any(|q| matches(q)) {
-                    let mut m = ALLOCATION_CONTEXT.to_be_bytes().to_vec();
+                    // Listing does not select: its context id is 0.
+                    let id = if listing { 0 } else { ALLOCATION_CONTEXT };
+                    let mut m = id.to_be_bytes().to_vec();
                     m.extend_from_slice(b"base:allocation");
                     option_reply(wr, opt, REP_META_CONTEXT, &m).await?;
                     if !listing {
                         allocation = true;
                     }
-                } else if !listing {
-                    allocation = false;
                 }
                 option_reply(wr, opt, REP_ACK, &[]).await?;
             }
@@ -438,14 +455,18 @@ where
         let (session, wr, stats) = (session.clone(), wr.clone(), stats.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            let op = (req.kind as usize).min(7);
-            stats.requests[op].fetch_add(1, Ordering::Relaxed);
+            let op = (req.kind as usize).min(OP_NAMES.len());
+            if let Some(c) = stats.requests.get(op) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
             let reply = answer(&session, req).await;
-            if reply.failed {
-                stats.errors[op].fetch_add(1, Ordering::Relaxed);
+            if let (true, Some(c)) = (reply.failed, stats.errors.get(op)) {
+                c.fetch_add(1, Ordering::Relaxed);
             }
             let _ = wr.lock().await.write_all(&reply.bytes).await;
-            stats.latency[op].observe(started.elapsed());
+            if let Some(h) = stats.latency.get(op) {
+                h.observe(started.elapsed());
+            }
             drop(permit);
         });
     }
@@ -482,7 +503,11 @@ fn structured_chunk(out: &mut Vec<u8>, cookie: u64, flags: u16, kind: u16, paylo
 fn error_reply(session: &Session, req: &Request, error: u32, msg: &str) -> Reply {
     if session.structured && (req.kind == CMD_READ || req.kind == CMD_BLOCK_STATUS) {
         let mut m = Vec::new();
-        let msg = &msg.as_bytes()[..msg.len().min(4096)];
+        let mut cut = msg.len().min(4096);
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let msg = &msg.as_bytes()[..cut];
         structured_chunk(&mut m, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, &[&error.to_be_bytes(), &(msg.len() as u16).to_be_bytes(), msg]);
         Reply { bytes: m, failed: true }
     } else {
@@ -492,7 +517,7 @@ fn error_reply(session: &Session, req: &Request, error: u32, msg: &str) -> Reply
 
 fn errno_of(e: &io::Error) -> u32 {
     match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => ENOSPC,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
         _ if e.kind() == io::ErrorKind::InvalidInput => EINVAL,
         _ => EIO,
     }
@@ -502,9 +527,13 @@ async fn answer(session: &Arc<Session>, req: Request) -> Reply {
     let size = session.device.size();
     let in_range = req.offset.checked_add(req.length as u64).is_some_and(|end| end <= size);
     match req.kind {
+        CMD_WRITE | CMD_WRITE_ZEROES if !in_range && session.device.writable() => {
+            error_reply(session, &req, ENOSPC, "write past the end of the export")
+        }
         CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS | CMD_CACHE if !in_range => {
             error_reply(session, &req, EINVAL, "request past the end of the export")
         }
+        CMD_BLOCK_STATUS if req.length == 0 => error_reply(session, &req, EINVAL, "block status of zero bytes"),
         CMD_READ | CMD_CACHE if req.length > MAX_REQUEST => error_reply(session, &req, EINVAL, "request too large"),
         CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !session.device.writable() => {
             error_reply(session, &req, EPERM, "export is read-only")
@@ -585,7 +614,12 @@ async fn answer(session: &Arc<Session>, req: Request) -> Reply {
             if !session.allocation {
                 return error_reply(session, &req, EINVAL, "base:allocation was not negotiated");
             }
-            let runs = session.device.allocation(req.offset, req.length as u64);
+            let s = session.clone();
+            let (offset, length) = (req.offset, req.length as u64);
+            let runs = tokio::task::spawn_blocking(move || s.device.allocation(offset, length)).await.unwrap_or_default();
+            if runs.is_empty() {
+                return error_reply(session, &req, EIO, "no allocation information");
+            }
             let mut payload = ALLOCATION_CONTEXT.to_be_bytes().to_vec();
             for (len, hole) in runs.iter().take(if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { usize::MAX }) {
                 payload.extend_from_slice(&(*len as u32).to_be_bytes());
@@ -595,6 +629,6 @@ async fn answer(session: &Arc<Session>, req: Request) -> Reply {
             structured_chunk(&mut m, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &[&payload]);
             Reply { bytes: m, failed: false }
         }
-        _ => simple(req.cookie, ENOTSUP, &[]),
+        _ => simple(req.cookie, EINVAL, &[]),
     }
 }

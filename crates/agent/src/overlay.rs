@@ -29,6 +29,10 @@ pub struct Overlay {
     map: Mutex<Vec<u64>>,
     /// Serialises writes, whose partial blocks are read, patched and written.
     writing: Mutex<()>,
+    /// Serialises flushes, so an older bitmap never replaces a newer one.
+    flushing: Mutex<()>,
+    /// The image version this overlay was made over.
+    manifest_id: String,
 }
 
 impl Overlay {
@@ -69,7 +73,21 @@ impl Overlay {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        Ok(Overlay { dir: dir.to_owned(), _lock: lock, data, size, map: Mutex::new(map), writing: Mutex::new(()) })
+        Ok(Overlay {
+            dir: dir.to_owned(),
+            _lock: lock,
+            data,
+            size,
+            map: Mutex::new(map),
+            writing: Mutex::new(()),
+            flushing: Mutex::new(()),
+            manifest_id: manifest_id.to_owned(),
+        })
+    }
+
+    /// The image version this overlay was made over.
+    pub fn manifest_id(&self) -> &str {
+        &self.manifest_id
     }
 
     fn written(map: &[u64], block: u64) -> bool {
@@ -78,6 +96,12 @@ impl Overlay {
 
     /// Reads `buf` at `offset`: written blocks from the overlay, the rest from `base`.
     pub fn read_at(&self, base: &VirtualDisk, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.size) {
+            return Err(io::Error::new(ErrorKind::InvalidInput, "read past the end of the disk"));
+        }
         let map = self.map.lock().expect("no panics while holding the lock").clone_range(offset, buf.len() as u64);
         let mut done = 0usize;
         while done < buf.len() {
@@ -108,11 +132,20 @@ impl Overlay {
         if end > self.size {
             return Err(io::Error::new(ErrorKind::InvalidInput, "write past the end of the disk"));
         }
-        let _w = self.writing.lock().expect("no panics while holding the lock");
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
         let aligned_start = first * BLOCK;
         let aligned_end = ((last + 1) * BLOCK).min(self.size);
+        // Bring the chunks of partial blocks into the cache before taking
+        // the lock, so other writers do not wait behind a cold fetch.
+        let mut warm = [0u8; 1];
+        if offset != aligned_start {
+            let _ = base.read_at(&mut warm, aligned_start);
+        }
+        if end != aligned_end {
+            let _ = base.read_at(&mut warm, last * BLOCK);
+        }
+        let _w = self.writing.lock().expect("no panics while holding the lock");
         let mut buf = vec![0u8; (aligned_end - aligned_start) as usize];
         if offset != aligned_start {
             self.read_at(base, &mut buf[..BLOCK as usize], aligned_start)?;
@@ -168,20 +201,25 @@ impl Overlay {
         Ok(())
     }
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable: the bitmap is taken first, then
+    /// the data synced, so no saved bit names a block whose data is not on
+    /// disk; flushes run one at a time, so a newer bitmap is never replaced
+    /// by an older one.
     pub fn flush(&self) -> io::Result<()> {
-        self.data.sync_data()?;
+        let _f = self.flushing.lock().expect("no panics while holding the lock");
         let bytes: Vec<u8> = {
             let map = self.map.lock().expect("no panics while holding the lock");
             map.iter().flat_map(|w| w.to_le_bytes()).collect()
         };
+        self.data.sync_data()?;
         write_durably(&self.dir.join("map"), &bytes)
     }
 
     /// Whether any block in `[offset, offset + len)` was written here.
     pub fn any_written(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len).min(self.size);
         let map = self.map.lock().expect("no panics while holding the lock");
-        (offset / BLOCK..(offset + len).div_ceil(BLOCK)).any(|b| Self::written(&map, b))
+        (offset / BLOCK..end.div_ceil(BLOCK)).any(|b| Self::written(&map, b))
     }
 }
 

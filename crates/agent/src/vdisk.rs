@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use tessera_cache::Loader;
-use tessera_chunk::{Manifest, CHUNK_SIZE};
+use tessera_cache::{Loader, Plain};
+use tessera_chunk::{ChunkRef, Manifest, CHUNK_SIZE};
 
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,32 +76,44 @@ impl VirtualDisk {
     /// hole or in memory; returns false (with `buf` partly filled) otherwise.
     /// Never blocks on I/O.
     pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
-        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.size()) {
+        if !self.in_range(buf, offset) || buf.is_empty() {
             return false;
         }
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let index = pos / CHUNK_SIZE as u64;
-            let within = (pos % CHUNK_SIZE as u64) as usize;
-            let n = (CHUNK_SIZE - within).min(buf.len() - done);
-            match &self.manifest.chunks[index as usize] {
-                None => buf[done..done + n].fill(0),
-                Some(r) => match self.loader.cached(r) {
-                    Some(plain) => buf[done..done + n].copy_from_slice(&plain[within..within + n]),
-                    None => return false,
-                },
-            }
-            done += n;
-        }
-        true
+        // Look before touching, so a read that must block counts its chunks once.
+        let first = offset / CHUNK_SIZE as u64;
+        let last = (offset + buf.len() as u64 - 1) / CHUNK_SIZE as u64;
+        let all_there = (first..=last).all(|i| match &self.manifest.chunks[i as usize] {
+            None => true,
+            Some(r) => self.loader.in_memory(&r.id),
+        });
+        all_there && self.fill(buf, offset, |_, r| Ok::<_, ()>(self.loader.cached(r))).unwrap_or(false)
     }
 
     /// Fills `buf` with the bytes at `offset`. Blocks on fetches.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.size()) {
+        if !self.in_range(buf, offset) {
             return Err(ReadError::OutOfRange { image: self.name.clone(), offset, len: buf.len(), size: self.size() });
         }
+        self.fill(buf, offset, |index, r| match self.loader.read(r) {
+            Ok((plain, _)) => Ok(Some(plain)),
+            Err(source) => Err(ReadError::Chunk { image: self.name.clone(), index, source }),
+        })
+        .map(|_| ())
+    }
+
+    fn in_range(&self, buf: &[u8], offset: u64) -> bool {
+        offset.checked_add(buf.len() as u64).is_some_and(|end| end <= self.size())
+    }
+
+    /// Copies each chunk's part of `[offset, offset + buf.len())` into
+    /// `buf`: zeros for holes, else what `plain_of` returns; stops with
+    /// `Ok(false)` when it returns `None`.
+    fn fill<E>(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        mut plain_of: impl FnMut(u64, &ChunkRef) -> Result<Option<Plain>, E>,
+    ) -> Result<bool, E> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -110,13 +122,14 @@ impl VirtualDisk {
             let n = (CHUNK_SIZE - within).min(buf.len() - done);
             match &self.manifest.chunks[index as usize] {
                 None => buf[done..done + n].fill(0),
-                Some(r) => {
-                    let (plain, _) = self.loader.read(r).map_err(|source| ReadError::Chunk { image: self.name.clone(), index, source })?;
-                    buf[done..done + n].copy_from_slice(&plain[within..within + n]);
-                }
+                Some(r) => match plain_of(index, r)? {
+                    Some(plain) => buf[done..done + n].copy_from_slice(&plain[within..within + n]),
+                    None => return Ok(false),
+                },
             }
             done += n;
         }
-        Ok(())
+        Ok(true)
     }
+
 }

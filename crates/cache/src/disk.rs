@@ -11,7 +11,7 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 
 use tessera_chunk::ChunkId;
 
-use crate::{ChunkSource, Error, Lru2, Tier};
+use crate::{ChunkSource, Error, Lru2, Tier, CORRELATED};
 
 /// Sealed chunks as files `DIR/ab/ID`, at most `capacity` bytes.
 pub struct DiskCache {
@@ -62,7 +62,7 @@ impl DiskCache {
         found.sort();
         let inner = Arc::new(Inner {
             dir: dir.to_owned(),
-            index: Mutex::new(Lru2::new(capacity, 4096)),
+            index: Mutex::new(Lru2::new(capacity, 4096, CORRELATED)),
             counter: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             pending: AtomicU64::new(0),

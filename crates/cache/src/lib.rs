@@ -28,11 +28,15 @@ pub mod metrics;
 mod origin;
 
 pub use disk::DiskCache;
-pub use loader::{Loader, LoaderOptions};
+pub use loader::{Loader, LoaderOptions, Plain};
 pub use lruk::Lru2;
 pub use origin::Origin;
 
 use tessera_chunk::ChunkId;
+
+/// Accesses to one chunk within this many cache accesses of its last one
+/// count as one reference (a sequential reader touches a chunk several times).
+pub const CORRELATED: u64 = 64;
 
 /// Where a chunk came from; the `source` label of the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

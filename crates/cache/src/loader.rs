@@ -65,17 +65,48 @@ struct Flight {
     done: Condvar,
 }
 
+/// Publishes a fetch's result to its waiters and retires the flight; on
+/// drop without a result (a panic), publishes an error.
+struct Landing<'a> {
+    loader: &'a Loader,
+    id: ChunkId,
+    flight: &'a Flight,
+}
+
+impl Landing<'_> {
+    fn land(self, result: Result<(Plain, Tier), String>) {
+        *self.flight.result.lock().expect("no panics while holding the lock") = Some(result);
+    }
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.flight.result.lock() {
+            r.get_or_insert_with(|| Err("the fetch failed unexpectedly".into()));
+        }
+        self.flight.done.notify_all();
+        if let Ok(mut m) = self.loader.inflight.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
 impl Loader {
     /// A loader over `disk` (if any) and `lower` sources, tried in order.
     pub fn new(options: LoaderOptions, disk: Option<Arc<DiskCache>>, lower: Vec<Arc<dyn ChunkSource>>) -> Loader {
         Loader {
-            memory: Mutex::new(Lru2::new(options.memory_bytes, 4096)),
+            memory: Mutex::new(Lru2::new(options.memory_bytes, 4096, crate::CORRELATED)),
             memory_capacity: options.memory_bytes,
             disk,
             lower,
             inflight: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         }
+    }
+
+    /// Whether chunk `id` is in memory (no access is counted).
+    pub fn in_memory(&self, id: &ChunkId) -> bool {
+        self.memory.lock().expect("no panics while holding the lock").contains(id)
     }
 
     /// The plaintext of chunk `r` if it is in memory (counted as a memory
@@ -120,16 +151,15 @@ impl Loader {
                 Err(reason) => Err(Error::Source { id: r.id, tier: "coalesced fetch", reason: reason.clone() }),
             };
         }
+        // Whatever happens below (even a panic), the waiters are released.
+        let landing = Landing { loader: self, id: r.id, flight: &flight };
         let result = self.fetch_below(r);
         if let Ok((p, tier)) = &result {
             self.stats.count(*tier, started);
             let evicted = self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(p), CHUNK_SIZE as u64);
             self.stats.memory_evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
         }
-        *flight.result.lock().expect("no panics while holding the lock") =
-            Some(result.as_ref().map(|(p, t)| (Arc::clone(p), *t)).map_err(|e| e.to_string()));
-        flight.done.notify_all();
-        self.inflight.lock().expect("no panics while holding the lock").remove(&r.id);
+        landing.land(result.as_ref().map(|(p, t)| (Arc::clone(p), *t)).map_err(|e| e.to_string()));
         result
     }
 

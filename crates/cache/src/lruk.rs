@@ -5,7 +5,9 @@
 //! So a stream of chunks read once, as a cron job reads them, cycles through
 //! the once-seen entries and never flushes chunks that are read again and
 //! again. Evicted keys leave a bounded history of their last access, so a
-//! key that comes back soon counts as seen twice.
+//! key that comes back soon counts as seen twice. Accesses to a key within
+//! a correlated-reference period of its last one (several reads of one chunk
+//! by one sequential reader) count as one reference.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
@@ -24,6 +26,9 @@ pub struct Lru2<K, V> {
     history: HashMap<K, u64>,
     history_order: VecDeque<(K, u64)>,
     history_limit: usize,
+    /// Accesses this close (in accesses to any key) to a key's last one are
+    /// the same reference.
+    correlated: u64,
 }
 
 struct Entry<V> {
@@ -36,8 +41,10 @@ struct Entry<V> {
 
 impl<K: Hash + Eq + Ord + Clone, V> Lru2<K, V> {
     /// A cache holding up to `capacity` (in the unit of the sizes given to
-    /// [`Lru2::insert`]) and remembering up to `history_limit` evicted keys.
-    pub fn new(capacity: u64, history_limit: usize) -> Self {
+    /// [`Lru2::insert`]), remembering up to `history_limit` evicted keys,
+    /// and treating accesses within `correlated` accesses of a key's last
+    /// one as the same reference.
+    pub fn new(capacity: u64, history_limit: usize, correlated: u64) -> Self {
         Lru2 {
             capacity,
             used: 0,
@@ -48,6 +55,7 @@ impl<K: Hash + Eq + Ord + Clone, V> Lru2<K, V> {
             history: HashMap::new(),
             history_order: VecDeque::new(),
             history_limit,
+            correlated,
         }
     }
 
@@ -57,13 +65,21 @@ impl<K: Hash + Eq + Ord + Clone, V> Lru2<K, V> {
         let now = self.clock;
         let e = self.entries.get_mut(key)?;
         let (last, previous) = (e.last, e.previous);
-        e.previous = Some(last);
         e.last = now;
-        match previous {
-            None => self.once.remove(&(last, key.clone())),
-            Some(p) => self.twice.remove(&(p, key.clone())),
-        };
-        self.twice.insert((last, key.clone()));
+        if now - last <= self.correlated {
+            // The same reference: only its time moves.
+            if previous.is_none() {
+                self.once.remove(&(last, key.clone()));
+                self.once.insert((now, key.clone()));
+            }
+        } else {
+            e.previous = Some(last);
+            match previous {
+                None => self.once.remove(&(last, key.clone())),
+                Some(p) => self.twice.remove(&(p, key.clone())),
+            };
+            self.twice.insert((last, key.clone()));
+        }
         self.entries.get(key).map(|e| &e.value)
     }
 
@@ -167,6 +183,7 @@ mod tests {
         evictions: VecDeque<(u32, u64)>,
         clock: u64,
         history_limit: usize,
+        correlated: u64,
     }
 
     impl Reference {
@@ -175,7 +192,12 @@ mod tests {
             if !self.cached.iter().any(|c| c.0 == k) {
                 return false;
             }
-            self.accesses.get_mut(&k).unwrap().push(self.clock);
+            let a = self.accesses.get_mut(&k).unwrap();
+            if self.clock - a[a.len() - 1] <= self.correlated {
+                *a.last_mut().unwrap() = self.clock;
+            } else {
+                a.push(self.clock);
+            }
             true
         }
 
@@ -219,9 +241,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn matches_the_reference(ops in proptest::collection::vec((0u32..12, 1u64..4, any::<bool>()), 1..300), cap in 3u64..12, hist in 0usize..6) {
-            let mut lru = Lru2::new(cap, hist);
-            let mut model = Reference { capacity: cap, cached: Vec::new(), accesses: HashMap::new(), evicted: HashMap::new(), evictions: VecDeque::new(), clock: 0, history_limit: hist };
+        fn matches_the_reference(ops in proptest::collection::vec((0u32..12, 1u64..4, any::<bool>()), 1..300), cap in 3u64..12, hist in 0usize..6, corr in 0u64..4) {
+            let mut lru = Lru2::new(cap, hist, corr);
+            let mut model = Reference { capacity: cap, cached: Vec::new(), accesses: HashMap::new(), evicted: HashMap::new(), evictions: VecDeque::new(), clock: 0, history_limit: hist, correlated: corr };
             for (k, size, is_get) in ops {
                 if is_get {
                     prop_assert_eq!(lru.get(&k).is_some(), model.get(k));
@@ -241,13 +263,40 @@ mod tests {
 
     #[test]
     fn one_shot_scans_do_not_flush_hot_entries() {
-        let mut lru = Lru2::new(10, 10);
+        let mut lru = Lru2::new(10, 10, 0);
         for k in 0..5u32 {
             lru.insert(k, (), 1);
             lru.get(&k);
         }
         for k in 100..1000u32 {
             lru.insert(k, (), 1);
+        }
+        for k in 0..5u32 {
+            assert!(lru.get(&k).is_some(), "hot entry {k} was flushed by a scan");
+        }
+    }
+}
+
+#[cfg(test)]
+mod correlation_tests {
+    use super::Lru2;
+
+    #[test]
+    fn a_scan_that_reads_each_chunk_several_times_still_does_not_flush() {
+        let mut lru = Lru2::new(10, 10, 4);
+        for k in 0..5u32 {
+            lru.insert(k, (), 1);
+            for _ in 0..10 {
+                lru.get(&9999); // other traffic between the hot accesses
+            }
+            lru.get(&k);
+        }
+        // A one-shot scan that reads each of its chunks 4 times in a row.
+        for k in 100..1000u32 {
+            lru.insert(k, (), 1);
+            for _ in 0..3 {
+                lru.get(&k);
+            }
         }
         for k in 0..5u32 {
             assert!(lru.get(&k).is_some(), "hot entry {k} was flushed by a scan");

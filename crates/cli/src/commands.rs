@@ -10,7 +10,7 @@ use tessera_import::ImportOptions;
 use tessera_oci::PullOptions;
 use tessera_store::{readback, Home, ImageRef};
 
-use crate::flags::{BenchCommand, Cli, Command, ImportArgs, MountArgs, ServeArgs};
+use crate::flags::{BenchCommand, CacheArgs, Cli, Command, ImportArgs, MountArgs, ServeArgs};
 use crate::progress::{human, Bars};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -216,23 +216,27 @@ fn bound_allocator() {
     }
 }
 
+fn agent_options(home: &Home, nbd: Vec<tessera_agent::Listen>, metrics: Option<String>, c: CacheArgs) -> tessera_agent::AgentOptions {
+    tessera_agent::AgentOptions {
+        nbd,
+        metrics,
+        cache_dir: c.cache_dir.unwrap_or_else(|| home.root().join("cache")),
+        cache_mem: c.cache_mem,
+        cache_disk: c.cache_disk,
+        origin_concurrency: c.origin_concurrency,
+        origin_queue: c.origin_queue,
+    }
+}
+
 fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
-    use tessera_agent::{Agent, AgentOptions, Listen};
+    use tessera_agent::{Agent, Listen};
     bound_allocator();
     let nbd = if a.nbd.is_empty() {
         vec![Listen::Unix(home.root().join("nbd.sock"))]
     } else {
         a.nbd.iter().map(|s| Listen::parse(s).map_err(anyhow::Error::msg)).collect::<Result<_>>()?
     };
-    let options = AgentOptions {
-        nbd: nbd.clone(),
-        metrics: a.metrics.clone(),
-        cache_dir: a.cache_dir.unwrap_or_else(|| home.root().join("cache")),
-        cache_mem: a.cache_mem,
-        cache_disk: a.cache_disk,
-        origin_concurrency: a.origin_concurrency,
-        origin_queue: a.origin_queue,
-    };
+    let options = agent_options(&home, nbd.clone(), a.metrics.clone(), a.cache);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(128).build()?;
     let agent = std::sync::Arc::new(Agent::new(home, options).context("starting the agent")?);
     let listening: Vec<String> = nbd.iter().map(|l| l.to_string()).collect();
@@ -263,17 +267,9 @@ async fn interrupted() {
 
 fn mount(home: Home, a: MountArgs) -> Result<ExitCode> {
     use tessera_agent::nbd::Exports;
-    use tessera_agent::{fuse, Agent, AgentOptions};
+    use tessera_agent::{fuse, Agent};
     bound_allocator();
-    let options = AgentOptions {
-        nbd: Vec::new(),
-        metrics: None,
-        cache_dir: a.cache_dir.unwrap_or_else(|| home.root().join("cache")),
-        cache_mem: a.cache_mem,
-        cache_disk: a.cache_disk,
-        origin_concurrency: a.origin_concurrency,
-        origin_queue: 256,
-    };
+    let options = agent_options(&home, Vec::new(), None, a.cache);
     let agent = Agent::new(home, options).context("starting the agent")?;
     let device = agent.exports.open(&a.name).map_err(anyhow::Error::msg).with_context(|| format!("opening {}", a.name))?;
     let writable = device.writable();

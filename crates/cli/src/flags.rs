@@ -100,6 +100,13 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// Where chunks are cached and how hard the origin may be pushed.
+#[derive(Args, Debug)]
+pub struct CacheArgs {
     /// Directory for the disk cache and the overlays (default $TESSERA_HOME/cache).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -126,18 +133,8 @@ pub struct MountArgs {
     /// Also loop-mount the disk's ext4 filesystem here.
     #[arg(long = "loop", value_name = "MOUNTPOINT")]
     pub loop_mount: Option<PathBuf>,
-    /// Directory for the disk cache and the overlays (default $TESSERA_HOME/cache).
-    #[arg(long, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// Memory cache size (plaintext chunks).
-    #[arg(long, default_value = "256MiB", value_parser = parse_size, value_name = "SIZE")]
-    pub cache_mem: u64,
-    /// Disk cache size (sealed chunks).
-    #[arg(long, default_value = "10GiB", value_parser = parse_size, value_name = "SIZE")]
-    pub cache_disk: u64,
-    /// Requests to the origin store allowed at once.
-    #[arg(long, default_value_t = 16, value_name = "N")]
-    pub origin_concurrency: usize,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Subcommand, Debug)]

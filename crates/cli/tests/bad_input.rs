@@ -212,15 +212,7 @@ fn a_full_disk_fails_cleanly() {
 fn kill_9_mid_import_leaves_nothing_visible() {
     let env = Env::new();
     // An incompressible 256 MiB layer keeps the import busy for a while.
-    let mut state = 0x2545F4914F6CDD1Du64;
-    let data: Vec<u8> = (0..256 << 20)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let data = pseudo_random(256 << 20, 0x2545F4914F6CDD1D);
     let dir = env.path("big");
     layout(&dir, "t", &[Blob::from_tar(&tar_of(&[("data.bin", &data)]), Comp::None)]);
     drop(data);

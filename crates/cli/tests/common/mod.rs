@@ -327,17 +327,7 @@ impl Served {
     }
 
     fn terminate(&mut self) {
-        // SAFETY: kill takes a pid and a signal number.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.wait();
+        stop_child(&mut self.child, Duration::from_secs(20));
     }
 }
 
@@ -387,19 +377,10 @@ impl Mounted {
     }
 
     fn terminate(&mut self) {
-        // SAFETY: kill takes a pid and a signal number.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
-                let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !stop_child(&mut self.child, Duration::from_secs(30)) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
-        let _ = self.child.wait();
     }
 }
 
@@ -409,4 +390,33 @@ impl Drop for Mounted {
             self.terminate();
         }
     }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for junk and incompressible data.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Sends SIGTERM and waits up to `grace`; then kills.
+fn stop_child(child: &mut Child, grace: Duration) -> bool {
+    // SAFETY: kill takes a pid and a signal number.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
