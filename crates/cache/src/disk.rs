@@ -17,7 +17,7 @@ use crate::{ChunkSource, Error, Lru2, Tier, CORRELATED};
 pub struct DiskCache {
     inner: Arc<Inner>,
     /// Chunks waiting for the writer thread.
-    behind: Mutex<Option<Sender<(ChunkId, Vec<u8>)>>>,
+    behind: Mutex<Option<Sender<Pending>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -29,6 +29,9 @@ struct Inner {
     pending: AtomicU64,
     dropped: AtomicU64,
 }
+
+/// A chunk waiting to be written.
+type Pending = (ChunkId, Vec<u8>);
 
 /// Chunks that may wait for the writer; past that, new ones are not cached.
 const WRITE_BEHIND: usize = 64;

@@ -161,7 +161,7 @@ impl Manifest {
         if g.chunk_size != CHUNK_SIZE as u64 {
             return bad(format!("chunk size {} (expected {CHUNK_SIZE})", g.chunk_size));
         }
-        if g.disk_bytes % g.chunk_size != 0 || g.disk_bytes / g.chunk_size != self.chunks.len() as u64 {
+        if !g.disk_bytes.is_multiple_of(g.chunk_size) || g.disk_bytes / g.chunk_size != self.chunks.len() as u64 {
             return bad(format!("{} chunk entries for a disk of {} bytes", self.chunks.len(), g.disk_bytes));
         }
         Ok(())

@@ -536,7 +536,7 @@ fn xattr_entries(meta: &Meta, warnings: &mut Vec<String>) -> Vec<(u8, Vec<u8>, V
 /// entries) to ext4's on-disk form (version 1, short entries for the
 /// owner/group/mask/other tags).
 fn acl_to_ext4(value: &[u8]) -> Option<Vec<u8>> {
-    if value.len() < 4 || (value.len() - 4) % 8 != 0 || u32::from_le_bytes(value[..4].try_into().ok()?) != 2 {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) || u32::from_le_bytes(value[..4].try_into().ok()?) != 2 {
         return None;
     }
     let mut out = 1u32.to_le_bytes().to_vec();

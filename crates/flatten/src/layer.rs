@@ -135,8 +135,9 @@ fn resolve_reason(e: ResolveError) -> String {
 }
 
 fn sink_or_tar(e: std::io::Error, layer: &str, path: &str) -> Error {
-    if e.get_ref().is_some_and(|inner| inner.is::<SinkFailed>()) {
-        return Error::Sink { index: u64::MAX, source: e.into_inner().expect("checked above") };
+    if let Some(SinkFailed(index, _)) = e.get_ref().and_then(|inner| inner.downcast_ref::<SinkFailed>()) {
+        let index = *index;
+        return Error::Sink { index, source: e.into_inner().expect("checked above") };
     }
     Error::Tar { layer: layer.to_owned(), source: std::io::Error::new(e.kind(), format!("{path}: {e}")) }
 }

@@ -174,7 +174,7 @@ impl<'s> Flattener<'s> {
         let layer_index = self.regions.len() as u32 + 1;
         let stats = layer::apply(self, name, layer_index, tar)?;
         // Close the region on a chunk boundary.
-        if self.cursor % REGION_BLOCKS != 0 {
+        if !self.cursor.is_multiple_of(REGION_BLOCKS) {
             let used = ((self.cursor % REGION_BLOCKS) * BLOCK_SIZE) as usize;
             self.current[used..].fill(0);
             self.emit_current()?;
@@ -264,24 +264,23 @@ impl<'s> Flattener<'s> {
             // The buffer may be recycled: zero the tail of the last block.
             self.current[off + want..off + (blocks * BLOCK_SIZE) as usize].fill(0);
             self.cursor += blocks;
-            if self.cursor % REGION_BLOCKS == 0 {
+            if self.cursor.is_multiple_of(REGION_BLOCKS) {
                 let data = std::mem::replace(&mut self.current, new_chunk(self.sink.recycled()));
-                self.sink
-                    .put_chunk(self.cursor / REGION_BLOCKS - 1, data)
-                    .map_err(|e| std::io::Error::other(SinkFailed(e.to_string())))?;
+                let index = self.cursor / REGION_BLOCKS - 1;
+                self.sink.put_chunk(index, data).map_err(|e| std::io::Error::other(SinkFailed(index, e.to_string())))?;
             }
         }
         Ok(start)
     }
 }
 
-/// Marks a sink failure that travelled through an `io::Error`.
+/// Marks a sink failure (chunk index, message) that travelled through an `io::Error`.
 #[derive(Debug)]
-struct SinkFailed(String);
+struct SinkFailed(u64, String);
 
 impl std::fmt::Display for SinkFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.1)
     }
 }
 

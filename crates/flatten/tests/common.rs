@@ -47,6 +47,12 @@ pub fn small() -> Options {
 /// A layer tar built entry by entry.
 pub struct Layer(tar::Builder<Vec<u8>>);
 
+impl Default for Layer {
+    fn default() -> Layer {
+        Layer::new()
+    }
+}
+
 impl Layer {
     pub fn new() -> Layer {
         Layer(tar::Builder::new(Vec::new()))
