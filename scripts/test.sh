@@ -21,6 +21,19 @@ if [ -n "$missing" ]; then
     $sudo_cmd systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
 
+# QEMU for `tessera run`. It must come with a matching qemu-utils: where the
+# machine has another qemu-utils (a backport), take the distribution's pair.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    if ! DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils >/dev/null 2>&1; then
+        version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades \
+            qemu-system-x86 "qemu-utils=$version" qemu-block-extra- >/dev/null
+    fi
+fi
+
 if cargo nextest --version >/dev/null 2>&1; then
     exec cargo nextest run --workspace --no-fail-fast "$@"
 else

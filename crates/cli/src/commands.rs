@@ -22,6 +22,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(home, args),
         Command::Mount(args) => mount(home, args),
+        Command::Run(args) => crate::run::run(home, args),
         Command::Import(args) => import(&home, args),
         Command::Images { json } => images(&home, json),
         Command::Inspect { name, json } => inspect(&home, &name, json),
@@ -208,7 +209,7 @@ fn rm(home: &Home, names: &[String]) -> Result<ExitCode> {
 
 /// Fewer allocator arenas: the agent's many I/O threads would otherwise
 /// each keep chunk-sized free buffers of their own.
-fn bound_allocator() {
+pub(crate) fn bound_allocator() {
     // SAFETY: mallopt only tunes glibc's allocator; it is called before any
     // thread of ours starts.
     unsafe {
@@ -216,7 +217,7 @@ fn bound_allocator() {
     }
 }
 
-fn agent_options(home: &Home, nbd: Vec<tessera_agent::Listen>, metrics: Option<String>, c: CacheArgs) -> tessera_agent::AgentOptions {
+pub(crate) fn agent_options(home: &Home, nbd: Vec<tessera_agent::Listen>, metrics: Option<String>, c: CacheArgs) -> tessera_agent::AgentOptions {
     tessera_agent::AgentOptions {
         nbd,
         metrics,
@@ -257,7 +258,7 @@ fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
 }
 
 /// Completes on SIGINT or SIGTERM.
-async fn interrupted() {
+pub(crate) async fn interrupted() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

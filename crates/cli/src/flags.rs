@@ -78,6 +78,17 @@ pub enum Command {
     /// same overlay `tessera serve` uses). Runs until interrupted, then
     /// unmounts everything it mounted.
     Mount(MountArgs),
+    /// Boot a microVM whose root disk is the image, served lazily, and run
+    /// its entrypoint.
+    ///
+    /// Runs the OCI entrypoint + cmd (or ARGS in place of cmd, as `docker
+    /// run IMAGE ARGS` does) with the image's env, workdir and user. The
+    /// program's stdout and stderr stream to ours; tessera exits with its
+    /// exit code. The VM writes to a copy-on-write overlay of its own, removed
+    /// afterwards: the image never changes. The agent runs in-process. The
+    /// guest kernel (Debian's linux-image-cloud-amd64) is fetched with apt
+    /// the first time into $TESSERA_KERNEL_DIR (default ~/.cache/tessera/kernel).
+    Run(RunArgs),
     /// Measurements behind docs/BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -135,6 +146,38 @@ pub struct MountArgs {
     pub loop_mount: Option<PathBuf>,
     #[command(flatten)]
     pub cache: CacheArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Image name.
+    pub name: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    pub memory: u32,
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u32,
+    /// kvm, tcg, or auto (kvm when a time-limited probe boots with it).
+    #[arg(long, default_value = "auto", value_parser = ["kvm", "tcg", "auto"])]
+    pub accel: String,
+    /// Extra environment, KEY=VALUE (repeatable; overrides the image's).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Print a cold-start report on stderr.
+    #[arg(long)]
+    pub report: bool,
+    /// Print the cold-start report as one JSON object on stdout after the run.
+    #[arg(long)]
+    pub json: bool,
+    /// Send the VM's console (kernel messages) to stderr instead of a log file.
+    #[arg(long)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// The command's arguments, in place of the image's cmd.
+    #[arg(last = true, value_name = "CMD ARGS")]
+    pub args: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]

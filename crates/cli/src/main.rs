@@ -4,6 +4,7 @@
 mod commands;
 mod flags;
 mod progress;
+mod run;
 
 use std::process::ExitCode;
 

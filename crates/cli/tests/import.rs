@@ -247,4 +247,21 @@ fn debian_minbase_with_python() {
     }
     assert_eq!(ours.hard_links, theirs.hard_links);
     assert!(ours.entries.contains_key("usr/bin/python3"));
+    drop(mount);
+
+    // And it boots: a python entrypoint in a microVM, reading a little of the disk.
+    if require("qemu-system-x86_64", "qemu-system-x86") {
+        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["run", "deb", "--accel", "tcg", "--json", "--", "python3", "-c", "import sys; print(sum(range(10))); sys.exit(4)"])
+            .env("TESSERA_HOME", env.home())
+            .env("TESSERA_KERNEL_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/kernel"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut lines = stdout.lines();
+        assert_eq!(lines.next(), Some("45"));
+        let report: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert!(report["bytes_fetched"].as_u64().unwrap() * 10 < report["disk_bytes"].as_u64().unwrap(), "{report}");
+    }
 }

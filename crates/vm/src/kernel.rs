@@ -1,0 +1,93 @@
+//! The guest kernel: Debian's `linux-image-cloud-amd64`, downloaded with
+//! `apt-get download` and unpacked with `dpkg-deb -x` into a cache
+//! directory, never installed on the host.
+
+use std::fs::{self, File};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::Error;
+
+/// The virtio modules the initramfs loads, in this order.
+pub const MODULES: [&str; 6] = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk"];
+
+/// An unpacked guest kernel.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    /// `boot/vmlinuz-…`.
+    pub vmlinuz: PathBuf,
+    /// The `.ko` files of [`MODULES`], in order.
+    pub modules: Vec<PathBuf>,
+}
+
+fn run(cmd: &mut Command) -> Result<String, Error> {
+    let out = cmd.output().map_err(|e| Error::Kernel(format!("{cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Kernel(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Kernel {
+    /// The kernel unpacked under `dir`, fetching it the first time (one
+    /// process at a time: a lock file guards the download).
+    pub fn ensure(dir: &Path) -> Result<Kernel, Error> {
+        fs::create_dir_all(dir).map_err(|e| Error::Kernel(format!("{}: {e}", dir.display())))?;
+        let lock = File::create(dir.join("lock")).map_err(|e| Error::Kernel(e.to_string()))?;
+        // SAFETY: flock takes a valid open descriptor owned by `lock`.
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        let unpacked = dir.join("kernel");
+        if let Ok(k) = Kernel::find(&unpacked) {
+            return Ok(k);
+        }
+        let deps = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
+        let package = deps
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Depends: ").filter(|p| p.starts_with("linux-image-")))
+            .ok_or_else(|| Error::Kernel("apt knows no linux-image-cloud-amd64 (run apt-get update)".into()))?
+            .to_owned();
+        let download = dir.join("download");
+        let _ = fs::remove_dir_all(&download);
+        fs::create_dir_all(&download).map_err(|e| Error::Kernel(e.to_string()))?;
+        run(Command::new("apt-get").arg("download").arg(&package).current_dir(&download))?;
+        let deb = fs::read_dir(&download)
+            .map_err(|e| Error::Kernel(e.to_string()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .ok_or_else(|| Error::Kernel(format!("apt-get download {package} left no .deb")))?;
+        let staging = dir.join("kernel.tmp");
+        let _ = fs::remove_dir_all(&staging);
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&staging))?;
+        Kernel::find(&staging)?;
+        let _ = fs::remove_dir_all(&unpacked);
+        fs::rename(&staging, &unpacked).map_err(|e| Error::Kernel(e.to_string()))?;
+        let _ = fs::remove_dir_all(&download);
+        Kernel::find(&unpacked)
+    }
+
+    fn find(root: &Path) -> Result<Kernel, Error> {
+        let missing = || Error::Kernel(format!("{}: no kernel unpacked", root.display()));
+        let boot = root.join("boot");
+        let vmlinuz = fs::read_dir(&boot)
+            .map_err(|_| missing())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            .ok_or_else(missing)?;
+        let version = vmlinuz.file_name().expect("a file").to_string_lossy().trim_start_matches("vmlinuz-").to_owned();
+        let base = root.join("lib/modules").join(&version).join("kernel/drivers");
+        let modules = MODULES
+            .iter()
+            .map(|m| {
+                let sub = if *m == "virtio_blk" { "block" } else { "virtio" };
+                let p = base.join(sub).join(format!("{m}.ko"));
+                if p.exists() {
+                    Ok(p)
+                } else {
+                    Err(Error::Kernel(format!("{} is missing", p.display())))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Kernel { vmlinuz, modules })
+    }
+}

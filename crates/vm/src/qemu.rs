@@ -1,0 +1,89 @@
+//! Starting QEMU on the agent's NBD export.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::Error;
+
+/// How the VM's CPU is provided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation (/dev/kvm).
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+impl Accel {
+    /// `kvm` or `tcg`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// A VM to start.
+pub struct Launch<'a> {
+    /// Guest kernel.
+    pub kernel: &'a Path,
+    /// Initramfs file.
+    pub initrd: &'a Path,
+    /// The agent's unix socket and the export to boot from.
+    pub nbd_socket: &'a Path,
+    /// Export name (`NAME@LABEL`).
+    pub export: &'a str,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Guest CPUs.
+    pub cpus: u32,
+    /// CPU provider.
+    pub accel: Accel,
+    /// Where ttyS1..ttyS3 listen (unix sockets QEMU creates and waits on).
+    pub sockets: [PathBuf; 3],
+    /// Console log file (QEMU's own messages go beside it, `.qemu`);
+    /// `None` sends both to our stderr.
+    pub console: Option<&'a Path>,
+}
+
+impl Launch<'_> {
+    /// Spawns QEMU; it waits for a client on each serial socket before booting.
+    pub fn spawn(&self) -> Result<Child, Error> {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", self.accel.name(), "-M", "q35", "-nodefaults", "-no-reboot", "-nographic"])
+            .args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()])
+            .arg("-kernel")
+            .arg(self.kernel)
+            .arg("-initrd")
+            .arg(self.initrd)
+            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .arg("-drive")
+            .arg(format!(
+                "file=nbd+unix:///{}?socket={},format=raw,if=none,id=root,cache=none",
+                self.export,
+                self.nbd_socket.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=root"]);
+        match self.console {
+            Some(log) => cmd.arg("-serial").arg(format!("file:{}", log.display())),
+            None => cmd.args(["-serial", "stdio"]),
+        };
+        for (i, s) in self.sockets.iter().enumerate() {
+            cmd.arg("-chardev").arg(format!("socket,id=s{i},path={},server=on,wait=on", s.display()));
+            cmd.arg("-serial").arg(format!("chardev:s{i}"));
+        }
+        cmd.stdin(Stdio::null());
+        match self.console {
+            Some(log) => {
+                let qemu_log = std::fs::File::create(log.with_extension("qemu")).map_err(|e| Error::Qemu(e.to_string()))?;
+                cmd.stdout(Stdio::null()).stderr(qemu_log);
+            }
+            // The console goes to our stderr: the program's stdout stays clean.
+            None => {
+                cmd.stdout(std::io::stderr());
+            }
+        }
+        cmd.spawn().map_err(|e| Error::Qemu(format!("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86): {e}")))
+    }
+}
