@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use tessera_cache::metrics::header;
 use tessera_cache::{ChunkSource, DiskCache, Loader, LoaderOptions, Origin};
-use tessera_store::{Home, LocalDirStore};
+use tessera_store::{Home, LocalDirStore, ThrottledStore};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::exports::CatalogExports;
@@ -81,6 +81,10 @@ pub struct AgentOptions {
     pub origin_concurrency: usize,
     /// Origin requests allowed to wait for a slot; more are refused.
     pub origin_queue: usize,
+    /// Latency added to each origin request (for benchmarks: a remote origin).
+    pub origin_latency: std::time::Duration,
+    /// Bandwidth of the link to the origin, bytes/s (for benchmarks).
+    pub origin_bandwidth: Option<u64>,
 }
 
 /// A running worker agent.
@@ -98,8 +102,14 @@ impl Agent {
     /// Opens the caches and the origin of `home`.
     pub fn new(home: Home, options: AgentOptions) -> std::io::Result<Agent> {
         let disk = Arc::new(DiskCache::open(&options.cache_dir.join("chunks"), options.cache_disk)?);
-        let store = LocalDirStore::open(&home.root().join("chunks")).map_err(std::io::Error::other)?;
-        let origin = Arc::new(Origin::new(Arc::new(store), options.origin_concurrency, options.origin_queue));
+        let store: Arc<dyn tessera_store::ChunkStore> =
+            Arc::new(LocalDirStore::open(&home.root().join("chunks")).map_err(std::io::Error::other)?);
+        let store: Arc<dyn tessera_store::ChunkStore> = if options.origin_latency.is_zero() && options.origin_bandwidth.is_none() {
+            store
+        } else {
+            Arc::new(ThrottledStore::new(store, options.origin_latency, options.origin_bandwidth))
+        };
+        let origin = Arc::new(Origin::new(store, options.origin_concurrency, options.origin_queue));
         let loader = Arc::new(Loader::new(
             LoaderOptions { memory_bytes: options.cache_mem },
             Some(disk),

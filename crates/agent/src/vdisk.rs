@@ -1,7 +1,9 @@
 //! A manifest as a disk: reads map to chunks, holes read as zeros without a
 //! fetch, and every chunk is checked before its bytes are served.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tessera_cache::{Loader, Plain};
 use tessera_chunk::{ChunkRef, Manifest, CHUNK_SIZE};
@@ -39,12 +41,43 @@ pub struct VirtualDisk {
     manifest_id: String,
     manifest: Manifest,
     loader: Arc<Loader>,
+    /// While recording a start-up profile: chunks in first-touch order, with when.
+    recording: Mutex<Option<Recording>>,
+}
+
+struct Recording {
+    seen: HashSet<u64>,
+    order: Vec<(u64, Instant)>,
 }
 
 impl VirtualDisk {
     /// The disk of `manifest` (named `name`, stored as `manifest_id`).
     pub fn new(name: &str, manifest_id: &str, manifest: Manifest, loader: Arc<Loader>) -> VirtualDisk {
-        VirtualDisk { name: name.to_owned(), manifest_id: manifest_id.to_owned(), manifest, loader }
+        VirtualDisk { name: name.to_owned(), manifest_id: manifest_id.to_owned(), manifest, loader, recording: Mutex::new(None) }
+    }
+
+    /// The loader this disk reads through.
+    pub fn loader(&self) -> &Arc<Loader> {
+        &self.loader
+    }
+
+    /// Starts recording which chunks are read, in first-touch order.
+    pub fn start_recording(&self) {
+        *self.recording.lock().expect("no panics while holding the lock") = Some(Recording { seen: HashSet::new(), order: Vec::new() });
+    }
+
+    /// Stops recording; returns the chunks first read up to `until`.
+    pub fn stop_recording(&self, until: Instant) -> Vec<u64> {
+        let r = self.recording.lock().expect("no panics while holding the lock").take();
+        r.map(|r| r.order.into_iter().filter(|(_, t)| *t <= until).map(|(i, _)| i).collect()).unwrap_or_default()
+    }
+
+    fn note(&self, index: u64) {
+        if let Some(r) = self.recording.lock().expect("no panics while holding the lock").as_mut() {
+            if r.seen.insert(index) {
+                r.order.push((index, Instant::now()));
+            }
+        }
     }
 
     /// Bytes of the disk.
@@ -122,7 +155,7 @@ impl VirtualDisk {
             let n = (CHUNK_SIZE - within).min(buf.len() - done);
             match &self.manifest.chunks[index as usize] {
                 None => buf[done..done + n].fill(0),
-                Some(r) => match plain_of(index, r)? {
+                Some(r) => match plain_of(index, r).inspect(|p| if p.is_some() { self.note(index) })? {
                     Some(plain) => buf[done..done + n].copy_from_slice(&plain[within..within + n]),
                     None => return Ok(false),
                 },

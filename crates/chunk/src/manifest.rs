@@ -169,10 +169,31 @@ impl Manifest {
 
     /// Seals this manifest for `tenant` under a fresh data key.
     pub fn seal(&self, tenant: &str, keys: &dyn KeyProvider) -> Result<SealedManifest> {
-        let data_key = DataKey::generate();
-        let plain = serde_json::to_vec(self).expect("manifest serialises");
-        let sealed = aead_seal(&data_key.0, tenant.as_bytes(), &plain);
-        Ok(SealedManifest { tenant: tenant.to_owned(), wrapped_key: keys.wrap(tenant, &data_key)?, sealed })
+        SealedManifest::seal_json(&serde_json::to_vec(self).expect("manifest serialises"), tenant, keys)
+    }
+}
+
+/// The start-up profile of an image: the chunks a run read, in order, until
+/// its entrypoint's first output. Stored beside the manifest, sealed the same
+/// way (it reveals which chunks form the image).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Profile {
+    /// [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// Id of the manifest it was recorded on.
+    pub manifest: String,
+    /// Chunk indices, in the order they were first read.
+    pub chunks: Vec<u64>,
+    /// Seconds since the epoch when it was recorded.
+    pub recorded_at: u64,
+    /// Seconds from the start of the recording run to its cut-off.
+    pub seconds: f64,
+}
+
+impl Profile {
+    /// Seals this profile for `tenant` under a fresh data key.
+    pub fn seal(&self, tenant: &str, keys: &dyn KeyProvider) -> Result<SealedManifest> {
+        SealedManifest::seal_json(&serde_json::to_vec(self).expect("profile serialises"), tenant, keys)
     }
 }
 
@@ -227,14 +248,27 @@ impl SealedManifest {
         })
     }
 
+    fn seal_json(plain: &[u8], tenant: &str, keys: &dyn KeyProvider) -> Result<SealedManifest> {
+        let data_key = DataKey::generate();
+        let sealed = aead_seal(&data_key.0, tenant.as_bytes(), plain);
+        Ok(SealedManifest { tenant: tenant.to_owned(), wrapped_key: keys.wrap(tenant, &data_key)?, sealed })
+    }
+
+    fn open_json(&self, keys: &dyn KeyProvider) -> Result<Vec<u8>> {
+        let data_key = keys.unwrap(&self.tenant, &self.wrapped_key)?;
+        aead_open(&data_key.0, self.tenant.as_bytes(), &self.sealed).ok_or_else(|| Error::ManifestOpen { tenant: self.tenant.clone() })
+    }
+
     /// Unwraps the data key through `keys` and opens the manifest.
     pub fn open(&self, keys: &dyn KeyProvider) -> Result<Manifest> {
-        let data_key = keys.unwrap(&self.tenant, &self.wrapped_key)?;
-        let plain = aead_open(&data_key.0, self.tenant.as_bytes(), &self.sealed)
-            .ok_or_else(|| Error::ManifestOpen { tenant: self.tenant.clone() })?;
-        let m: Manifest = serde_json::from_slice(&plain).map_err(|e| Error::MalformedManifest(e.to_string()))?;
+        let m: Manifest = serde_json::from_slice(&self.open_json(keys)?).map_err(|e| Error::MalformedManifest(e.to_string()))?;
         m.validate()?;
         Ok(m)
+    }
+
+    /// Opens a sealed start-up profile.
+    pub fn open_profile(&self, keys: &dyn KeyProvider) -> Result<Profile> {
+        serde_json::from_slice(&self.open_json(keys)?).map_err(|e| Error::MalformedManifest(format!("profile: {e}")))
     }
 }
 

@@ -23,6 +23,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(args) => serve(home, args),
         Command::Mount(args) => mount(home, args),
         Command::Run(args) => crate::run::run(home, args),
+        Command::Profile { name, json } => profile(&home, &name, json),
         Command::Import(args) => import(&home, args),
         Command::Images { json } => images(&home, json),
         Command::Inspect { name, json } => inspect(&home, &name, json),
@@ -226,6 +227,8 @@ pub(crate) fn agent_options(home: &Home, nbd: Vec<tessera_agent::Listen>, metric
         cache_disk: c.cache_disk,
         origin_concurrency: c.origin_concurrency,
         origin_queue: c.origin_queue,
+        origin_latency: c.origin_latency,
+        origin_bandwidth: c.origin_bandwidth,
     }
 }
 
@@ -322,5 +325,32 @@ fn nbd_latency(socket: &std::path::Path, export: &str, block: u64, count: usize,
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
     println!("{}", json!({"reads": count, "block": block, "p50_us": pct(0.5), "p99_us": pct(0.99), "mean_us": lat.iter().sum::<f64>() / count as f64, "iops": count as f64 / total}));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn profile(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
+    let (r, m) = home.manifest(name)?;
+    let Some(sealed) = home.catalog.get_profile(&r.manifest)? else {
+        anyhow::bail!("{name} has no start-up profile yet: `tessera run {name}` records one");
+    };
+    let p = sealed.open_profile(&home.keyring()?)?;
+    let bytes = p.chunks.len() as u64 * tessera_chunk::CHUNK_SIZE as u64;
+    if json {
+        println!(
+            "{}",
+            json!({"name": name, "manifest": p.manifest, "chunks": p.chunks, "bytes": bytes, "disk_bytes": m.geometry.disk_bytes, "recorded_at": p.recorded_at, "seconds": p.seconds})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{name}: {} chunks ({}, {:.2}% of the {} disk) read in the first {:.2} s of a run",
+        p.chunks.len(),
+        human(bytes),
+        100.0 * bytes as f64 / m.geometry.disk_bytes as f64,
+        human(m.geometry.disk_bytes),
+        p.seconds
+    );
+    let shown: Vec<String> = p.chunks.iter().take(32).map(|c| c.to_string()).collect();
+    println!("order: {}{}", shown.join(" "), if p.chunks.len() > 32 { " …" } else { "" });
     Ok(ExitCode::SUCCESS)
 }

@@ -88,7 +88,18 @@ pub enum Command {
     /// afterwards: the image never changes. The agent runs in-process. The
     /// guest kernel (Debian's linux-image-cloud-amd64) is fetched with apt
     /// the first time into $TESSERA_KERNEL_DIR (default ~/.cache/tessera/kernel).
+    /// The first run records a start-up profile (the chunks read before the
+    /// program's first output); later runs prefetch them while the VM boots.
     Run(RunArgs),
+    /// Show an image's start-up profile: the chunks its first run read, in
+    /// order, before the entrypoint's first output (later runs prefetch them).
+    Profile {
+        /// Image name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measurements behind docs/BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -133,6 +144,30 @@ pub struct CacheArgs {
     /// Origin requests allowed to wait for a slot; beyond that they fail at once.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub origin_queue: usize,
+    /// Latency to add to each origin request, e.g. 30ms (benchmarks: a remote origin).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub origin_latency: std::time::Duration,
+    /// Bandwidth of the link to the origin, bytes per second, e.g. 100MiB (benchmarks).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub origin_bandwidth: Option<u64>,
+}
+
+/// Parses `30ms`, `1.5s`, `250us`, `0`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "us" => n / 1e6,
+        _ => return Err(format!("invalid duration unit in {s:?} (use s, ms, us)")),
+    };
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 #[derive(Args, Debug)]
@@ -173,6 +208,9 @@ pub struct RunArgs {
     /// Send the VM's console (kernel messages) to stderr instead of a log file.
     #[arg(long)]
     pub verbose: bool,
+    /// Neither use nor record a start-up profile.
+    #[arg(long)]
+    pub no_profile: bool,
     #[command(flatten)]
     pub cache: CacheArgs,
     /// The command's arguments, in place of the image's cmd.
@@ -270,6 +308,15 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("1Q").is_err());
         assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30ms").unwrap(), std::time::Duration::from_millis(30));
+        assert_eq!(parse_duration("1.5s").unwrap(), std::time::Duration::from_millis(1500));
+        assert_eq!(parse_duration("0").unwrap(), std::time::Duration::ZERO);
+        assert!(parse_duration("5m").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]

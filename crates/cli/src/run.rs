@@ -96,7 +96,12 @@ fn connect(path: &Path, qemu: &mut std::process::Child) -> Result<UnixStream> {
 pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
     bound_allocator();
     let started = Instant::now();
-    let (_, manifest) = home.manifest(&a.name)?;
+    let (image_ref, manifest) = home.manifest(&a.name)?;
+    let keyring = home.keyring()?;
+    let profile = match a.no_profile {
+        true => None,
+        false => home.catalog.get_profile(&image_ref.manifest)?.and_then(|s| s.open_profile(&keyring).ok()),
+    };
     for e in &a.env {
         if !e.contains('=') {
             bail!("--env {e:?}: use KEY=VALUE");
@@ -139,6 +144,38 @@ pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
     let export = format!("{}@{id}", a.name);
     let _overlay = Cleanup(vec![overlays.join(&export)]);
 
+    // With a profile, fetch what start-up will read while the VM boots;
+    // without one, record it.
+    let disk = agent.exports.disk(&a.name).map_err(anyhow::Error::msg)?;
+    let prefetch_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prefetchers: Vec<_> = match &profile {
+        Some(p) => {
+            let queue = Arc::new(std::sync::Mutex::new(p.chunks.clone().into_iter()));
+            (0..8)
+                .map(|_| {
+                    let (queue, disk, stop) = (queue.clone(), disk.clone(), prefetch_stop.clone());
+                    std::thread::spawn(move || loop {
+                        let next = queue.lock().expect("no panics while holding the lock").next();
+                        let Some(index) = next else { return };
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        if let Some(Some(r)) = disk.manifest().chunks.get(index as usize) {
+                            let _ = disk.loader().read(r);
+                        }
+                    })
+                })
+                .collect()
+        }
+        None => {
+            if !a.no_profile {
+                disk.start_recording();
+            }
+            Vec::new()
+        }
+    };
+    let first_output = Arc::new(std::sync::OnceLock::<Instant>::new());
+
     let accel = pick_accel(&a.accel, &kernel);
     let console = dir.join("console.log");
     let sockets = [dir.join("stdout.sock"), dir.join("stderr.sock"), dir.join("control.sock")];
@@ -160,10 +197,14 @@ pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
     let err = connect(&sockets[1], &mut qemu)?;
     let control = connect(&sockets[2], &mut qemu)?;
     let forward = |mut from: UnixStream, to: fn() -> Box<dyn Write + Send>| {
+        let first_output = first_output.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 16384];
             let mut sink = to();
             while let Ok(n) = from.read(&mut buf) {
+                if n > 0 {
+                    first_output.get_or_init(Instant::now);
+                }
                 if n == 0 || sink.write_all(&buf[..n]).and_then(|()| sink.flush()).is_err() {
                     break;
                 }
@@ -191,6 +232,27 @@ pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
     let _ = out_t.join();
     let _ = err_t.join();
     let seconds_total = started.elapsed().as_secs_f64();
+    prefetch_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in prefetchers {
+        let _ = p.join();
+    }
+    // The profile: what was read until the first output (or the end, at most a minute in).
+    let mut recorded = 0;
+    if profile.is_none() && !a.no_profile {
+        let until = first_output.get().copied().unwrap_or_else(Instant::now).min(started + Duration::from_secs(60));
+        let chunks = disk.stop_recording(until);
+        recorded = chunks.len();
+        if !chunks.is_empty() {
+            let p = tessera_chunk::Profile {
+                format: tessera_chunk::MANIFEST_FORMAT,
+                manifest: image_ref.manifest.clone(),
+                chunks,
+                recorded_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+                seconds: until.duration_since(started).as_secs_f64(),
+            };
+            home.catalog.put_profile(&image_ref.manifest, &p.seal(&image_ref.tenant, &keyring)?)?;
+        }
+    }
     let _ = stop.send(());
     let _ = runtime.block_on(serving);
     let stats = &agent.loader.stats;
@@ -218,13 +280,20 @@ pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
         "disk_bytes": manifest.geometry.disk_bytes,
         "bytes_fetched": chunks_beyond_memory * tessera_chunk::CHUNK_SIZE as u64,
         "chunks_fetched": fetched,
-        "profile": false,
+        "profile": profile.is_some(),
+        "profile_chunks": profile.as_ref().map(|p| p.chunks.len()).unwrap_or(recorded),
+        "seconds_to_first_output": first_output.get().map(|t| t.duration_since(started).as_secs_f64()),
     });
     if a.report {
         eprintln!(
-            "tessera: {} ({}): vm started {:.2} s, entrypoint {:.2} s, done {:.2} s, exit {code}; fetched {} of {} ({:.1}%)",
+            "tessera: {} ({}, {}): vm started {:.2} s, entrypoint {:.2} s, done {:.2} s, exit {code}; fetched {} of {} ({:.1}%)",
             a.name,
             accel.name(),
+            match (&profile, recorded) {
+                (Some(p), _) => format!("prefetched a profile of {} chunks", p.chunks.len()),
+                (None, 0) => "no profile".to_owned(),
+                (None, n) => format!("recorded a profile of {n} chunks"),
+            },
             seconds_to_vm_start,
             report["seconds_to_entrypoint"].as_f64().unwrap_or(f64::NAN),
             seconds_total,

@@ -111,3 +111,24 @@ fn a_missing_entrypoint_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(127), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/bin/app: not found"), "{}", text(&o));
 }
+
+#[test]
+fn a_start_up_profile_is_recorded_then_prefetched() {
+    if !have_tools() {
+        return;
+    }
+    let env = imported();
+    let report = |o: &Output| -> serde_json::Value {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+        serde_json::from_str(stdout(o).lines().last().unwrap()).unwrap()
+    };
+    let first = report(&run(&env, &["bb", "--accel", "tcg", "--json"]));
+    assert_eq!(first["profile"], false);
+    assert!(first["profile_chunks"].as_u64().unwrap() > 0, "{first}");
+    let shown: serde_json::Value = serde_json::from_str(&env.ok(&["profile", "bb", "--json"])).unwrap();
+    assert_eq!(shown["chunks"].as_array().unwrap().len() as u64, first["profile_chunks"].as_u64().unwrap());
+    let second = report(&run(&env, &["bb", "--accel", "tcg", "--json"]));
+    assert_eq!(second["profile"], true, "the second run prefetches the profile: {second}");
+    let without = report(&run(&env, &["bb", "--accel", "tcg", "--json", "--no-profile"]));
+    assert_eq!(without["profile"], false);
+}

@@ -57,12 +57,30 @@ impl Catalog {
         Ok(SealedManifest::from_bytes(&bytes)?)
     }
 
-    /// Deletes a manifest (not the chunks it names).
+    /// Deletes a manifest (not the chunks it names) and its profile.
     pub fn remove_manifest(&self, id: &str) -> Result<()> {
-        let path = self.manifests.join(id);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io("remove manifest", &path, e)),
-            _ => Ok(()),
+        for path in [self.manifests.join(id), self.manifests.join(format!("{id}.profile"))] {
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != ErrorKind::NotFound {
+                    return Err(Error::io("remove manifest", &path, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the sealed start-up profile of manifest `id`, replacing any.
+    pub fn put_profile(&self, id: &str, sealed: &SealedManifest) -> Result<()> {
+        write_durably(&self.manifests.join(format!("{id}.profile")), &sealed.to_bytes())
+    }
+
+    /// The sealed start-up profile of manifest `id`, if one was recorded.
+    pub fn get_profile(&self, id: &str) -> Result<Option<SealedManifest>> {
+        let path = self.manifests.join(format!("{id}.profile"));
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(SealedManifest::from_bytes(&bytes)?)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read profile", &path, e)),
         }
     }
 

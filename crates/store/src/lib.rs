@@ -29,12 +29,14 @@ mod home;
 mod local;
 mod memory;
 pub mod readback;
+mod throttle;
 
 pub use catalog::{check_name, Catalog, ImageRef};
 pub use error::{Error, Result};
 pub use home::Home;
 pub use local::LocalDirStore;
 pub use memory::MemoryStore;
+pub use throttle::ThrottledStore;
 use tessera_chunk::ChunkId;
 
 /// What a put did.
