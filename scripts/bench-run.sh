@@ -51,6 +51,7 @@ if command -v crun >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
     rm -rf "$work/pulled" "$work/bundle-crun"
     skopeo copy --quiet "oci:$work/layout:big" "oci:$work/pulled:big"
     umoci unpack --image "$work/pulled:big" "$work/bundle-crun" >/dev/null
+    cu=$(python3 -c 'import time; print(time.monotonic())')
     python3 - "$work/bundle-crun/config.json" <<'CFG'
 import json, sys
 c = json.load(open(sys.argv[1]))
@@ -66,7 +67,7 @@ CFG
     if crun --cgroup-manager=disabled run -b "$work/bundle-crun" "tessera-bench-$$" >/dev/null 2>"$work/crun.err"; then
         c1=$(python3 -c 'import time; print(time.monotonic())')
     else
-        echo "container baseline: crun does not run on this machine: $(cat "$work/crun.err")"
+        echo "container baseline: skopeo copy + umoci unpack alone took $(python3 -c "print(round($cu - $c0, 2))") s; then crun does not run on this machine: $(cat "$work/crun.err")"
     fi
     rm -rf "$work/pulled" "$work/bundle-crun"
 fi

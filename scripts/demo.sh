@@ -1,7 +1,8 @@
 #!/bin/sh
 # Tessera's main job on its embedded defaults: build a real OCI image (busybox,
 # with umoci), import it into TESSERA_HOME (default ~/.local/share/tessera),
-# then list, inspect and verify it. Installs what it needs on Debian 12.
+# list, inspect and verify it, then run it in a microVM on its lazy disk.
+# Installs what it needs on Debian 12.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -35,3 +36,17 @@ $tessera import "oci:$work/layout:demo" --name demo
 $tessera images
 $tessera inspect demo
 $tessera verify demo
+
+# Boot it: a microVM on the lazy disk runs the entrypoint. The first run
+# fetches the guest kernel (Debian's linux-image-cloud-amd64) with apt.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    # qemu-system-x86 must come with a matching qemu-utils.
+    if ! DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils >/dev/null 2>&1; then
+        version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades \
+            qemu-system-x86 "qemu-utils=$version" qemu-block-extra- >/dev/null
+    fi
+fi
+$tessera run demo --report

@@ -251,8 +251,11 @@ fn debian_minbase_with_python() {
 
     // And it boots: a python entrypoint in a microVM, reading a little of the disk.
     if require("qemu-system-x86_64", "qemu-system-x86") {
+        let image = format!("{}:minbase", layout.display());
+        run(Command::new("umoci").args(["config", "--image", &image, "--tag", "py", "--config.entrypoint", "python3", "--config.cmd", "-c", "--config.cmd", "import sys; print(sum(range(10))); sys.exit(4)"]));
+        env.import(&format!("oci:{}:py", layout.display()), "py", &[]);
         let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["run", "deb", "--accel", "tcg", "--json", "--", "python3", "-c", "import sys; print(sum(range(10))); sys.exit(4)"])
+            .args(["run", "py", "--accel", "tcg", "--json"])
             .env("TESSERA_HOME", env.home())
             .env("TESSERA_KERNEL_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/kernel"))
             .output()
