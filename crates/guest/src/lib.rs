@@ -1,4 +1,5 @@
-//! `tessera-guest`: the init (PID 1) of a microVM started by `tessera run`.
+//! The init (PID 1) of a microVM started by `tessera run`: the
+//! `tessera-guest` binary (built with the `tessera` binary) calls [`main`].
 //!
 //! It reads `/tessera/spec` from the initramfs, loads the virtio modules,
 //! mounts `/dev/vda` (the image, served lazily over NBD by the host) as the
@@ -26,7 +27,8 @@ struct Spec {
     user: String,
 }
 
-fn main() {
+/// Runs as the VM's init: never returns (powers the VM off).
+pub fn main() {
     let mut control = None;
     let code = match run(&mut control) {
         Ok(code) => code,
