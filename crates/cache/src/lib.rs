@@ -26,6 +26,7 @@ mod loader;
 mod lruk;
 pub mod metrics;
 mod origin;
+pub mod trace;
 
 pub use disk::DiskCache;
 pub use loader::{Loader, LoaderOptions, Plain};

@@ -30,6 +30,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { name, file } => export(&home, &name, &file),
         Command::Verify { name, json } => verify(&home, &name, json),
         Command::Rm { names } => rm(&home, &names),
+        Command::Bench(BenchCommand::Lru { capacity, hot_functions, cron_chunks }) => {
+            use tessera_cache::trace::{generate, hit_rate, TraceSpec};
+            let spec = TraceSpec { hot_functions, cron_chunks_between: cron_chunks, ..TraceSpec::default() };
+            let trace = generate(&spec);
+            let (lru, lru2) = (hit_rate(&trace, capacity, false), hit_rate(&trace, capacity, true));
+            println!(
+                "{}",
+                json!({"accesses": trace.len(), "capacity": capacity, "hot_working_set": spec.hot_functions * spec.hot_chunks,
+                       "lru_hit_rate": lru, "lru2_hit_rate": lru2, "points": 100.0 * (lru2 - lru)})
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::NbdLatency { socket, export, block, count, span }) => nbd_latency(&socket, &export, block, count, span),
         Command::Bench(BenchCommand::Seal { file, threads: t }) => {
             let t = if t == 0 { threads() } else { t };

@@ -229,6 +229,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Hit rates of LRU-2 and plain LRU at equal capacity on a generated
+    /// trace: hot functions read again and again, cron jobs reading chunks
+    /// once in between. Prints JSON.
+    Lru {
+        /// Cache capacity in chunks.
+        #[arg(long, default_value_t = 300)]
+        capacity: u64,
+        /// Hot functions (40 chunks each).
+        #[arg(long, default_value_t = 10)]
+        hot_functions: u32,
+        /// One-shot chunks read between two hot invocations.
+        #[arg(long, default_value_t = 60)]
+        cron_chunks: u32,
+    },
     /// Latency of random reads from an NBD export, one at a time, through
     /// the same minimal client whatever the server. Prints JSON.
     NbdLatency {
