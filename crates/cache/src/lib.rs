@@ -18,14 +18,21 @@
 //!
 //! Each lower source implements [`ChunkSource`]; [`conformance::run`] is the
 //! suite every implementation passes.
+//!
+//! For the shared cache tier (issue 6), [`ec`] is the Reed-Solomon code
+//! (any `k` of `k + m` stripes rebuild a chunk) and [`placement`] the
+//! rendezvous hashing that picks a chunk's nodes; [`trace`] compares LRU-2
+//! with LRU.
 #![deny(missing_docs)]
 
 pub mod conformance;
 mod disk;
+pub mod ec;
 mod loader;
 mod lruk;
 pub mod metrics;
 mod origin;
+pub mod placement;
 pub mod trace;
 
 pub use disk::DiskCache;
