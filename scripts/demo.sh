@@ -6,16 +6,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-need=""
-for p in umoci busybox-static e2fsprogs; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need="$need $p"
-done
-if [ -n "$need" ]; then
-    sudo_cmd=""
-    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends $need >/dev/null
-fi
+sh scripts/ensure-packages.sh umoci busybox-static e2fsprogs qemu-system-x86
 
 cargo build --release --quiet
 tessera=./target/release/tessera
@@ -39,14 +30,4 @@ $tessera verify demo
 
 # Boot it: a microVM on the lazy disk runs the entrypoint. The first run
 # fetches the guest kernel (Debian's linux-image-cloud-amd64) with apt.
-if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
-    sudo_cmd=""
-    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    # qemu-system-x86 must come with a matching qemu-utils.
-    if ! DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils >/dev/null 2>&1; then
-        version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
-        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades \
-            qemu-system-x86 "qemu-utils=$version" qemu-block-extra- >/dev/null
-    fi
-fi
 $tessera run demo --report

@@ -162,14 +162,18 @@ impl Inner {
 
     /// Adds `id` to the index, deleting the files of what it evicts.
     fn admit(&self, id: ChunkId, len: u64) {
-        let evicted = self.index.lock().expect("no panics while holding the lock").insert(id, (), len);
+        let (evicted, kept) = {
+            let mut index = self.index.lock().expect("no panics while holding the lock");
+            let evicted = index.insert(id, (), len);
+            (evicted, index.contains(&id))
+        };
         for (old, ()) in evicted {
             if old != id {
                 let _ = fs::remove_file(self.path_of(&old));
                 self.evictions.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if !self.index.lock().expect("no panics while holding the lock").contains(&id) {
+        if !kept {
             let _ = fs::remove_file(self.path_of(&id)); // larger than the whole cache
         }
     }

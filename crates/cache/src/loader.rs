@@ -122,8 +122,7 @@ impl Loader {
     /// from a thread that may wait on I/O.
     pub fn read(&self, r: &ChunkRef) -> Result<(Plain, Tier), Error> {
         let started = Instant::now();
-        if let Some(p) = self.memory.lock().expect("no panics while holding the lock").get(&r.id).cloned() {
-            self.stats.count(Tier::Memory, started);
+        if let Some(p) = self.cached(r) {
             return Ok((p, Tier::Memory));
         }
         let (flight, leader) = {
