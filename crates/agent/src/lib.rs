@@ -4,7 +4,8 @@
 //! sockets): `NAME` read-only, `NAME@LABEL` a copy-on-write view whose
 //! writes land in an [`overlay::Overlay`] of its own. Reads map to 512 KiB
 //! chunks ([`vdisk::VirtualDisk`]), fetched on first touch through a
-//! [`tessera_cache::Loader`] (memory, disk, origin) and checked before they
+//! [`tessera_cache::Loader`] (memory, disk, the shared cache tier when one
+//! is configured, origin) and checked before they
 //! are served. Metrics are served in Prometheus text at `/metrics`.
 #![deny(missing_docs)]
 
@@ -23,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tessera_cache::metrics::header;
+use tessera_cache::tier::{CacheTier, TierOptions};
 use tessera_cache::{ChunkSource, DiskCache, Loader, LoaderOptions, Origin};
 use tessera_store::{Home, LocalDirStore, ThrottledStore};
 use tokio::net::{TcpListener, UnixListener};
@@ -85,6 +87,8 @@ pub struct AgentOptions {
     pub origin_latency: std::time::Duration,
     /// Bandwidth of the link to the origin, bytes/s (for benchmarks).
     pub origin_bandwidth: Option<u64>,
+    /// The shared cache tier between the disk cache and the origin, if any.
+    pub tier: Option<TierOptions>,
 }
 
 /// A running worker agent.
@@ -110,11 +114,12 @@ impl Agent {
             Arc::new(ThrottledStore::new(store, options.origin_latency, options.origin_bandwidth))
         };
         let origin = Arc::new(Origin::new(store, options.origin_concurrency, options.origin_queue));
-        let loader = Arc::new(Loader::new(
-            LoaderOptions { memory_bytes: options.cache_mem },
-            Some(disk),
-            vec![Arc::clone(&origin) as Arc<dyn ChunkSource>],
-        ));
+        let mut lower: Vec<Arc<dyn ChunkSource>> = Vec::new();
+        if let Some(t) = &options.tier {
+            lower.push(Arc::new(CacheTier::new(t.clone()).map_err(std::io::Error::other)?));
+        }
+        lower.push(Arc::clone(&origin) as Arc<dyn ChunkSource>);
+        let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: options.cache_mem }, Some(disk), lower));
         let exports = Arc::new(CatalogExports::new(Arc::new(home), Arc::clone(&loader), options.cache_dir.join("overlays")));
         Ok(Agent { options, exports, loader, origin, stats: Arc::new(NbdStats::default()) })
     }
@@ -125,6 +130,8 @@ impl Agent {
         self.loader.render(&mut out);
         header(&mut out, "tessera_origin_requests_in_flight", "gauge", "Requests to the origin store in flight now.");
         let _ = writeln!(out, "tessera_origin_requests_in_flight {}", self.origin.in_flight.load(Ordering::Relaxed));
+        header(&mut out, "tessera_origin_requests_in_flight_peak", "gauge", "The most requests to the origin store ever in flight at once.");
+        let _ = writeln!(out, "tessera_origin_requests_in_flight_peak {}", self.origin.peak_in_flight.load(Ordering::Relaxed));
         header(&mut out, "tessera_origin_requests_total", "counter", "Requests to the origin store.");
         let _ = writeln!(out, "tessera_origin_requests_total {}", self.origin.requests.load(Ordering::Relaxed));
         header(&mut out, "tessera_origin_requests_shed_total", "counter", "Origin requests refused because the queue was full.");

@@ -39,6 +39,21 @@ impl Gf {
         self.exp[self.log[a as usize] as usize + self.log[b as usize] as usize]
     }
 
+    /// `out[i] ^= c · data[i]` for every byte, through a 256-entry table.
+    fn mul_add(&self, c: u8, data: &[u8], out: &mut [u8]) {
+        match c {
+            0 => {}
+            1 => out.iter_mut().zip(data).for_each(|(o, &d)| *o ^= d),
+            _ => {
+                let mut table = [0u8; 256];
+                for (x, t) in table.iter_mut().enumerate() {
+                    *t = self.mul(c, x as u8);
+                }
+                out.iter_mut().zip(data).for_each(|(o, &d)| *o ^= table[d as usize]);
+            }
+        }
+    }
+
     fn inv(&self, a: u8) -> u8 {
         debug_assert!(a != 0);
         self.exp[255 - self.log[a as usize] as usize]
@@ -64,8 +79,8 @@ pub enum EcError {
         /// Stripes needed.
         need: usize,
     },
-    /// Stripes differ in length.
-    #[error("stripes of different lengths")]
+    /// Stripes differ in length, or are too short for the data.
+    #[error("stripes of different lengths, or too short for the data")]
     Ragged,
 }
 
@@ -122,9 +137,7 @@ impl Code {
             let row = &self.matrix[(self.k + p) * self.k..(self.k + p + 1) * self.k];
             let mut parity = vec![0u8; len];
             for (j, &c) in row.iter().enumerate() {
-                for (out, &d) in parity.iter_mut().zip(&stripes[j]) {
-                    *out ^= self.gf.mul(c, d);
-                }
+                self.gf.mul_add(c, &stripes[j], &mut parity);
             }
             stripes.push(parity);
         }
@@ -132,14 +145,24 @@ impl Code {
     }
 
     /// Rebuilds the `len` bytes of data from any `k` stripes (`None` = missing).
-    pub fn decode(&self, stripes: &[Option<Vec<u8>>], len: usize) -> Result<Vec<u8>, EcError> {
+    pub fn decode<S: AsRef<[u8]>>(&self, stripes: &[Option<S>], len: usize) -> Result<Vec<u8>, EcError> {
         let present: Vec<usize> = (0..stripes.len().min(self.n())).filter(|&i| stripes[i].is_some()).take(self.k).collect();
         if present.len() < self.k {
             return Err(EcError::TooFew { have: present.len(), need: self.k });
         }
-        let slen = stripes[present[0]].as_ref().map_or(0, Vec::len);
-        if present.iter().any(|&i| stripes[i].as_ref().map_or(0, Vec::len) != slen) {
+        let stripe = |i: usize| stripes[i].as_ref().expect("present").as_ref();
+        let slen = stripe(present[0]).len();
+        if present.iter().any(|&i| stripe(i).len() != slen) || slen * self.k < len {
             return Err(EcError::Ragged);
+        }
+        // Every data stripe at hand: the data is their concatenation.
+        if present.iter().enumerate().all(|(j, &i)| i == j) {
+            let mut out = Vec::with_capacity(len);
+            for i in 0..self.k {
+                out.extend_from_slice(stripe(i));
+            }
+            out.truncate(len);
+            return Ok(out);
         }
         // Invert the rows of the stripes we have.
         let k = self.k;
@@ -169,18 +192,16 @@ impl Code {
                 }
             }
         }
-        let mut out = Vec::with_capacity(k * slen);
-        for i in 0..k {
-            let mut stripe = vec![0u8; slen];
-            for (j, &r) in present.iter().enumerate() {
-                let c = inv[i * k + j];
-                if c != 0 {
-                    for (o, &d) in stripe.iter_mut().zip(stripes[r].as_ref().expect("present")) {
-                        *o ^= self.gf.mul(c, d);
-                    }
-                }
+        let mut out = vec![0u8; k * slen];
+        for (i, part) in out.chunks_mut(slen).enumerate() {
+            if stripes[i].is_some() {
+                // A data stripe at hand needs no arithmetic.
+                part.copy_from_slice(stripe(i));
+                continue;
             }
-            out.extend_from_slice(&stripe);
+            for (j, &r) in present.iter().enumerate() {
+                self.gf.mul_add(inv[i * k + j], stripe(r), part);
+            }
         }
         out.truncate(len);
         Ok(out)

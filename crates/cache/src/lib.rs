@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! memory (plaintext, LRU-2) → disk (sealed, LRU-2, survives restarts)
-//!   → lower sources in order: peer, cache tier (later issues), origin store
+//!   → lower sources in order: peer (a later issue), cache tier, origin store
 //! ```
 //!
 //! A read that waited for another reader's fetch of the same chunk counts
@@ -19,9 +19,10 @@
 //! Each lower source implements [`ChunkSource`]; [`conformance::run`] is the
 //! suite every implementation passes.
 //!
-//! For the shared cache tier (issue 6), [`ec`] is the Reed-Solomon code
-//! (any `k` of `k + m` stripes rebuild a chunk) and [`placement`] the
-//! rendezvous hashing that picks a chunk's nodes; [`trace`] compares LRU-2
+//! The shared cache tier is [`tier::CacheTier`], a source that rebuilds
+//! chunks from the first `k` of `n` erasure-coded stripes ([`ec`]) on the
+//! cache nodes that rendezvous hashing picks ([`placement`]); a chunk
+//! fetched from the origin is offered back to it. [`trace`] compares LRU-2
 //! with LRU.
 #![deny(missing_docs)]
 
@@ -33,9 +34,10 @@ mod lruk;
 pub mod metrics;
 mod origin;
 pub mod placement;
+pub mod tier;
 pub mod trace;
 
-pub use disk::DiskCache;
+pub use disk::{DiskCache, DiskKey};
 pub use loader::{Loader, LoaderOptions, Plain};
 pub use lruk::Lru2;
 pub use origin::Origin;
@@ -124,4 +126,11 @@ pub trait ChunkSource: Send + Sync {
     fn tier(&self) -> Tier;
     /// The sealed bytes of `id`, if this source has them.
     fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error>;
+    /// A verified copy of `id` that a source below this one served: a
+    /// caching source keeps it (in the background; the reader does not wait).
+    fn offer(&self, _id: &ChunkId, _sealed: &[u8]) {}
+    /// Waits (boundedly) until offered copies are kept.
+    fn drain(&self) {}
+    /// Appends the source's own metrics in Prometheus text.
+    fn render(&self, _out: &mut String) {}
 }

@@ -162,10 +162,13 @@ impl Loader {
         result
     }
 
-    /// Waits for chunks being written behind to the disk cache.
+    /// Waits for chunks being written behind to the disk cache and tiers.
     pub fn drain(&self) {
         if let Some(d) = &self.disk {
             d.drain(std::time::Duration::from_secs(30));
+        }
+        for source in &self.lower {
+            source.drain();
         }
     }
 
@@ -183,12 +186,15 @@ impl Loader {
                 }
             }
         }
-        for source in &self.lower {
+        for (i, source) in self.lower.iter().enumerate() {
             let tier = source.tier();
             let Some(mut sealed) = source.fetch(&r.id)? else { continue };
             check_id(&r.id, &sealed).map_err(|e| Error::Corrupt { id: r.id, tier: tier.label(), reason: e.to_string() })?;
+            // Kept behind: the reader does not wait for the cache disk or tier.
+            for above in &self.lower[..i] {
+                above.offer(&r.id, &sealed);
+            }
             if let Some(disk) = &self.disk {
-                // Written behind: the reader does not wait for the cache disk.
                 disk.insert_later(r.id, sealed.clone());
             }
             decrypt_in_place(&r.id, &r.key, &mut sealed)
@@ -236,6 +242,9 @@ impl Loader {
         let _ = writeln!(out, "tessera_cache_corrupt_total {}", self.stats.corrupt.load(Ordering::Relaxed));
         header(out, "tessera_chunk_reads_coalesced_total", "counter", "Reads that waited for another reader's fetch of the same chunk.");
         let _ = writeln!(out, "tessera_chunk_reads_coalesced_total {}", self.stats.coalesced.load(Ordering::Relaxed));
+        for source in &self.lower {
+            source.render(out);
+        }
     }
 }
 

@@ -30,6 +30,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { name, file } => export(&home, &name, &file),
         Command::Verify { name, json } => verify(&home, &name, json),
         Command::Rm { names } => rm(&home, &names),
+        Command::Cachenode(args) => crate::tier::cachenode(args),
+        Command::Bench(BenchCommand::Tier { name, tier, count, origin_reads, warm, origin_latency, origin_bandwidth }) => {
+            crate::tier::bench(&home, &name, &tier, count, origin_reads, warm, origin_latency, origin_bandwidth)
+        }
         Command::Bench(BenchCommand::Lru { capacity, hot_functions, cron_chunks }) => {
             use tessera_cache::trace::{generate, hit_rate, TraceSpec};
             let spec = TraceSpec { hot_functions, cron_chunks_between: cron_chunks, ..TraceSpec::default() };
@@ -230,8 +234,9 @@ pub(crate) fn bound_allocator() {
     }
 }
 
-pub(crate) fn agent_options(home: &Home, nbd: Vec<tessera_agent::Listen>, metrics: Option<String>, c: CacheArgs) -> tessera_agent::AgentOptions {
-    tessera_agent::AgentOptions {
+pub(crate) fn agent_options(home: &Home, nbd: Vec<tessera_agent::Listen>, metrics: Option<String>, c: CacheArgs) -> Result<tessera_agent::AgentOptions> {
+    let tier = crate::tier::tier_options(&c.tier, tessera_cache::tier::ReadPolicy::FirstK)?;
+    Ok(tessera_agent::AgentOptions {
         nbd,
         metrics,
         cache_dir: c.cache_dir.unwrap_or_else(|| home.root().join("cache")),
@@ -241,7 +246,8 @@ pub(crate) fn agent_options(home: &Home, nbd: Vec<tessera_agent::Listen>, metric
         origin_queue: c.origin_queue,
         origin_latency: c.origin_latency,
         origin_bandwidth: c.origin_bandwidth,
-    }
+        tier,
+    })
 }
 
 fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
@@ -252,7 +258,7 @@ fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
     } else {
         a.nbd.iter().map(|s| Listen::parse(s).map_err(anyhow::Error::msg)).collect::<Result<_>>()?
     };
-    let options = agent_options(&home, nbd.clone(), a.metrics.clone(), a.cache);
+    let options = agent_options(&home, nbd.clone(), a.metrics.clone(), a.cache)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(128).build()?;
     let agent = std::sync::Arc::new(Agent::new(home, options).context("starting the agent")?);
     let listening: Vec<String> = nbd.iter().map(|l| l.to_string()).collect();
@@ -285,7 +291,7 @@ fn mount(home: Home, a: MountArgs) -> Result<ExitCode> {
     use tessera_agent::nbd::Exports;
     use tessera_agent::{fuse, Agent};
     bound_allocator();
-    let options = agent_options(&home, Vec::new(), None, a.cache);
+    let options = agent_options(&home, Vec::new(), None, a.cache)?;
     let agent = Agent::new(home, options).context("starting the agent")?;
     let device = agent.exports.open(&a.name).map_err(anyhow::Error::msg).with_context(|| format!("opening {}", a.name))?;
     let writable = device.writable();

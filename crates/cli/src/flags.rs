@@ -103,6 +103,14 @@ pub enum Command {
     /// Measurements behind docs/BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run a shared cache node: keeps erasure-coded stripes of sealed chunks
+    /// for the agents of a zone (`--cache-nodes`), in memory and on disk.
+    ///
+    /// Stripes are ciphertext; the node never sees a chunk key. Both caches
+    /// are bounded and evict by LRU-2; what is on disk is kept across
+    /// restarts and checked (SHA-256) on every read. Answers HTTP/1.1 and
+    /// cleartext HTTP/2 on /v1/stripes/CHUNK/INDEX. Runs until interrupted.
+    Cachenode(CachenodeArgs),
     /// Remove an image name (and its manifest unless another name uses it).
     ///
     /// Chunks stay in the store: other images may share them.
@@ -150,6 +158,26 @@ pub struct CacheArgs {
     /// Bandwidth of the link to the origin, bytes per second, e.g. 100MiB (benchmarks).
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub origin_bandwidth: Option<u64>,
+    #[command(flatten)]
+    pub tier: TierArgs,
+}
+
+/// How to reach the shared cache tier.
+#[derive(Args, Debug, Clone)]
+pub struct TierArgs {
+    /// Shared cache nodes (`tessera cachenode`), comma-separated: chunks
+    /// missing locally are rebuilt from the first K of their K+M stripes
+    /// there before the origin is asked, and chunks fetched from the origin
+    /// are stored there in the background.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...")]
+    pub cache_nodes: Vec<String>,
+    /// Erasure code of the cache tier: K data + M parity stripes per chunk
+    /// (any K rebuild it; 1+2 is plain replication on 3 nodes).
+    #[arg(long, default_value = "4+1", value_name = "K+M")]
+    pub ec: String,
+    /// File holding the bearer token the cache nodes expect.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Parses `30ms`, `1.5s`, `250us`, `0`.
@@ -168,6 +196,28 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("duration {s:?} out of range"));
     }
     Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+#[derive(Args, Debug)]
+pub struct CachenodeArgs {
+    /// Address to serve stripes on.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Directory for the stripes kept on disk.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Bytes of stripes kept in memory.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size, value_name = "SIZE")]
+    pub mem: u64,
+    /// Bytes of stripes kept on disk.
+    #[arg(long, default_value = "10GiB", value_parser = parse_size, value_name = "SIZE")]
+    pub disk: u64,
+    /// File holding the bearer token every request must carry.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -220,6 +270,31 @@ pub struct RunArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Latency of chunk reads from the shared cache tier: first K of N
+    /// stripes against waiting for the K data stripes (the naive client),
+    /// alternating read by read, and from the origin through a throttle.
+    /// Prints JSON.
+    Tier {
+        /// Image whose chunks are read (at random).
+        name: String,
+        #[command(flatten)]
+        tier: TierArgs,
+        /// Chunk reads to time per policy.
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// Chunk reads to time from the origin.
+        #[arg(long, default_value_t = 100)]
+        origin_reads: usize,
+        /// Store the image's chunks in the tier first.
+        #[arg(long)]
+        warm: bool,
+        /// Latency of the origin throttle.
+        #[arg(long, default_value = "30ms", value_parser = parse_duration, value_name = "DURATION")]
+        origin_latency: std::time::Duration,
+        /// Bandwidth of the origin throttle, bytes per second.
+        #[arg(long, default_value = "100MiB", value_parser = parse_size, value_name = "SIZE")]
+        origin_bandwidth: Option<u64>,
+    },
     /// Seal every non-zero 512 KiB chunk of FILE on all cores, with no store:
     /// the baseline import throughput is compared with. Prints JSON.
     Seal {

@@ -5,6 +5,7 @@ mod commands;
 mod flags;
 mod progress;
 mod run;
+mod tier;
 
 use std::process::ExitCode;
 

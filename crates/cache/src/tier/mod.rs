@@ -1,0 +1,571 @@
+//! The shared cache tier, as a worker sees it: chunks erasure-coded over
+//! cache nodes (`tessera cachenode`), read k-of-n.
+//!
+//! Each chunk's `n = k + m` stripes live on the `n` nodes that rendezvous
+//! hashing picks for it ([`crate::placement`]). A read asks all `n` at once
+//! over HTTP/2, rebuilds the chunk from the first `k` stripes that arrive,
+//! cancels the rest, and checks the rebuilt ciphertext against the chunk id:
+//! one slow or lost node neither slows nor fails a read. A rebuild that does
+//! not match (a corrupt stripe) is retried from every stripe, trying each
+//! `k`-subset; if none matches, the read is a miss and the loader goes to the
+//! origin, whose copy is then offered back here and rewrites the stripes.
+//!
+//! A node that errors or times out is left out for a backoff that doubles
+//! with each failure (up to [`MAX_BACKOFF`]) and tried again after it. A
+//! chunk fetched from below is [`offered`](ChunkSource::offer) to the tier:
+//! encoded and stored in the background, after the reader has its bytes,
+//! with a bound on the copies waiting ([`MAX_PENDING`]).
+//!
+//! The tier holds ciphertext only; chunk keys never leave the worker.
+
+pub mod wire;
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, AUTHORIZATION};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tessera_chunk::{check_id, ChunkId};
+use tokio::task::JoinSet;
+
+use crate::ec::Code;
+use crate::metrics::{header, Histogram};
+use crate::placement::place;
+use crate::{ChunkSource, Error, Tier};
+pub use wire::{StripeHeader, StripeKey};
+
+/// How long one stripe request may take before its node counts as failed.
+pub const STRIPE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest a failed node is left out.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Chunks that may wait to be stored in the tier; past that, offers are dropped.
+pub const MAX_PENDING: u64 = 256;
+
+/// Which stripes a read waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPolicy {
+    /// Ask all `n`, take the first `k` (the default).
+    FirstK,
+    /// Ask for the `k` data stripes and wait for exactly those (the naive
+    /// baseline of the tail benchmark).
+    DataStripes,
+}
+
+/// How to reach the tier.
+#[derive(Clone, Debug)]
+pub struct TierOptions {
+    /// The cache nodes, `HOST:PORT`.
+    pub nodes: Vec<String>,
+    /// Data stripes per chunk.
+    pub k: usize,
+    /// Parity stripes per chunk.
+    pub m: usize,
+    /// The bearer token the nodes expect, if any.
+    pub token: Option<String>,
+    /// Which stripes a read waits for.
+    pub policy: ReadPolicy,
+}
+
+impl TierOptions {
+    /// Parses an `--ec` value such as `4+1`.
+    pub fn parse_code(s: &str) -> Result<(usize, usize), String> {
+        let bad = || format!("{s:?} is not a code K+M such as 4+1 (K >= 1, K + M <= 255)");
+        let (k, m) = s.split_once('+').ok_or_else(bad)?;
+        let (k, m): (usize, usize) = (k.trim().parse().map_err(|_| bad())?, m.trim().parse().map_err(|_| bad())?);
+        if k == 0 || k + m > 255 {
+            return Err(bad());
+        }
+        Ok((k, m))
+    }
+}
+
+/// The tier client: a [`ChunkSource`] over the cache nodes.
+pub struct CacheTier {
+    runtime: Option<tokio::runtime::Runtime>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    nodes: Vec<Node>,
+    names: Vec<String>,
+    code: Code,
+    policy: ReadPolicy,
+    client: Client<HttpConnector, Full<Bytes>>,
+    auth: Option<HeaderValue>,
+    pending: AtomicU64,
+    stats: TierStats,
+}
+
+/// One cache node and what the client knows of its health.
+struct Node {
+    addr: String,
+    health: Mutex<Health>,
+    errors: AtomicU64,
+}
+
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    down_until: Option<Instant>,
+}
+
+/// The tier's counters.
+#[derive(Default)]
+pub struct TierStats {
+    /// Chunks rebuilt from the tier.
+    pub hits: AtomicU64,
+    /// Reads the tier could not serve (fewer than `k` stripes).
+    pub misses: AtomicU64,
+    /// Stripes received.
+    pub stripes_received: AtomicU64,
+    /// Stripe requests cancelled because `k` others arrived first.
+    pub stripes_cancelled: AtomicU64,
+    /// Rebuilt chunks that did not match their id (a corrupt stripe).
+    pub corrupt: AtomicU64,
+    /// Chunks stored (all their stripes sent).
+    pub stored: AtomicU64,
+    /// Stripes stored on nodes.
+    pub stripes_stored: AtomicU64,
+    /// Offers dropped because too many were waiting.
+    pub offers_dropped: AtomicU64,
+    /// Time to rebuild one chunk from the tier.
+    pub latency: Histogram,
+}
+
+/// What one stripe request came back with.
+enum Reply {
+    Stripe(Bytes),
+    Missing,
+    Failed,
+}
+
+impl CacheTier {
+    /// A client of `options.nodes`; checks the options, connects lazily.
+    pub fn new(options: TierOptions) -> Result<CacheTier, String> {
+        let code = Code::new(options.k, options.m).map_err(|e| e.to_string())?;
+        if options.nodes.len() < code.n() {
+            return Err(format!(
+                "a {}+{} code needs at least {} cache nodes, {} given",
+                options.k,
+                options.m,
+                code.n(),
+                options.nodes.len()
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = options.nodes.iter().find(|n| !seen.insert(n.as_str())) {
+            return Err(format!("cache node {dup} is listed twice"));
+        }
+        let auth = match &options.token {
+            Some(t) => Some(HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| "the cache token has characters a header cannot carry".to_string())?),
+            None => None,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tessera-tier")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the cache tier's runtime: {e}"))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(STRIPE_TIMEOUT));
+        // HTTP/2 without TLS: one connection per node carries every
+        // request, and cancelling a stripe resets its stream, not the connection.
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .http2_initial_stream_window_size(4 << 20)
+            .http2_initial_connection_window_size(64 << 20)
+            .http2_max_frame_size(256 << 10)
+            .build(connector);
+        let nodes = options
+            .nodes
+            .iter()
+            .map(|a| Node { addr: a.clone(), health: Mutex::new(Health::default()), errors: AtomicU64::new(0) })
+            .collect();
+        Ok(CacheTier {
+            runtime: Some(runtime),
+            shared: Arc::new(Shared {
+                nodes,
+                names: options.nodes,
+                code,
+                policy: options.policy,
+                client,
+                auth,
+                pending: AtomicU64::new(0),
+                stats: TierStats::default(),
+            }),
+        })
+    }
+
+    /// Chunks offered and not yet stored.
+    pub fn pending(&self) -> u64 {
+        self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    /// The tier's counters.
+    pub fn stats(&self) -> &TierStats {
+        &self.shared.stats
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for CacheTier {
+    fn drop(&mut self) {
+        // Never blocks, so the tier may be dropped anywhere (even in a task).
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Node {
+    fn is_down(&self, now: Instant) -> bool {
+        self.health.lock().expect("no panics while holding the lock").down_until.is_some_and(|t| t > now)
+    }
+
+    fn succeeded(&self) {
+        let mut h = self.health.lock().expect("no panics while holding the lock");
+        if h.failures > 0 {
+            eprintln!("tessera: cache node {} is back", self.addr);
+        }
+        *h = Health::default();
+    }
+
+    fn failed(&self, why: &str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut h = self.health.lock().expect("no panics while holding the lock");
+        h.failures = h.failures.saturating_add(1);
+        let backoff = (Duration::from_millis(100) * 2u32.saturating_pow(h.failures.min(16) - 1)).min(MAX_BACKOFF);
+        if h.failures == 1 {
+            eprintln!("tessera: cache node {}: {why}; leaving it out (retried with backoff)", self.addr);
+        }
+        h.down_until = Some(Instant::now() + backoff);
+    }
+}
+
+impl Shared {
+    fn uri(&self, node: usize, key: &StripeKey) -> String {
+        format!("http://{}{}", self.nodes[node].addr, key.path())
+    }
+
+    fn request(&self, method: Method, node: usize, key: &StripeKey, body: Bytes) -> Request<Full<Bytes>> {
+        let mut req = Request::builder().method(method).uri(self.uri(node, key));
+        if let Some(a) = &self.auth {
+            req = req.header(AUTHORIZATION, a.clone());
+        }
+        req.body(Full::new(body)).expect("the request's parts are valid")
+    }
+
+    /// One stripe from one node; marks the node failed on an error or timeout.
+    async fn get(self: Arc<Self>, node: usize, key: StripeKey) -> (usize, Reply) {
+        let req = self.request(Method::GET, node, &key, Bytes::new());
+        let attempt = async {
+            let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|e| error_chain(&e))?.to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        let reply = match tokio::time::timeout(STRIPE_TIMEOUT, attempt).await {
+            Err(_) => Err(format!("no answer within {STRIPE_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok((StatusCode::OK, body))) => Ok(Reply::Stripe(body)),
+            Ok(Ok((StatusCode::NOT_FOUND, _))) => Ok(Reply::Missing),
+            Ok(Ok((status, body))) => Err(format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]).trim())),
+        };
+        match reply {
+            Ok(r) => {
+                self.nodes[node].succeeded();
+                (key.index as usize, r)
+            }
+            Err(why) => {
+                self.nodes[node].failed(&why);
+                (key.index as usize, Reply::Failed)
+            }
+        }
+    }
+
+    /// Stores one stripe on one node.
+    async fn put(self: Arc<Self>, node: usize, key: StripeKey, stripe: Bytes) {
+        let req = self.request(Method::PUT, node, &key, stripe);
+        let attempt = async {
+            let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|e| error_chain(&e))?.to_bytes();
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]).trim()))
+            }
+        };
+        match tokio::time::timeout(STRIPE_TIMEOUT * 5, attempt).await {
+            Ok(Ok(())) => {
+                self.stats.stripes_stored.fetch_add(1, Ordering::Relaxed);
+                self.nodes[node].succeeded();
+            }
+            Ok(Err(why)) => self.nodes[node].failed(&why),
+            Err(_) => self.nodes[node].failed("a store timed out"),
+        }
+    }
+
+    /// Gathers stripes of `id`: the first `want` of the asked ones (all
+    /// when `want` is `None`). `None` per stripe not received.
+    async fn gather(self: Arc<Self>, id: ChunkId, want: Option<usize>) -> Vec<Option<Bytes>> {
+        let n = self.code.n();
+        let placed = place(&self.names, &id, n);
+        let now = Instant::now();
+        let mut set = JoinSet::new();
+        for (index, &node) in placed.iter().enumerate() {
+            if self.policy == ReadPolicy::DataStripes && want.is_some() && index >= self.code.k() {
+                break;
+            }
+            if self.nodes[node].is_down(now) {
+                continue;
+            }
+            let key = StripeKey { chunk: id, index: index as u8 };
+            set.spawn(Arc::clone(&self).get(node, key));
+        }
+        let mut got: Vec<Option<Bytes>> = vec![None; n];
+        let mut have = 0;
+        let need = want.unwrap_or(n);
+        while have < need && set.len() + have >= want.unwrap_or(0) {
+            let Some(joined) = set.join_next().await else { break };
+            if let Ok((index, Reply::Stripe(body))) = joined {
+                got[index] = Some(body);
+                have += 1;
+            }
+        }
+        // Dropping the set cancels the requests still out (their streams are reset).
+        self.stats.stripes_cancelled.fetch_add(set.len() as u64, Ordering::Relaxed);
+        self.stats.stripes_received.fetch_add(have as u64, Ordering::Relaxed);
+        got
+    }
+
+    /// Rebuilds `id` from `stripes`, trying every `k`-subset when more than
+    /// `k` are present; `None` if no subset gives the chunk.
+    fn rebuild(&self, id: &ChunkId, stripes: &[Option<Bytes>]) -> Option<Vec<u8>> {
+        let (k, n) = (self.code.k(), self.code.n());
+        // Bodies with a header of this code and the index they were asked as.
+        let mut len = None;
+        let bodies: Vec<Option<&[u8]>> = stripes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let s = s.as_ref()?;
+                let h = StripeHeader::parse(s)?;
+                let ok = (h.k as usize, h.m as usize, h.index as usize) == (k, n - k, i) && *len.get_or_insert(h.chunk_len) == h.chunk_len;
+                ok.then(|| &s[wire::HEADER_LEN..])
+            })
+            .collect();
+        let len = len? as usize;
+        let present: Vec<usize> = (0..n).filter(|&i| bodies[i].is_some()).collect();
+        let mut subset: Vec<usize> = (0..k.min(present.len())).collect();
+        loop {
+            if subset.len() < k {
+                return None;
+            }
+            let mut pick: Vec<Option<&[u8]>> = vec![None; n];
+            for &s in &subset {
+                pick[present[s]] = bodies[present[s]];
+            }
+            if let Ok(data) = self.code.decode(&pick, len) {
+                if check_id(id, &data).is_ok() {
+                    return Some(data);
+                }
+            }
+            // The next k-subset of the present stripes, in lexicographic order.
+            let p = present.len();
+            let Some(i) = (0..k).rev().find(|&i| subset[i] < p - k + i) else { return None };
+            subset[i] += 1;
+            for j in i + 1..k {
+                subset[j] = subset[j - 1] + 1;
+            }
+        }
+    }
+
+    /// Encodes `sealed` and stores its stripes on the chunk's nodes that are up.
+    async fn store(self: Arc<Self>, id: ChunkId, sealed: Vec<u8>) {
+        let me = Arc::clone(&self);
+        let Ok(stripes) = tokio::task::spawn_blocking(move || {
+            let h = |index| StripeHeader { k: me.code.k() as u8, m: (me.code.n() - me.code.k()) as u8, index, chunk_len: sealed.len() as u32 };
+            me.code.encode(&sealed).iter().enumerate().map(|(i, s)| Bytes::from(h(i as u8).wrap(s))).collect::<Vec<_>>()
+        })
+        .await
+        else {
+            return;
+        };
+        let placed = place(&self.names, &id, self.code.n());
+        let now = Instant::now();
+        let mut set = JoinSet::new();
+        for (index, (stripe, &node)) in stripes.into_iter().zip(&placed).enumerate() {
+            if !self.nodes[node].is_down(now) {
+                set.spawn(Arc::clone(&self).put(node, StripeKey { chunk: id, index: index as u8 }, stripe));
+            }
+        }
+        while set.join_next().await.is_some() {}
+        self.stats.stored.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An error and its causes on one line (hyper's own message is terse).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let _ = write!(s, ": {c}");
+        cause = c.source();
+    }
+    s
+}
+
+impl ChunkSource for CacheTier {
+    fn tier(&self) -> Tier {
+        Tier::Cache
+    }
+
+    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
+        let started = Instant::now();
+        let shared = &self.shared;
+        let stats = &shared.stats;
+        let k = shared.code.k();
+        let first = self.runtime().block_on(Arc::clone(shared).gather(*id, Some(k)));
+        let mut rebuilt = shared.rebuild(id, &first);
+        if rebuilt.is_none() && first.iter().flatten().count() >= k {
+            // k stripes that do not make the chunk: one is corrupt. Ask for
+            // all of them and try each k-subset.
+            stats.corrupt.fetch_add(1, Ordering::Relaxed);
+            eprintln!("tessera: cache tier: chunk {id} did not rebuild from its first {k} stripes; trying all of them");
+            let all = self.runtime().block_on(Arc::clone(shared).gather(*id, None));
+            rebuilt = shared.rebuild(id, &all);
+            if let Some(good) = &rebuilt {
+                // Rewrite the stripes, replacing the bad one.
+                self.offer(id, good);
+            }
+        }
+        match rebuilt {
+            Some(data) => {
+                stats.hits.fetch_add(1, Ordering::Relaxed);
+                stats.latency.observe(started.elapsed());
+                Ok(Some(data))
+            }
+            None => {
+                stats.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    fn offer(&self, id: &ChunkId, sealed: &[u8]) {
+        let shared = &self.shared;
+        if shared.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
+            shared.pending.fetch_sub(1, Ordering::Relaxed);
+            shared.stats.offers_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let me = Arc::clone(shared);
+        let (id, sealed) = (*id, sealed.to_vec());
+        self.runtime().spawn(async move {
+            Arc::clone(&me).store(id, sealed).await;
+            me.pending.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    fn drain(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.shared.pending.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let s = &self.shared.stats;
+        let counters: [(&str, &str, &AtomicU64); 8] = [
+            ("tessera_cache_tier_hits_total", "Chunks rebuilt from the cache tier.", &s.hits),
+            ("tessera_cache_tier_misses_total", "Chunk reads the cache tier could not serve.", &s.misses),
+            ("tessera_cache_tier_stripes_received_total", "Stripes received from cache nodes.", &s.stripes_received),
+            ("tessera_cache_tier_stripes_cancelled_total", "Stripe requests cancelled because k others arrived first.", &s.stripes_cancelled),
+            ("tessera_cache_tier_corrupt_total", "Chunks whose first k stripes did not rebuild them (a corrupt stripe).", &s.corrupt),
+            ("tessera_cache_tier_stored_total", "Chunks encoded and stored in the cache tier.", &s.stored),
+            ("tessera_cache_tier_stripes_stored_total", "Stripes stored on cache nodes.", &s.stripes_stored),
+            ("tessera_cache_tier_offers_dropped_total", "Chunks not stored in the tier because too many were waiting.", &s.offers_dropped),
+        ];
+        for (name, help, v) in counters {
+            header(out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        }
+        header(out, "tessera_cache_tier_pending", "gauge", "Chunks waiting to be stored in the cache tier.");
+        let _ = writeln!(out, "tessera_cache_tier_pending {}", self.shared.pending.load(Ordering::Relaxed));
+        header(out, "tessera_cache_tier_rebuild_seconds", "histogram", "Time to rebuild one chunk from the cache tier.");
+        s.latency.render(out, "tessera_cache_tier_rebuild_seconds", "");
+        let now = Instant::now();
+        header(out, "tessera_cache_tier_node_up", "gauge", "Whether each cache node is in use (0 while it is left out after errors).");
+        for n in &self.shared.nodes {
+            let _ = writeln!(out, "tessera_cache_tier_node_up{{node=\"{}\"}} {}", n.addr, u8::from(!n.is_down(now)));
+        }
+        header(out, "tessera_cache_tier_node_errors_total", "counter", "Errors and timeouts of each cache node.");
+        for n in &self.shared.nodes {
+            let _ = writeln!(out, "tessera_cache_tier_node_errors_total{{node=\"{}\"}} {}", n.addr, n.errors.load(Ordering::Relaxed));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tier(k: usize, m: usize, nodes: usize) -> Result<CacheTier, String> {
+        CacheTier::new(TierOptions {
+            nodes: (0..nodes).map(|i| format!("127.0.0.1:{}", 1 + i)).collect(),
+            k,
+            m,
+            token: None,
+            policy: ReadPolicy::FirstK,
+        })
+    }
+
+    #[test]
+    fn codes_parse_and_need_enough_nodes() {
+        assert_eq!(TierOptions::parse_code("4+1"), Ok((4, 1)));
+        assert_eq!(TierOptions::parse_code("1+2"), Ok((1, 2)));
+        for bad in ["4", "0+1", "4+x", "200+100", "+1"] {
+            assert!(TierOptions::parse_code(bad).is_err(), "{bad}");
+        }
+        assert!(tier(4, 1, 5).is_ok());
+        let err = tier(4, 1, 3).err().unwrap();
+        assert!(err.contains("at least 5 cache nodes, 3 given"), "{err}");
+    }
+
+    #[test]
+    fn a_corrupt_stripe_is_outvoted_by_the_others() {
+        let t = tier(4, 1, 5).unwrap();
+        let salt = tessera_chunk::Salt::from_bytes([5; 32]);
+        let sealed = tessera_chunk::seal(&salt, (0..tessera_chunk::CHUNK_SIZE).map(|i| (i % 251) as u8).collect());
+        let s = &t.shared;
+        let h = |index| StripeHeader { k: 4, m: 1, index, chunk_len: sealed.ciphertext.len() as u32 };
+        let mut stripes: Vec<Option<Bytes>> =
+            s.code.encode(&sealed.ciphertext).iter().enumerate().map(|(i, b)| Some(Bytes::from(h(i as u8).wrap(b)))).collect();
+        assert_eq!(s.rebuild(&sealed.id, &stripes).as_deref(), Some(&sealed.ciphertext[..]));
+        // Flip a byte of stripe 1: the first four no longer rebuild the
+        // chunk, but four of the five still do.
+        let mut bad = stripes[1].as_ref().unwrap().to_vec();
+        bad[wire::HEADER_LEN + 10] ^= 0x40;
+        stripes[1] = Some(Bytes::from(bad));
+        assert_eq!(s.rebuild(&sealed.id, &stripes).as_deref(), Some(&sealed.ciphertext[..]));
+        // With only four, one of them bad, there is nothing to rebuild from.
+        stripes[4] = None;
+        assert_eq!(s.rebuild(&sealed.id, &stripes), None);
+        // A stripe of another code or at the wrong index is not used.
+        let mut wrong = stripes.clone();
+        wrong[4] = Some(Bytes::from(StripeHeader { k: 3, m: 2, index: 4, chunk_len: 1 }.wrap(b"x")));
+        assert_eq!(s.rebuild(&sealed.id, &wrong), None);
+    }
+}
