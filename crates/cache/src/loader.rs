@@ -130,6 +130,14 @@ impl Loader {
             match map.get(&r.id) {
                 Some(f) => (Arc::clone(f), false),
                 None => {
+                    // A fetch may have landed since we looked: a leader fills
+                    // memory before it leaves the map, so under the map's lock
+                    // the chunk is either in flight or in memory (or evicted).
+                    if let Some(p) = self.memory.lock().expect("no panics while holding the lock").get(&r.id).cloned() {
+                        drop(map);
+                        self.stats.count(Tier::Memory, started);
+                        return Ok((p, Tier::Memory));
+                    }
                     let f = Arc::new(Flight::default());
                     map.insert(r.id, Arc::clone(&f));
                     (f, true)

@@ -10,6 +10,10 @@
 //! `k`-subset; if none matches, the read is a miss and the loader goes to the
 //! origin, whose copy is then offered back here and rewrites the stripes.
 //!
+//! A stripe a node says it lacks (it restarted empty, evicted the stripe,
+//! dropped it as corrupt, or is new) is put back after a read that
+//! rebuilt the chunk from the others: the tier repairs itself as it is read.
+//!
 //! A node that errors or times out is left out for a backoff that doubles
 //! with each failure (up to [`MAX_BACKOFF`]) and tried again after it. A
 //! chunk fetched from below is [`offered`](ChunkSource::offer) to the tier:
@@ -135,6 +139,8 @@ pub struct TierStats {
     pub stripes_stored: AtomicU64,
     /// Offers dropped because too many were waiting.
     pub offers_dropped: AtomicU64,
+    /// Stripes put back on a node that had lost them.
+    pub stripes_repaired: AtomicU64,
     /// Time to rebuild one chunk from the tier.
     pub latency: Histogram,
 }
@@ -216,6 +222,23 @@ impl CacheTier {
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
         self.runtime.as_ref().expect("present until drop")
+    }
+
+    /// Stores `sealed` (the stripes in `only`, or all) in the background,
+    /// unless too many stores are waiting already.
+    fn store_later(&self, id: &ChunkId, sealed: &[u8], only: Option<Vec<u8>>) {
+        let shared = &self.shared;
+        if shared.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
+            shared.pending.fetch_sub(1, Ordering::Relaxed);
+            shared.stats.offers_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let me = Arc::clone(shared);
+        let (id, sealed) = (*id, sealed.to_vec());
+        self.runtime().spawn(async move {
+            Arc::clone(&me).store(id, sealed, only).await;
+            me.pending.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 }
 
@@ -318,8 +341,9 @@ impl Shared {
     }
 
     /// Gathers stripes of `id`: the first `want` of the asked ones (all
-    /// when `want` is `None`). `None` per stripe not received.
-    async fn gather(self: Arc<Self>, id: ChunkId, want: Option<usize>) -> Vec<Option<Bytes>> {
+    /// when `want` is `None`). `None` per stripe not received; also the
+    /// indices of the stripes a node said it does not have.
+    async fn gather(self: Arc<Self>, id: ChunkId, want: Option<usize>) -> (Vec<Option<Bytes>>, Vec<u8>) {
         let n = self.code.n();
         let placed = place(&self.names, &id, n);
         let now = Instant::now();
@@ -335,19 +359,24 @@ impl Shared {
             set.spawn(Arc::clone(&self).get(node, key));
         }
         let mut got: Vec<Option<Bytes>> = vec![None; n];
+        let mut missing = Vec::new();
         let mut have = 0;
         let need = want.unwrap_or(n);
         while have < need && set.len() + have >= want.unwrap_or(0) {
             let Some(joined) = set.join_next().await else { break };
-            if let Ok((index, Reply::Stripe(body))) = joined {
-                got[index] = Some(body);
-                have += 1;
+            match joined {
+                Ok((index, Reply::Stripe(body))) => {
+                    got[index] = Some(body);
+                    have += 1;
+                }
+                Ok((index, Reply::Missing)) => missing.push(index as u8),
+                _ => {}
             }
         }
         // Dropping the set cancels the requests still out (their streams are reset).
         self.stats.stripes_cancelled.fetch_add(set.len() as u64, Ordering::Relaxed);
         self.stats.stripes_received.fetch_add(have as u64, Ordering::Relaxed);
-        got
+        (got, missing)
     }
 
     /// Rebuilds `id` from `stripes`, trying every `k`-subset when more than
@@ -392,8 +421,9 @@ impl Shared {
         }
     }
 
-    /// Encodes `sealed` and stores its stripes on the chunk's nodes that are up.
-    async fn store(self: Arc<Self>, id: ChunkId, sealed: Vec<u8>) {
+    /// Encodes `sealed` and stores its stripes (those in `only`, or all) on
+    /// the chunk's nodes that are up.
+    async fn store(self: Arc<Self>, id: ChunkId, sealed: Vec<u8>, only: Option<Vec<u8>>) {
         let me = Arc::clone(&self);
         let Ok(stripes) = tokio::task::spawn_blocking(move || {
             let h = |index| StripeHeader { k: me.code.k() as u8, m: (me.code.n() - me.code.k()) as u8, index, chunk_len: sealed.len() as u32 };
@@ -407,12 +437,14 @@ impl Shared {
         let now = Instant::now();
         let mut set = JoinSet::new();
         for (index, (stripe, &node)) in stripes.into_iter().zip(&placed).enumerate() {
-            if !self.nodes[node].is_down(now) {
+            if !self.nodes[node].is_down(now) && only.as_ref().is_none_or(|o| o.contains(&(index as u8))) {
                 set.spawn(Arc::clone(&self).put(node, StripeKey { chunk: id, index: index as u8 }, stripe));
             }
         }
         while set.join_next().await.is_some() {}
-        self.stats.stored.fetch_add(1, Ordering::Relaxed);
+        if only.is_none() {
+            self.stats.stored.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -437,19 +469,24 @@ impl ChunkSource for CacheTier {
         let shared = &self.shared;
         let stats = &shared.stats;
         let k = shared.code.k();
-        let first = self.runtime().block_on(Arc::clone(shared).gather(*id, Some(k)));
+        let (first, missing) = self.runtime().block_on(Arc::clone(shared).gather(*id, Some(k)));
         let mut rebuilt = shared.rebuild(id, &first);
         if rebuilt.is_none() && first.iter().flatten().count() >= k {
             // k stripes that do not make the chunk: one is corrupt. Ask for
             // all of them and try each k-subset.
             stats.corrupt.fetch_add(1, Ordering::Relaxed);
             eprintln!("tessera: cache tier: chunk {id} did not rebuild from its first {k} stripes; trying all of them");
-            let all = self.runtime().block_on(Arc::clone(shared).gather(*id, None));
+            let (all, _) = self.runtime().block_on(Arc::clone(shared).gather(*id, None));
             rebuilt = shared.rebuild(id, &all);
             if let Some(good) = &rebuilt {
                 // Rewrite the stripes, replacing the bad one.
                 self.offer(id, good);
             }
+        } else if let (Some(good), false) = (&rebuilt, missing.is_empty()) {
+            // Rebuilt, but a node had lost its stripe (restarted empty,
+            // evicted it, dropped it as corrupt, or is new): put it back.
+            stats.stripes_repaired.fetch_add(missing.len() as u64, Ordering::Relaxed);
+            self.store_later(id, good, Some(missing));
         }
         match rebuilt {
             Some(data) => {
@@ -465,18 +502,7 @@ impl ChunkSource for CacheTier {
     }
 
     fn offer(&self, id: &ChunkId, sealed: &[u8]) {
-        let shared = &self.shared;
-        if shared.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
-            shared.pending.fetch_sub(1, Ordering::Relaxed);
-            shared.stats.offers_dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let me = Arc::clone(shared);
-        let (id, sealed) = (*id, sealed.to_vec());
-        self.runtime().spawn(async move {
-            Arc::clone(&me).store(id, sealed).await;
-            me.pending.fetch_sub(1, Ordering::Relaxed);
-        });
+        self.store_later(id, sealed, None);
     }
 
     fn drain(&self) {
@@ -488,7 +514,7 @@ impl ChunkSource for CacheTier {
 
     fn render(&self, out: &mut String) {
         let s = &self.shared.stats;
-        let counters: [(&str, &str, &AtomicU64); 8] = [
+        let counters: [(&str, &str, &AtomicU64); 9] = [
             ("tessera_cache_tier_hits_total", "Chunks rebuilt from the cache tier.", &s.hits),
             ("tessera_cache_tier_misses_total", "Chunk reads the cache tier could not serve.", &s.misses),
             ("tessera_cache_tier_stripes_received_total", "Stripes received from cache nodes.", &s.stripes_received),
@@ -497,6 +523,7 @@ impl ChunkSource for CacheTier {
             ("tessera_cache_tier_stored_total", "Chunks encoded and stored in the cache tier.", &s.stored),
             ("tessera_cache_tier_stripes_stored_total", "Stripes stored on cache nodes.", &s.stripes_stored),
             ("tessera_cache_tier_offers_dropped_total", "Chunks not stored in the tier because too many were waiting.", &s.offers_dropped),
+            ("tessera_cache_tier_stripes_repaired_total", "Stripes put back on a node that had lost them.", &s.stripes_repaired),
         ];
         for (name, help, v) in counters {
             header(out, name, "counter", help);

@@ -165,11 +165,11 @@ pub struct Registry {
     pub dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn wait_listening(addr: &str, what: &str) {
+pub fn wait_listening(addr: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "{what} did not listen on {addr}");
@@ -286,7 +286,12 @@ pub struct Served {
 
 impl Served {
     pub fn start(env: &Env, extra: &[&str]) -> Served {
-        let socket = env.path("nbd.sock");
+        Served::start_at(env, "nbd.sock", extra)
+    }
+
+    /// An agent on socket `ENV/SOCKET` (several may run on one home).
+    pub fn start_at(env: &Env, socket: &str, extra: &[&str]) -> Served {
+        let socket = env.path(socket);
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
             .args(["serve", "--nbd", &format!("unix:{}", socket.display()), "--metrics", &metrics_addr])
@@ -311,14 +316,7 @@ impl Served {
 
     /// The value of one metric series, e.g. `tessera_chunk_reads_total{source="disk"}`.
     pub fn metric(&self, series: &str) -> f64 {
-        use std::io::Read;
-        let mut s = std::net::TcpStream::connect(&self.metrics_addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("no metric {series} in:\n{body}"))
+        metric(&self.metrics_addr, series)
     }
 
     /// Stops the agent with SIGTERM and waits for it.
@@ -405,8 +403,28 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The response to `GET PATH` over HTTP/1.1 (with the given extra header
+/// lines), status line and all.
+pub fn http_get(addr: &str, path: &str, headers: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n").as_bytes()).unwrap();
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).unwrap();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The value of one series at `http://ADDR/metrics`.
+pub fn metric(addr: &str, series: &str) -> f64 {
+    let body = http_get(addr, "/metrics", "");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no metric {series} in:\n{body}"))
+}
+
 /// Sends SIGTERM and waits up to `grace`; then kills.
-fn stop_child(child: &mut Child, grace: Duration) -> bool {
+pub fn stop_child(child: &mut Child, grace: Duration) -> bool {
     // SAFETY: kill takes a pid and a signal number.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + grace;

@@ -1,0 +1,334 @@
+//! The shared cache tier end to end: real `tessera cachenode` processes on
+//! loopback, real agents (`tessera serve --cache-nodes`) read by nbdcopy.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn have_tools() -> bool {
+    require("umoci", "umoci") && require("busybox", "busybox-static") && require("setfattr", "attr") && require("nbdcopy", "libnbd-bin") && require("qemu-io", "qemu-utils")
+}
+
+/// Cache nodes on loopback, each with its own directory; killed on drop.
+struct Nodes {
+    children: Vec<Option<Child>>,
+    addrs: Vec<String>,
+    metrics: Vec<String>,
+    dirs: Vec<PathBuf>,
+    extra: Vec<String>,
+}
+
+impl Nodes {
+    fn start(env: &Env, n: usize, extra: &[&str]) -> Nodes {
+        let mut nodes = Nodes { children: Vec::new(), addrs: Vec::new(), metrics: Vec::new(), dirs: Vec::new(), extra: extra.iter().map(|s| s.to_string()).collect() };
+        for i in 0..n {
+            nodes.addrs.push(format!("127.0.0.1:{}", free_port()));
+            nodes.metrics.push(format!("127.0.0.1:{}", free_port()));
+            nodes.dirs.push(env.path(&format!("node{i}")));
+            nodes.children.push(None);
+            nodes.restart(i);
+        }
+        nodes
+    }
+
+    /// Starts node `i` (again), on its address and directory.
+    fn restart(&mut self, i: usize) {
+        let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["cachenode", "--listen", &self.addrs[i], "--metrics", &self.metrics[i], "--mem", "64MiB", "--disk", "256MiB", "--dir"])
+            .arg(&self.dirs[i])
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("tessera cachenode starts");
+        self.children[i] = Some(child);
+        wait_listening(&self.addrs[i], "tessera cachenode");
+        wait_listening(&self.metrics[i], "the cache node's metrics");
+    }
+
+    /// Stops node `i` with SIGTERM.
+    fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            stop_child(&mut c, Duration::from_secs(10));
+        }
+    }
+
+    /// Kills node `i` outright.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn list(&self) -> String {
+        self.addrs.join(",")
+    }
+
+    fn metric(&self, i: usize, series: &str) -> f64 {
+        metric(&self.metrics[i], series)
+    }
+
+    /// Every stripe file node `i` keeps on disk.
+    fn stripe_files(&self, i: usize) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for sub in std::fs::read_dir(self.dirs[i].join("stripes")).unwrap() {
+            for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+                files.push(f.unwrap().path());
+            }
+        }
+        files
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// A busybox image with 12 MiB of incompressible data, imported; its bytes
+/// as `tessera export` writes them; its distinct stored chunks.
+fn imported() -> (Env, Vec<u8>, f64) {
+    let env = Env::new();
+    let layout = env.path("layout");
+    busybox_layout(&layout, "bb");
+    add_layer(&layout, "bb", "data", &[("data/blob", &pseudo_random(12 << 20, 11))]);
+    let report = env.import(&format!("oci:{}:data", layout.display()), "bb", &[]);
+    let raw = env.path("bb.raw");
+    env.ok(&["export", "bb", raw.to_str().unwrap()]);
+    // Distinct stored chunks: a fresh home stores each once.
+    let chunks = report["new_chunks"].as_f64().unwrap();
+    (env, std::fs::read(&raw).unwrap(), chunks)
+}
+
+/// An agent of the tier with a cache directory of its own (so it starts cold).
+fn agent(env: &Env, name: &str, nodes: &Nodes, extra: &[&str]) -> Served {
+    let cache = env.path(&format!("cache-{name}"));
+    let mut args = vec!["--cache-dir", cache.to_str().unwrap(), "--cache-nodes"];
+    let list = nodes.list();
+    args.push(&list);
+    args.extend_from_slice(extra);
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Served::start_at(env, &format!("{name}.sock"), &args)
+}
+
+fn read_all(env: &Env, agent: &Served, out: &str) -> Vec<u8> {
+    let out = env.path(out);
+    run(Command::new("nbdcopy").arg(agent.uri("bb")).arg(&out));
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(out).unwrap();
+    bytes
+}
+
+/// Waits until the agent has stored every chunk it offered to the tier.
+fn settled(agent: &Served) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.metric("tessera_cache_tier_pending") > 0.0 {
+        assert!(Instant::now() < deadline, "the agent's stores to the tier did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn reads(agent: &Served, source: &str) -> f64 {
+    agent.metric(&format!("tessera_chunk_reads_total{{source=\"{source}\"}}"))
+}
+
+#[test]
+fn a_warm_tier_serves_cold_agents_through_node_losses() {
+    if !have_tools() {
+        return;
+    }
+    let (env, want, chunks) = imported();
+    let mut nodes = Nodes::start(&env, 5, &[]);
+
+    // Agent 1 finds the tier cold: everything from the origin, then stored.
+    let a1 = agent(&env, "a1", &nodes, &[]);
+    assert!(read_all(&env, &a1, "a1.raw") == want);
+    assert_eq!(reads(&a1, "origin"), chunks);
+    settled(&a1);
+    assert_eq!(a1.metric("tessera_cache_tier_stored_total"), chunks);
+    assert_eq!(a1.metric("tessera_cache_tier_stripes_stored_total"), chunks * 5.0);
+    a1.stop();
+    // 4+1: each node holds one stripe of every chunk (a quarter of it).
+    for i in 0..5 {
+        assert_eq!(nodes.metric(i, "tessera_cachenode_stripes{cache=\"disk\"}"), chunks);
+    }
+
+    // Agent 2, empty caches: the whole image from the tier, none from the origin.
+    let a2 = agent(&env, "a2", &nodes, &[]);
+    assert!(read_all(&env, &a2, "a2.raw") == want);
+    assert_eq!(reads(&a2, "origin"), 0.0);
+    assert_eq!(reads(&a2, "cache"), chunks);
+    a2.stop();
+
+    // Agent 3 reads part of the image, a node dies, it reads the rest:
+    // no read fails and none goes to the origin.
+    let a3 = agent(&env, "a3", &nodes, &[]);
+    let out = Command::new("qemu-io").args(["-f", "raw", "-r", &a3.uri("bb"), "-c", "read 0 6M"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let before = reads(&a3, "cache");
+    assert!(before > 0.0);
+    nodes.kill(0);
+    assert!(read_all(&env, &a3, "a3.raw") == want);
+    assert_eq!(reads(&a3, "origin"), 0.0);
+    assert!(reads(&a3, "cache") > before);
+    assert!(a3.metric(&format!("tessera_cache_tier_node_errors_total{{node=\"{}\"}}", nodes.addrs[0])) > 0.0);
+    a3.stop();
+
+    // Two nodes down: fewer than 4 stripes of any chunk are left, so every
+    // chunk comes from the origin, and the bytes are still right.
+    nodes.kill(1);
+    let a4 = agent(&env, "a4", &nodes, &[]);
+    assert!(read_all(&env, &a4, "a4.raw") == want);
+    assert_eq!(reads(&a4, "origin"), chunks);
+    assert_eq!(reads(&a4, "cache"), 0.0);
+    a4.stop();
+}
+
+/// Rewrites a stripe file as a node that lies would: a flipped byte under a
+/// checksum that matches it.
+fn corrupt_consistently(file: &Path) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x55;
+    let sum = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut c| {
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(&bytes[32..])?;
+        c.wait_with_output()
+    });
+    let hex = String::from_utf8(sum.unwrap().stdout).unwrap();
+    let digest: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+    bytes[..32].copy_from_slice(&digest);
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn corrupt_stripes_are_caught_and_the_chunks_rebuilt_from_the_others() {
+    if !have_tools() {
+        return;
+    }
+    let (env, want, chunks) = imported();
+    let mut nodes = Nodes::start(&env, 5, &[]);
+    let a1 = agent(&env, "a1", &nodes, &[]);
+    assert!(read_all(&env, &a1, "a1.raw") == want);
+    settled(&a1);
+    a1.stop();
+
+    // Bit rot on node 0's disk: its own checksum catches it and the stripe
+    // is a miss; the four other stripes rebuild each chunk.
+    nodes.stop(0);
+    for f in nodes.stripe_files(0) {
+        let mut b = std::fs::read(&f).unwrap();
+        let at = b.len() / 2;
+        b[at] ^= 1;
+        std::fs::write(&f, b).unwrap();
+    }
+    nodes.restart(0);
+    let a2 = agent(&env, "a2", &nodes, &[]);
+    assert!(read_all(&env, &a2, "a2.raw") == want);
+    assert_eq!(reads(&a2, "origin"), 0.0);
+    assert!(nodes.metric(0, "tessera_cachenode_corrupt_total") > 0.0);
+    settled(&a2);
+    a2.stop();
+
+    // A node that serves wrong bytes under a good checksum: the rebuilt
+    // chunk does not match its id, the client tries every 4 of the 5
+    // stripes, and serves the right chunk without the origin.
+    nodes.stop(1);
+    let files = nodes.stripe_files(1);
+    assert_eq!(files.len() as f64, chunks);
+    for f in &files {
+        corrupt_consistently(f);
+    }
+    nodes.restart(1);
+    let a3 = agent(&env, "a3", &nodes, &[]);
+    assert!(read_all(&env, &a3, "a3.raw") == want);
+    assert_eq!(reads(&a3, "origin"), 0.0);
+    let caught = a3.metric("tessera_cache_tier_corrupt_total");
+    assert!(caught > 0.0, "no corrupt stripe was caught");
+    // The chunks it caught were stored again with good stripes; only those
+    // whose bad stripe came fifth (and was cancelled) can still be caught.
+    settled(&a3);
+    a3.stop();
+    let a4 = agent(&env, "a4", &nodes, &[]);
+    assert!(read_all(&env, &a4, "a4.raw") == want);
+    assert_eq!(reads(&a4, "origin"), 0.0);
+    let again = a4.metric("tessera_cache_tier_corrupt_total");
+    assert!(again <= chunks - caught, "{again} chunks caught again, {caught} of {chunks} were repaired");
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_replication_works_with_the_right_one() {
+    if !have_tools() {
+        return;
+    }
+    let (env, want, chunks) = imported();
+    let (good, bad) = (env.path("token"), env.path("wrong-token"));
+    std::fs::write(&good, "s3cret-token\n").unwrap();
+    std::fs::write(&bad, "guess").unwrap();
+    let nodes = Nodes::start(&env, 3, &["--token-file", good.to_str().unwrap()]);
+
+    // By hand: no token and a wrong token are refused, the right one is not.
+    let path = format!("/v1/stripes/{}/0", "ab".repeat(32));
+    assert!(http_get(&nodes.addrs[0], &path, "").starts_with("HTTP/1.1 401"));
+    assert!(http_get(&nodes.addrs[0], &path, "Authorization: Bearer guess\r\n").starts_with("HTTP/1.1 401"));
+    assert!(http_get(&nodes.addrs[0], &path, "Authorization: Bearer s3cret-token\r\n").starts_with("HTTP/1.1 404"));
+    assert_eq!(nodes.metric(0, "tessera_cachenode_unauthorized_total"), 2.0);
+
+    // An agent with the wrong token reads correctly, from the origin.
+    let a1 = agent(&env, "a1", &nodes, &["--ec", "1+2", "--token-file", bad.to_str().unwrap()]);
+    assert!(read_all(&env, &a1, "a1.raw") == want);
+    assert_eq!(reads(&a1, "origin"), chunks);
+    assert_eq!(a1.metric("tessera_cache_tier_stripes_stored_total"), 0.0);
+    a1.stop();
+    assert!(nodes.metric(0, "tessera_cachenode_unauthorized_total") > 2.0);
+
+    // With the right token, 1+2 is plain replication on three nodes.
+    let a2 = agent(&env, "a2", &nodes, &["--ec", "1+2", "--token-file", good.to_str().unwrap()]);
+    assert!(read_all(&env, &a2, "a2.raw") == want);
+    settled(&a2);
+    assert_eq!(a2.metric("tessera_cache_tier_stripes_stored_total"), chunks * 3.0);
+    a2.stop();
+    let a3 = agent(&env, "a3", &nodes, &["--ec", "1+2", "--token-file", good.to_str().unwrap()]);
+    assert!(read_all(&env, &a3, "a3.raw") == want);
+    assert_eq!(reads(&a3, "origin"), 0.0);
+
+    // Bad options are clear errors.
+    let out = env.tessera(&["serve", "--cache-nodes", &nodes.list(), "--ec", "4+1"]);
+    assert!(!out.status.success() && text(&out).contains("--ec 4+1 needs at least 5 cache nodes"), "{}", text(&out));
+    let out = env.tessera(&["serve", "--cache-nodes", "nowhere", "--ec", "1+0"]);
+    assert!(!out.status.success() && text(&out).contains("not HOST:PORT"), "{}", text(&out));
+}
+
+#[test]
+fn thirty_two_cold_readers_never_push_the_origin_past_its_bound() {
+    if !have_tools() {
+        return;
+    }
+    let (env, want, chunks) = imported();
+    let nodes = Nodes::start(&env, 5, &[]);
+    let a = agent(&env, "a", &nodes, &["--origin-concurrency", "4", "--origin-latency", "20ms"]);
+    let children: Vec<_> = (0..32)
+        .map(|i| {
+            let out = env.path(&format!("c{i}.raw"));
+            (Command::new("nbdcopy").arg(a.uri(&format!("bb@c{i}"))).arg(&out).spawn().unwrap(), out)
+        })
+        .collect();
+    for (mut child, out) in children {
+        assert!(child.wait().unwrap().success());
+        assert!(std::fs::read(&out).unwrap() == want);
+        std::fs::remove_file(out).unwrap();
+    }
+    let peak = a.metric("tessera_origin_requests_in_flight_peak");
+    assert!(peak >= 1.0 && peak <= 4.0, "origin in flight peaked at {peak}, bound 4");
+    // Each chunk was fetched from the origin once, however many readers wanted it.
+    assert_eq!(a.metric("tessera_origin_requests_total"), chunks);
+    assert_eq!(a.metric("tessera_origin_requests_shed_total"), 0.0);
+}
