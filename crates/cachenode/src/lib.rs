@@ -298,7 +298,10 @@ where
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(64 << 20)
         .max_frame_size(256 << 10)
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(1024)
+        // Clients cancel the stripes they no longer need (k others came
+        // first): many resets are normal here, not an attack.
+        .max_pending_accept_reset_streams(1024);
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);
     loop {

@@ -31,8 +31,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify { name, json } => verify(&home, &name, json),
         Command::Rm { names } => rm(&home, &names),
         Command::Cachenode(args) => crate::tier::cachenode(args),
-        Command::Bench(BenchCommand::Tier { name, tier, count, origin_reads, warm, origin_latency, origin_bandwidth }) => {
-            crate::tier::bench(&home, &name, &tier, count, origin_reads, warm, origin_latency, origin_bandwidth)
+        Command::Bench(BenchCommand::Tier { name, tier, count, origin_reads, warm, policy, origin_latency, origin_bandwidth }) => {
+            let bench = crate::tier::TierBench { count, origin_reads, warm, policy, origin_latency, origin_bandwidth };
+            crate::tier::bench(&home, &name, &tier, &bench)
         }
         Command::Bench(BenchCommand::Lru { capacity, hot_functions, cron_chunks }) => {
             use tessera_cache::trace::{generate, hit_rate, TraceSpec};

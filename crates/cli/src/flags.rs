@@ -270,10 +270,9 @@ pub struct RunArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Latency of chunk reads from the shared cache tier: first K of N
-    /// stripes against waiting for the K data stripes (the naive client),
-    /// alternating read by read, and from the origin through a throttle.
-    /// Prints JSON.
+    /// Latency of chunk reads from the shared cache tier (first K of N
+    /// stripes, or waiting for the K data stripes as a naive client does),
+    /// and from the origin through a throttle. Prints JSON.
     Tier {
         /// Image whose chunks are read (at random).
         name: String,
@@ -288,6 +287,10 @@ pub enum BenchCommand {
         /// Store the image's chunks in the tier first.
         #[arg(long)]
         warm: bool,
+        /// Which stripes a read waits for: first-k, data-stripes, or both
+        /// (alternating read by read).
+        #[arg(long, default_value = "first-k", value_parser = ["first-k", "data-stripes", "both"])]
+        policy: String,
         /// Latency of the origin throttle.
         #[arg(long, default_value = "30ms", value_parser = parse_duration, value_name = "DURATION")]
         origin_latency: std::time::Duration,

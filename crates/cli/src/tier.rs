@@ -93,24 +93,45 @@ pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tessera bench tier`: latency of chunk reads from the tier, k-of-n
-/// against waiting for the data stripes, and from the (throttled) origin.
-pub fn bench(home: &Home, name: &str, t: &TierArgs, count: usize, origin_reads: usize, warm: bool, latency: Duration, bandwidth: Option<u64>) -> Result<ExitCode> {
+/// What `tessera bench tier` measures.
+pub struct TierBench {
+    /// Chunk reads to time per policy.
+    pub count: usize,
+    /// Chunk reads to time from the origin.
+    pub origin_reads: usize,
+    /// Store the image's chunks in the tier first.
+    pub warm: bool,
+    /// `first-k`, `data-stripes` or `both`.
+    pub policy: String,
+    /// The origin throttle's latency.
+    pub origin_latency: Duration,
+    /// The origin throttle's bandwidth, bytes/s.
+    pub origin_bandwidth: Option<u64>,
+}
+
+/// `tessera bench tier`: latency of chunk reads from the tier, k-of-n or
+/// waiting for the data stripes, and from the (throttled) origin.
+pub fn bench(home: &Home, name: &str, t: &TierArgs, b: &TierBench) -> Result<ExitCode> {
     let (_, manifest) = home.manifest(name)?;
     let ids: Vec<_> = manifest.chunks.iter().flatten().map(|r| r.id).collect();
     anyhow::ensure!(!ids.is_empty(), "{name} has no stored chunks");
     let options = tier_options(t, ReadPolicy::FirstK)?.context("give --cache-nodes")?;
-    let first_k = CacheTier::new(options.clone()).map_err(anyhow::Error::msg)?;
-    let data_stripes = CacheTier::new(TierOptions { policy: ReadPolicy::DataStripes, ..options }).map_err(anyhow::Error::msg)?;
     let store = LocalDirStore::open(&home.root().join("chunks"))?;
-    if warm {
+    let mut tiers: Vec<(&str, CacheTier)> = Vec::new();
+    for (label, policy) in [("first_k", ReadPolicy::FirstK), ("data_stripes", ReadPolicy::DataStripes)] {
+        if b.policy == "both" || b.policy.replace('-', "_") == label {
+            tiers.push((label, CacheTier::new(TierOptions { policy, ..options.clone() }).map_err(anyhow::Error::msg)?));
+        }
+    }
+    if b.warm {
+        let tier = &tiers[0].1;
         for id in &ids {
-            while first_k.pending() > 128 {
+            while tier.pending() > 128 {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            first_k.offer(id, &store.get(id)?);
+            tier.offer(id, &store.get(id)?);
         }
-        first_k.drain();
+        tier.drain();
     }
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = || {
@@ -119,11 +140,12 @@ pub fn bench(home: &Home, name: &str, t: &TierArgs, count: usize, origin_reads: 
         state ^= state << 17;
         ids[(state % ids.len() as u64) as usize]
     };
-    // The two policies alternate, so both see the same network.
-    let (mut fk, mut ds, mut misses) = (Vec::with_capacity(count), Vec::with_capacity(count), 0);
-    for _ in 0..count {
+    // With both policies, they alternate read by read, so both see the same network.
+    let mut latencies = vec![Vec::with_capacity(b.count); tiers.len()];
+    let mut misses = 0;
+    for _ in 0..b.count {
         let id = next();
-        for (tier, lat) in [(&first_k, &mut fk), (&data_stripes, &mut ds)] {
+        for ((_, tier), lat) in tiers.iter().zip(&mut latencies) {
             let started = Instant::now();
             match tier.fetch(&id)? {
                 Some(_) => lat.push(started.elapsed().as_secs_f64() * 1e3),
@@ -131,25 +153,26 @@ pub fn bench(home: &Home, name: &str, t: &TierArgs, count: usize, origin_reads: 
             }
         }
     }
-    let origin = ThrottledStore::new(Arc::new(store), latency, bandwidth);
-    let mut or = Vec::with_capacity(origin_reads);
-    for _ in 0..origin_reads {
+    let origin = ThrottledStore::new(Arc::new(store), b.origin_latency, b.origin_bandwidth);
+    let mut from_origin = Vec::with_capacity(b.origin_reads);
+    for _ in 0..b.origin_reads {
         let id = next();
         let started = Instant::now();
         origin.get(&id)?;
-        or.push(started.elapsed().as_secs_f64() * 1e3);
+        from_origin.push(started.elapsed().as_secs_f64() * 1e3);
     }
-    let (fk, ds, or) = (summary(fk), summary(ds), summary(or));
-    println!(
-        "{}",
-        json!({
-            "image": name, "chunks": ids.len(), "reads": count, "misses": misses,
-            "code": t.ec, "nodes": t.cache_nodes.len(),
-            "first_k": fk, "data_stripes": ds,
-            "origin": or, "origin_latency_ms": latency.as_secs_f64() * 1e3, "origin_bandwidth": bandwidth,
-            "origin_p50_over_tier_p50": or["p50_ms"].as_f64().unwrap_or(0.0) / fk["p50_ms"].as_f64().unwrap_or(1.0),
-        })
-    );
+    let mut out = json!({
+        "image": name, "chunks": ids.len(), "reads": b.count, "misses": misses,
+        "code": t.ec, "nodes": t.cache_nodes.len(),
+        "origin": summary(from_origin), "origin_latency_ms": b.origin_latency.as_secs_f64() * 1e3, "origin_bandwidth": b.origin_bandwidth,
+    });
+    for ((label, _), lat) in tiers.iter().zip(latencies) {
+        out[*label] = summary(lat);
+    }
+    if let (Some(o), Some(t)) = (out["origin"]["p50_ms"].as_f64(), out[tiers[0].0]["p50_ms"].as_f64()) {
+        out["origin_p50_over_tier_p50"] = json!(o / t);
+    }
+    println!("{out}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -189,6 +189,11 @@ impl CacheTier {
             .http2_initial_stream_window_size(4 << 20)
             .http2_initial_connection_window_size(64 << 20)
             .http2_max_frame_size(256 << 10)
+            // Each cancelled stripe is a reset stream whose late frames must
+            // still be recognised; a slow node may be hundreds behind (h2
+            // keeps only 10 by default, then calls the late frames errors
+            // and, past 1024 of them, drops the connection).
+            .http2_max_concurrent_reset_streams(4096)
             .build(connector);
         let nodes = options
             .nodes
