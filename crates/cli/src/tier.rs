@@ -166,8 +166,13 @@ pub fn bench(home: &Home, name: &str, t: &TierArgs, b: &TierBench) -> Result<Exi
         "code": t.ec, "nodes": t.cache_nodes.len(),
         "origin": summary(from_origin), "origin_latency_ms": b.origin_latency.as_secs_f64() * 1e3, "origin_bandwidth": b.origin_bandwidth,
     });
-    for ((label, _), lat) in tiers.iter().zip(latencies) {
+    for ((label, tier), lat) in tiers.iter().zip(latencies) {
         out[*label] = summary(lat);
+        let st = tier.stats();
+        let load = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
+        out[*label]["corrupt"] = json!(load(&st.corrupt));
+        out[*label]["stripes_repaired"] = json!(load(&st.stripes_repaired));
+        out[*label]["stripes_cancelled"] = json!(load(&st.stripes_cancelled));
     }
     if let (Some(o), Some(t)) = (out["origin"]["p50_ms"].as_f64(), out[tiers[0].0]["p50_ms"].as_f64()) {
         out["origin_p50_over_tier_p50"] = json!(o / t);

@@ -13,39 +13,73 @@ fn have_tools() -> bool {
     require("umoci", "umoci") && require("busybox", "busybox-static") && require("setfattr", "attr") && require("nbdcopy", "libnbd-bin") && require("qemu-io", "qemu-utils")
 }
 
-/// Cache nodes on loopback, each with its own directory; killed on drop.
+/// Cache nodes, each with its own directory; killed on drop.
 struct Nodes {
     children: Vec<Option<Child>>,
     addrs: Vec<String>,
     metrics: Vec<String>,
     dirs: Vec<PathBuf>,
     extra: Vec<String>,
+    /// Network namespace of each node (none: loopback).
+    netns: Vec<Option<String>>,
+    /// Where each node listens (its address, unless a relay stands there).
+    listen: Vec<String>,
 }
 
 impl Nodes {
+    /// `n` nodes on loopback.
     fn start(env: &Env, n: usize, extra: &[&str]) -> Nodes {
-        let mut nodes = Nodes { children: Vec::new(), addrs: Vec::new(), metrics: Vec::new(), dirs: Vec::new(), extra: extra.iter().map(|s| s.to_string()).collect() };
+        let mut nodes = Nodes::empty(extra);
         for i in 0..n {
             nodes.addrs.push(format!("127.0.0.1:{}", free_port()));
             nodes.metrics.push(format!("127.0.0.1:{}", free_port()));
             nodes.dirs.push(env.path(&format!("node{i}")));
             nodes.children.push(None);
+            nodes.netns.push(None);
+        }
+        nodes.listen = nodes.addrs.clone();
+        for i in 0..n {
             nodes.restart(i);
         }
         nodes
     }
 
+    fn empty(extra: &[&str]) -> Nodes {
+        Nodes {
+            children: Vec::new(),
+            addrs: Vec::new(),
+            metrics: Vec::new(),
+            dirs: Vec::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: Vec::new(),
+            listen: Vec::new(),
+        }
+    }
+
+    /// `tessera ARGS`, inside node `i`'s namespace if it has one.
+    fn command(&self, i: usize, program: &str) -> Command {
+        match &self.netns[i] {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// Starts node `i` (again), on its address and directory.
     fn restart(&mut self, i: usize) {
-        let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["cachenode", "--listen", &self.addrs[i], "--metrics", &self.metrics[i], "--mem", "64MiB", "--disk", "256MiB", "--dir"])
+        let child = self
+            .command(i, env!("CARGO_BIN_EXE_tessera"))
+            .args(["cachenode", "--listen", &self.listen[i], "--metrics", &self.metrics[i], "--mem", "64MiB", "--disk", "256MiB", "--dir"])
             .arg(&self.dirs[i])
             .args(&self.extra)
             .stdin(Stdio::null())
             .spawn()
             .expect("tessera cachenode starts");
         self.children[i] = Some(child);
-        wait_listening(&self.addrs[i], "tessera cachenode");
+        wait_listening(&self.listen[i], "tessera cachenode");
         wait_listening(&self.metrics[i], "the cache node's metrics");
     }
 
@@ -331,4 +365,144 @@ fn thirty_two_cold_readers_never_push_the_origin_past_its_bound() {
     // Each chunk was fetched from the origin once, however many readers wanted it.
     assert_eq!(a.metric("tessera_origin_requests_total"), chunks);
     assert_eq!(a.metric("tessera_origin_requests_shed_total"), 0.0);
+}
+
+/// A network namespace per node, joined to the host by a veth pair
+/// (host 10.78.I.1, node 10.78.I.2); deleted on drop.
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    fn create(n: usize) -> Namespaces {
+        let tag = std::process::id() % 10_000;
+        let mut made = Namespaces(Vec::new());
+        for i in 0..n {
+            let (ns, veth) = (format!("tst{tag}n{i}"), format!("tsv{tag}n{i}"));
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            run(Command::new("ip").args(["netns", "add", &ns]));
+            made.0.push(ns.clone());
+            run(Command::new("ip").args(["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]));
+            run(Command::new("ip").args(["addr", "add", &format!("10.78.{i}.1/24"), "dev", &veth]));
+            run(Command::new("ip").args(["link", "set", &veth, "up"]));
+            run(Command::new("ip").args(["-n", &ns, "addr", "add", &format!("10.78.{i}.2/24"), "dev", "eth0"]));
+            run(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
+            run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
+        }
+        made
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair, and so both.
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A relay in front of `target` that answers `delay_ms` late
+/// (scripts/delay-proxy.py; this kernel has no sch_netem).
+struct Relay(Child);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_node_two_seconds_late_in_its_own_namespace_is_never_waited_for() {
+    if !have_tools() || !require("ip", "iproute2") || !require("python3", "python3") {
+        return;
+    }
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root");
+        return;
+    }
+    let (env, want, chunks) = imported();
+    let spaces = Namespaces::create(5);
+    let mut nodes = Nodes::empty(&[]);
+    for i in 0..5 {
+        nodes.addrs.push(format!("10.78.{i}.2:7070"));
+        nodes.metrics.push(format!("10.78.{i}.2:7071"));
+        nodes.dirs.push(env.path(&format!("node{i}")));
+        nodes.children.push(None);
+        nodes.netns.push(Some(spaces.0[i].clone()));
+        // Node 4 listens behind a relay that answers 2 s late.
+        nodes.listen.push(if i == 4 { "10.78.4.2:7072".into() } else { nodes.addrs[i].clone() });
+    }
+    for i in 0..5 {
+        nodes.restart(i);
+    }
+    let relay = nodes
+        .command(4, "python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/delay-proxy.py"))
+        .args(["10.78.4.2:7070", "10.78.4.2:7072", "2000"])
+        .spawn()
+        .map(Relay)
+        .expect("python3 runs the relay");
+    wait_listening("10.78.4.2:7070", "the relay");
+
+    // Warm the tier (node 4 takes its stripes 2 s late, in the background).
+    let a1 = agent(&env, "a1", &nodes, &[]);
+    assert!(read_all(&env, &a1, "a1.raw") == want);
+    settled(&a1);
+    a1.stop();
+    assert_eq!(nodes.metric(4, "tessera_cachenode_stripes{cache=\"disk\"}"), chunks);
+
+    // A cold agent reads everything from the first four stripes of each
+    // chunk: node 4's are cancelled, never awaited (waiting would time out
+    // after 1 s and count as an error of node 4).
+    let a2 = agent(&env, "a2", &nodes, &[]);
+    assert!(read_all(&env, &a2, "a2.raw") == want);
+    assert_eq!(reads(&a2, "origin"), 0.0);
+    assert_eq!(reads(&a2, "cache"), chunks);
+    assert_eq!(a2.metric("tessera_cache_tier_node_errors_total{node=\"10.78.4.2:7070\"}"), 0.0);
+    assert!(a2.metric("tessera_cache_tier_stripes_cancelled_total") >= chunks);
+    a2.stop();
+    drop(relay);
+    drop(nodes);
+}
+
+#[test]
+fn a_cold_tier_and_a_full_origin_queue_shed_reads_with_a_clear_error() {
+    if !have_tools() {
+        return;
+    }
+    let (env, _, _) = imported();
+    let nodes = Nodes::start(&env, 5, &[]);
+    let log = env.path("agent.log");
+    let cache = env.path("cache-shed");
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let socket = env.path("shed.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["serve", "--nbd", &format!("unix:{}", socket.display()), "--metrics", &metrics_addr, "--cache-dir", cache.to_str().unwrap()])
+        .args(["--cache-nodes", &nodes.list(), "--origin-concurrency", "1", "--origin-queue", "2", "--origin-latency", "100ms"])
+        .env("TESSERA_HOME", env.home())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_listening(&metrics_addr, "the agent's metrics");
+    // 16 readers of different parts of the disk at once: one origin request
+    // runs, two wait, the rest are refused at once.
+    let readers: Vec<Child> = (0..16)
+        .map(|i| {
+            Command::new("qemu-io")
+                .args(["-f", "raw", "-r", &format!("nbd+unix:///bb?socket={}", socket.display()), "-c", &format!("read {}M 512k", i / 2)])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let failed = readers.into_iter().map(|c| c.wait_with_output().unwrap()).filter(|o| !o.status.success()).count();
+    assert!(failed > 0, "every read succeeded, none was shed");
+    let shed = metric(&metrics_addr, "tessera_origin_requests_shed_total");
+    let peak = metric(&metrics_addr, "tessera_origin_requests_in_flight_peak");
+    stop_child(&mut child, Duration::from_secs(10));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(peak <= 1.0, "origin in flight peaked at {peak}");
+    assert!(shed > 0.0, "nothing was shed:\n{log}");
+    assert!(log.contains("origin overloaded"), "no clear error in the agent's log:\n{log}");
 }
