@@ -506,3 +506,33 @@ fn a_cold_tier_and_a_full_origin_queue_shed_reads_with_a_clear_error() {
     assert!(shed > 0.0, "nothing was shed:\n{log}");
     assert!(log.contains("origin overloaded"), "no clear error in the agent's log:\n{log}");
 }
+
+#[test]
+fn tessera_run_boots_from_the_tier() {
+    if !have_tools() || !require("qemu-system-x86_64", "qemu-system-x86") || !require("apt-get", "apt") {
+        return;
+    }
+    let (env, _, _) = imported();
+    let nodes = Nodes::start(&env, 5, &[]);
+    let run = |cache: &str| -> serde_json::Value {
+        let cache = env.path(cache);
+        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["run", "bb", "--accel", "tcg", "--json", "--no-profile", "--cache-nodes", &nodes.list(), "--cache-dir", cache.to_str().unwrap()])
+            .env("TESSERA_HOME", env.home())
+            .env("TESSERA_KERNEL_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/kernel"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(stdout.starts_with("hello from tessera\n"), "{}", text(&out));
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    };
+    // The first run fills the tier from the origin; a run on another
+    // worker (an empty cache directory) boots from the tier alone.
+    let first = run("cache-1");
+    assert!(first["chunks_fetched"]["origin"].as_u64().unwrap() > 0, "{first}");
+    let second = run("cache-2");
+    assert_eq!(second["chunks_fetched"]["origin"], 0, "{second}");
+    assert!(second["chunks_fetched"]["cache"].as_u64().unwrap() > 0, "{second}");
+}
