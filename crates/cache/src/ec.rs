@@ -200,6 +200,9 @@ impl Code {
         if present.iter().any(|&i| stripe(i).len() != slen) || slen * self.k < len {
             return Err(EcError::Ragged);
         }
+        if slen == 0 {
+            return Ok(Vec::new());
+        }
         // Every data stripe at hand: the data is their concatenation.
         if present.iter().enumerate().all(|(j, &i)| i == j) {
             let mut out = Vec::with_capacity(len);
@@ -298,6 +301,10 @@ mod tests {
         s[0] = None;
         s[3] = None;
         assert_eq!(code.decode(&s, 11), Err(EcError::TooFew { have: 3, need: 4 }));
+        // Empty stripes (a peer sent headers only) rebuild nothing, and say so.
+        let empty: Vec<Option<Vec<u8>>> = vec![Some(vec![]); 5];
+        assert_eq!(code.decode(&empty, 0), Ok(vec![]));
+        assert_eq!(code.decode(&empty, 3), Err(EcError::Ragged));
         assert!(Code::new(0, 1).is_err());
     }
 
