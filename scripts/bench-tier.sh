@@ -16,6 +16,7 @@ set -eu
 cd "$(dirname "$0")/.."
 work=${1:-/var/tmp/tessera-bench-tier}
 reads=${READS:-2000}
+rounds=${ROUNDS:-5}
 cargo build --release --quiet -p tessera-cli
 tessera="$(pwd)/target/release/tessera"
 export TESSERA_HOME="$work/home"
@@ -101,9 +102,9 @@ bench() { "$tessera" bench tier tier --cache-nodes "$nodes" "$@"; }
 echo "warming the tier" >&2
 bench --warm --count 0 --origin-reads 0 >/dev/null
 sync
-# p99 on a small shared machine swings from run to run: three rounds of
-# healthy then slow, the ratio taken per round.
-for round in 1 2 3; do
+# p99 on a small shared machine swings from run to run: rounds of healthy
+# then slow, the ratio taken per round.
+for round in $(seq "$rounds"); do
     node4 healthy
     echo "round $round: healthy" >&2
     bench --count "$reads" --origin-reads $([ $round = 1 ] && echo 100 || echo 0) >"$work/healthy$round.json"
@@ -115,12 +116,12 @@ for round in 1 2 3; do
 done
 stored=$(du -sb "$work"/node?/stripes | awk '{s += $1} END {print s}')
 sealed=$(du -sb "$work/home/chunks" | awk '{print $1}')
-python3 - "$work" "$stored" "$sealed" "$delay" <<'PY'
+python3 - "$work" "$stored" "$sealed" "$delay" "$rounds" <<'PY'
 import json, statistics, sys
 work = sys.argv[1]
 load = lambda n: json.load(open(f"{work}/{n}.json"))
 h, hn, sn = load("healthy1"), load("healthy-naive"), load("slow-naive")
-rounds = [(load(f"healthy{r}")["first_k"], load(f"slow{r}")["first_k"]) for r in (1, 2, 3)]
+rounds = [(load(f"healthy{r}")["first_k"], load(f"slow{r}")["first_k"]) for r in range(1, int(sys.argv[5]) + 1)]
 ratios = [s["p99_ms"] / hk["p99_ms"] for hk, s in rounds]
 stored, sealed = int(sys.argv[2]), int(sys.argv[3])
 print(json.dumps({
@@ -134,6 +135,7 @@ print(json.dumps({
     "slow_first_k_p50_ms": [s["p50_ms"] for _, s in rounds],
     "first_k_slow_over_healthy_p99": ratios,
     "first_k_slow_over_healthy_p99_median": statistics.median(ratios),
+    "first_k_slow_over_healthy_p50": [s["p50_ms"] / hk["p50_ms"] for hk, s in rounds],
     "healthy_data_stripes_p50_ms": hn["data_stripes"]["p50_ms"], "healthy_data_stripes_p99_ms": hn["data_stripes"]["p99_ms"],
     "slow_data_stripes_p50_ms": sn["data_stripes"]["p50_ms"], "slow_data_stripes_p99_ms": sn["data_stripes"]["p99_ms"],
     "data_stripes_slow_over_healthy_first_k_p99": sn["data_stripes"]["p99_ms"] / rounds[0][0]["p99_ms"],

@@ -32,11 +32,14 @@ impl DiskKey for ChunkId {
     }
 }
 
+/// An entry waiting for the writer thread.
+type Pending<K> = (K, Vec<u8>);
+
 /// Entries as files `DIR/ab/KEY`, at most `capacity` bytes.
 pub struct DiskCache<K: DiskKey = ChunkId> {
     inner: Arc<Inner<K>>,
     /// Entries waiting for the writer thread.
-    behind: Mutex<Option<Sender<(K, Vec<u8>)>>>,
+    behind: Mutex<Option<Sender<Pending<K>>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -90,7 +93,7 @@ impl<K: DiskKey> DiskCache<K> {
         for (_, id, len, _) in found {
             inner.admit(id, len);
         }
-        let (tx, rx) = bounded::<(K, Vec<u8>)>(WRITE_BEHIND);
+        let (tx, rx) = bounded::<Pending<K>>(WRITE_BEHIND);
         let w = Arc::clone(&inner);
         let writer = std::thread::spawn(move || {
             for (id, bytes) in rx {

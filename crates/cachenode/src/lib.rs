@@ -34,12 +34,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use ring::digest::{digest, SHA256};
 use tessera_cache::metrics::{header, Histogram};
+use tessera_cache::tier::wire::MAX_STRIPE;
 use tessera_cache::tier::StripeKey;
 use tessera_cache::{DiskCache, Lru2, CORRELATED};
 use tokio::net::TcpListener;
-
-/// The largest stripe a node accepts (a 512 KiB chunk in one stripe, with room).
-pub const MAX_STRIPE: usize = 4 << 20;
 
 /// Bytes of the checksum in front of each stripe on disk.
 const SUM_LEN: usize = 32;

@@ -361,7 +361,7 @@ fn thirty_two_cold_readers_never_push_the_origin_past_its_bound() {
         std::fs::remove_file(out).unwrap();
     }
     let peak = a.metric("tessera_origin_requests_in_flight_peak");
-    assert!(peak >= 1.0 && peak <= 4.0, "origin in flight peaked at {peak}, bound 4");
+    assert!((1.0..=4.0).contains(&peak), "origin in flight peaked at {peak}, bound 4");
     // Each chunk was fetched from the origin once, however many readers wanted it.
     assert_eq!(a.metric("tessera_origin_requests_total"), chunks);
     assert_eq!(a.metric("tessera_origin_requests_shed_total"), 0.0);

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -300,7 +300,8 @@ impl Shared {
         let attempt = async {
             let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
             let status = resp.status();
-            let body = resp.into_body().collect().await.map_err(|e| error_chain(&e))?.to_bytes();
+            // A node cannot make us hold more than a stripe can be.
+            let body = Limited::new(resp.into_body(), wire::MAX_STRIPE).collect().await.map_err(|e| error_chain(&*e))?.to_bytes();
             Ok::<_, String>((status, body))
         };
         let reply = match tokio::time::timeout(STRIPE_TIMEOUT, attempt).await {
@@ -418,7 +419,7 @@ impl Shared {
             }
             // The next k-subset of the present stripes, in lexicographic order.
             let p = present.len();
-            let Some(i) = (0..k).rev().find(|&i| subset[i] < p - k + i) else { return None };
+            let i = (0..k).rev().find(|&i| subset[i] < p - k + i)?;
             subset[i] += 1;
             for j in i + 1..k {
                 subset[j] = subset[j - 1] + 1;

@@ -93,6 +93,10 @@ const VERSION: u8 = 1;
 /// Bytes of a stripe's header.
 pub const HEADER_LEN: usize = 12;
 
+/// The largest stripe either side accepts (a whole sealed chunk as one
+/// stripe, with room to spare).
+pub const MAX_STRIPE: usize = 4 << 20;
+
 impl StripeHeader {
     /// A stripe: this header followed by `body`.
     pub fn wrap(&self, body: &[u8]) -> Vec<u8> {
