@@ -114,8 +114,8 @@ for round in $(seq "$rounds"); do
     bench --count "$reads" --origin-reads 0 >"$work/slow$round.json"
     [ $round = 1 ] && bench --count "$reads" --policy data-stripes --origin-reads 0 >"$work/slow-naive.json"
 done
-stored=$(du -sb "$work"/node?/stripes | awk '{s += $1} END {print s}')
-sealed=$(du -sb "$work/home/chunks" | awk '{print $1}')
+stored=$(find "$work"/node?/stripes -type f -printf "%s\n" | awk "{s += \$1} END {print s}")
+sealed=$(find "$work/home/chunks" -type f -printf "%s\n" | awk "{s += \$1} END {print s}")
 python3 - "$work" "$stored" "$sealed" "$delay" "$rounds" <<'PY'
 import json, statistics, sys
 work = sys.argv[1]
