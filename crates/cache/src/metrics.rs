@@ -47,3 +47,12 @@ pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
+
+/// Appends unlabelled counters, each with its `# HELP` and `# TYPE`:
+/// `(name, help, value)`.
+pub fn counters(out: &mut String, list: &[(&str, &str, &AtomicU64)]) {
+    for (name, help, v) in list {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+    }
+}

@@ -33,7 +33,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use ring::digest::{digest, SHA256};
-use tessera_cache::metrics::{header, Histogram};
+use tessera_cache::metrics::{counters, header, Histogram};
 use tessera_cache::tier::wire::MAX_STRIPE;
 use tessera_cache::tier::StripeKey;
 use tessera_cache::{DiskCache, Lru2, CORRELATED};
@@ -238,18 +238,14 @@ impl CacheNode {
         header(&mut out, "tessera_cachenode_hits_total", "counter", "Stripes served, by the cache that had them.");
         let _ = writeln!(out, "tessera_cachenode_hits_total{{cache=\"memory\"}} {}", load(&s.memory_hits));
         let _ = writeln!(out, "tessera_cachenode_hits_total{{cache=\"disk\"}} {}", load(&s.disk_hits));
-        let counters: [(&str, &str, &AtomicU64); 6] = [
+        counters(&mut out, &[
             ("tessera_cachenode_misses_total", "Stripes asked for and not held.", &s.misses),
             ("tessera_cachenode_stores_total", "Stripes stored.", &s.stores),
             ("tessera_cachenode_unauthorized_total", "Requests refused for a missing or wrong token.", &s.unauthorized),
             ("tessera_cachenode_bad_requests_total", "Requests for an unknown path or method, or with a bad body.", &s.bad_requests),
             ("tessera_cachenode_corrupt_total", "Stripes found corrupt on disk and dropped.", &s.corrupt),
             ("tessera_cachenode_disk_errors_total", "Stripes that could not be read from or written to disk.", &s.disk_errors),
-        ];
-        for (name, help, v) in counters {
-            header(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", load(v));
-        }
+        ]);
         header(&mut out, "tessera_cachenode_bytes_total", "counter", "Stripe bytes sent and received.");
         let _ = writeln!(out, "tessera_cachenode_bytes_total{{direction=\"out\"}} {}", load(&s.bytes_out));
         let _ = writeln!(out, "tessera_cachenode_bytes_total{{direction=\"in\"}} {}", load(&s.bytes_in));

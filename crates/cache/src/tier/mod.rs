@@ -40,7 +40,7 @@ use tessera_chunk::{check_id, ChunkId};
 use tokio::task::JoinSet;
 
 use crate::ec::Code;
-use crate::metrics::{header, Histogram};
+use crate::metrics::{counters, header, Histogram};
 use crate::placement::place;
 use crate::{ChunkSource, Error, Tier};
 pub use wire::{StripeHeader, StripeKey};
@@ -520,7 +520,7 @@ impl ChunkSource for CacheTier {
 
     fn render(&self, out: &mut String) {
         let s = &self.shared.stats;
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        counters(out, &[
             ("tessera_cache_tier_hits_total", "Chunks rebuilt from the cache tier.", &s.hits),
             ("tessera_cache_tier_misses_total", "Chunk reads the cache tier could not serve.", &s.misses),
             ("tessera_cache_tier_stripes_received_total", "Stripes received from cache nodes.", &s.stripes_received),
@@ -530,11 +530,7 @@ impl ChunkSource for CacheTier {
             ("tessera_cache_tier_stripes_stored_total", "Stripes stored on cache nodes.", &s.stripes_stored),
             ("tessera_cache_tier_offers_dropped_total", "Chunks not stored in the tier because too many were waiting.", &s.offers_dropped),
             ("tessera_cache_tier_stripes_repaired_total", "Stripes put back on a node that had lost them.", &s.stripes_repaired),
-        ];
-        for (name, help, v) in counters {
-            header(out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
-        }
+        ]);
         header(out, "tessera_cache_tier_pending", "gauge", "Chunks waiting to be stored in the cache tier.");
         let _ = writeln!(out, "tessera_cache_tier_pending {}", self.shared.pending.load(Ordering::Relaxed));
         header(out, "tessera_cache_tier_rebuild_seconds", "histogram", "Time to rebuild one chunk from the cache tier.");
