@@ -6,7 +6,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 sh scripts/ensure-packages.sh umoci skopeo docker-registry debootstrap busybox-static e2fsprogs attr \
-    fuse3 libnbd-bin qemu-utils qemu-system-x86 util-linux python3 openssl
+    fuse3 libnbd-bin qemu-utils qemu-system-x86 util-linux python3 openssl iproute2
 # Debian's docker-registry service listens on all interfaces; the tests start
 # their own, on loopback.
 sudo_cmd=""
