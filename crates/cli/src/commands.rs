@@ -14,12 +14,17 @@ use crate::flags::{BenchCommand, CacheArgs, Cli, Command, ImportArgs, MountArgs,
 use crate::progress::{human, Bars};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    // A cache node keeps no images: it needs no TESSERA_HOME.
+    let command = match cli.command {
+        Command::Cachenode(args) => return crate::tier::cachenode(args),
+        other => other,
+    };
     let home_dir = match cli.home {
         Some(h) => h,
         None => default_home()?,
     };
     let home = Home::open(&home_dir).with_context(|| format!("opening TESSERA_HOME {}", home_dir.display()))?;
-    match cli.command {
+    match command {
         Command::Serve(args) => serve(home, args),
         Command::Mount(args) => mount(home, args),
         Command::Run(args) => crate::run::run(home, args),
@@ -30,7 +35,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { name, file } => export(&home, &name, &file),
         Command::Verify { name, json } => verify(&home, &name, json),
         Command::Rm { names } => rm(&home, &names),
-        Command::Cachenode(args) => crate::tier::cachenode(args),
+        Command::Cachenode(_) => unreachable!("handled above"),
         Command::Bench(BenchCommand::Tier { name, tier, count, origin_reads, warm, policy, origin_latency, origin_bandwidth }) => {
             let bench = crate::tier::TierBench { count, origin_reads, warm, policy, origin_latency, origin_bandwidth };
             crate::tier::bench(&home, &name, &tier, &bench)

@@ -294,55 +294,54 @@ impl Shared {
         req.body(Full::new(body)).expect("the request's parts are valid")
     }
 
-    /// One stripe from one node; marks the node failed on an error or timeout.
-    async fn get(self: Arc<Self>, node: usize, key: StripeKey) -> (usize, Reply) {
-        let req = self.request(Method::GET, node, &key, Bytes::new());
+    /// Sends `req` to `node`; the status and body of the answer, or why
+    /// there is none within `limit`. Marks the node failed or well.
+    async fn exchange(&self, node: usize, req: Request<Full<Bytes>>, limit: Duration) -> Result<(StatusCode, Bytes), ()> {
         let attempt = async {
             let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
             let status = resp.status();
             // A node cannot make us hold more than a stripe can be.
             let body = Limited::new(resp.into_body(), wire::MAX_STRIPE).collect().await.map_err(|e| error_chain(&*e))?.to_bytes();
-            Ok::<_, String>((status, body))
+            if status.is_success() || status == StatusCode::NOT_FOUND {
+                Ok((status, body))
+            } else {
+                Err(format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]).trim()))
+            }
         };
-        let reply = match tokio::time::timeout(STRIPE_TIMEOUT, attempt).await {
-            Err(_) => Err(format!("no answer within {STRIPE_TIMEOUT:?}")),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok((StatusCode::OK, body))) => Ok(Reply::Stripe(body)),
-            Ok(Ok((StatusCode::NOT_FOUND, _))) => Ok(Reply::Missing),
-            Ok(Ok((status, body))) => Err(format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]).trim())),
-        };
-        match reply {
-            Ok(r) => {
+        let answer = tokio::time::timeout(limit, attempt).await.unwrap_or_else(|_| Err(format!("no answer within {limit:?}")));
+        match answer {
+            Ok(a) => {
                 self.nodes[node].succeeded();
-                (key.index as usize, r)
+                Ok(a)
             }
             Err(why) => {
                 self.nodes[node].failed(&why);
-                (key.index as usize, Reply::Failed)
+                Err(())
             }
         }
+    }
+
+    /// One stripe from one node.
+    async fn get(self: Arc<Self>, node: usize, key: StripeKey) -> (usize, Reply) {
+        let req = self.request(Method::GET, node, &key, Bytes::new());
+        let reply = match self.exchange(node, req, STRIPE_TIMEOUT).await {
+            Ok((StatusCode::NOT_FOUND, _)) => Reply::Missing,
+            Ok((_, body)) => Reply::Stripe(body),
+            Err(()) => Reply::Failed,
+        };
+        (key.index as usize, reply)
     }
 
     /// Stores one stripe on one node.
     async fn put(self: Arc<Self>, node: usize, key: StripeKey, stripe: Bytes) {
         let req = self.request(Method::PUT, node, &key, stripe);
-        let attempt = async {
-            let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
-            let status = resp.status();
-            let body = resp.into_body().collect().await.map_err(|e| error_chain(&e))?.to_bytes();
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]).trim()))
-            }
-        };
-        match tokio::time::timeout(STRIPE_TIMEOUT * 5, attempt).await {
-            Ok(Ok(())) => {
+        // A 404 to a PUT means the node does not take stripes there: a failure.
+        match self.exchange(node, req, STRIPE_TIMEOUT * 5).await {
+            Ok((StatusCode::NOT_FOUND, _)) => self.nodes[node].failed("404 Not Found for a stripe store"),
+            Ok(_) => {
                 self.stats.stripes_stored.fetch_add(1, Ordering::Relaxed);
-                self.nodes[node].succeeded();
             }
-            Ok(Err(why)) => self.nodes[node].failed(&why),
-            Err(_) => self.nodes[node].failed("a store timed out"),
+            Err(()) => {}
         }
     }
 
