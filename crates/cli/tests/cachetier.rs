@@ -224,6 +224,16 @@ fn a_warm_tier_serves_cold_agents_through_node_losses() {
     assert_eq!(reads(&a4, "origin"), chunks);
     assert_eq!(reads(&a4, "cache"), 0.0);
     a4.stop();
+
+    // The two nodes restart on their directories: their stripes are still
+    // there, and the tier serves everything again.
+    nodes.restart(0);
+    nodes.restart(1);
+    assert_eq!(nodes.metric(0, "tessera_cachenode_stripes{cache=\"disk\"}"), chunks);
+    let a5 = agent(&env, "a5", &nodes, &[]);
+    assert!(read_all(&env, &a5, "a5.raw") == want);
+    assert_eq!(reads(&a5, "origin"), 0.0);
+    assert!(nodes.metric(0, "tessera_cachenode_hits_total{cache=\"disk\"}") > 0.0);
 }
 
 /// Rewrites a stripe file as a node that lies would: a flipped byte under a

@@ -388,19 +388,21 @@ impl Shared {
     /// `k` are present; `None` if no subset gives the chunk.
     fn rebuild(&self, id: &ChunkId, stripes: &[Option<Bytes>]) -> Option<Vec<u8>> {
         let (k, n) = (self.code.k(), self.code.n());
-        // Bodies with a header of this code and the index they were asked as.
-        let mut len = None;
-        let bodies: Vec<Option<&[u8]>> = stripes
+        // Stripes with a header of this code and the index they were asked as.
+        let headed: Vec<Option<(u32, &[u8])>> = stripes
             .iter()
             .enumerate()
             .map(|(i, s)| {
                 let s = s.as_ref()?;
                 let h = StripeHeader::parse(s)?;
-                let ok = (h.k as usize, h.m as usize, h.index as usize) == (k, n - k, i) && *len.get_or_insert(h.chunk_len) == h.chunk_len;
-                ok.then(|| &s[wire::HEADER_LEN..])
+                ((h.k as usize, h.m as usize, h.index as usize) == (k, n - k, i)).then(|| (h.chunk_len, &s[wire::HEADER_LEN..]))
             })
             .collect();
-        let len = len? as usize;
+        // The chunk length most stripes agree on (a damaged header is outvoted).
+        let lens: Vec<u32> = headed.iter().flatten().map(|(l, _)| *l).collect();
+        let len = *lens.iter().max_by_key(|l| lens.iter().filter(|x| x == l).count())?;
+        let bodies: Vec<Option<&[u8]>> = headed.iter().map(|h| h.filter(|(l, _)| *l == len).map(|(_, b)| b)).collect();
+        let len = len as usize;
         let present: Vec<usize> = (0..n).filter(|&i| bodies[i].is_some()).collect();
         let mut subset: Vec<usize> = (0..k.min(present.len())).collect();
         loop {
@@ -579,8 +581,10 @@ mod tests {
         let sealed = tessera_chunk::seal(&salt, (0..tessera_chunk::CHUNK_SIZE).map(|i| (i % 251) as u8).collect());
         let s = &t.shared;
         let h = |index| StripeHeader { k: 4, m: 1, index, chunk_len: sealed.ciphertext.len() as u32 };
-        let mut stripes: Vec<Option<Bytes>> =
-            s.code.encode(&sealed.ciphertext).iter().enumerate().map(|(i, b)| Some(Bytes::from(h(i as u8).wrap(b)))).collect();
+        let fresh = || -> Vec<Option<Bytes>> {
+            s.code.encode(&sealed.ciphertext).iter().enumerate().map(|(i, b)| Some(Bytes::from(h(i as u8).wrap(b)))).collect()
+        };
+        let mut stripes = fresh();
         assert_eq!(s.rebuild(&sealed.id, &stripes).as_deref(), Some(&sealed.ciphertext[..]));
         // Flip a byte of stripe 1: the first four no longer rebuild the
         // chunk, but four of the five still do.
@@ -591,8 +595,15 @@ mod tests {
         // With only four, one of them bad, there is nothing to rebuild from.
         stripes[4] = None;
         assert_eq!(s.rebuild(&sealed.id, &stripes), None);
+        // A damaged length in one header is outvoted by the others.
+        let mut stripes = fresh();
+        let mut bad = stripes[0].as_ref().unwrap().to_vec();
+        bad[9] ^= 0x01;
+        stripes[0] = Some(Bytes::from(bad));
+        assert_eq!(s.rebuild(&sealed.id, &stripes).as_deref(), Some(&sealed.ciphertext[..]));
         // A stripe of another code or at the wrong index is not used.
-        let mut wrong = stripes.clone();
+        let mut wrong = fresh();
+        wrong[0] = None;
         wrong[4] = Some(Bytes::from(StripeHeader { k: 3, m: 2, index: 4, chunk_len: 1 }.wrap(b"x")));
         assert_eq!(s.rebuild(&sealed.id, &wrong), None);
     }
