@@ -190,7 +190,9 @@ impl Agent {
             t.abort();
         }
         self.exports.flush_all();
-        self.loader.drain();
+        // Waiting for the caches to be written sleeps: not on a worker thread.
+        let loader = Arc::clone(&self.loader);
+        let _ = tokio::task::spawn_blocking(move || loader.drain()).await;
         for s in sockets {
             let _ = std::fs::remove_file(s);
         }

@@ -1,15 +1,10 @@
 //! The agent's disk cache: sealed chunks only (a stolen cache disk reveals
 //! nothing), bounded, LRU-2, and still there after a restart. Cache nodes
-//! keep their stripes in the same kind of cache, keyed by [`StripeKey`].
-//!
-//! [`StripeKey`]: crate::tier::StripeKey
+//! keep their stripes (one per chunk) in the same kind of cache.
 
-use std::fmt::Display;
 use std::fs;
-use std::hash::Hash;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,48 +14,35 @@ use tessera_chunk::ChunkId;
 
 use crate::{ChunkSource, Error, Lru2, Tier, CORRELATED};
 
-/// What a [`DiskCache`] is keyed by: its `Display` form (at least two
-/// characters) is the file name, and parses back with `FromStr`.
-pub trait DiskKey: Copy + Ord + Hash + Display + FromStr + Send + Sync + 'static {
-    /// The chunk the entry belongs to (for error messages).
-    fn chunk(&self) -> ChunkId;
-}
-
-impl DiskKey for ChunkId {
-    fn chunk(&self) -> ChunkId {
-        *self
-    }
-}
-
-/// An entry waiting for the writer thread.
-type Pending<K> = (K, Vec<u8>);
-
-/// Entries as files `DIR/ab/KEY`, at most `capacity` bytes.
-pub struct DiskCache<K: DiskKey = ChunkId> {
-    inner: Arc<Inner<K>>,
-    /// Entries waiting for the writer thread.
-    behind: Mutex<Option<Sender<Pending<K>>>>,
+/// Sealed chunks as files `DIR/ab/ID`, at most `capacity` bytes.
+pub struct DiskCache {
+    inner: Arc<Inner>,
+    /// Chunks waiting for the writer thread.
+    behind: Mutex<Option<Sender<Pending>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-struct Inner<K> {
+struct Inner {
     dir: PathBuf,
-    index: Mutex<Lru2<K, ()>>,
+    index: Mutex<Lru2<ChunkId, ()>>,
     counter: AtomicU64,
     evictions: AtomicU64,
     pending: AtomicU64,
     dropped: AtomicU64,
 }
 
+/// A chunk waiting to be written.
+type Pending = (ChunkId, Vec<u8>);
+
 /// Chunks that may wait for the writer; past that, new ones are not cached.
 const WRITE_BEHIND: usize = 64;
 
-impl<K: DiskKey> DiskCache<K> {
+impl DiskCache {
     /// Opens the cache in `dir`, indexing what a previous run left there
     /// (oldest first) and trimming it to `capacity`.
-    pub fn open(dir: &Path, capacity: u64) -> std::io::Result<DiskCache<K>> {
+    pub fn open(dir: &Path, capacity: u64) -> std::io::Result<DiskCache> {
         fs::create_dir_all(dir)?;
-        let mut found: Vec<(std::time::SystemTime, K, u64, PathBuf)> = Vec::new();
+        let mut found: Vec<(std::time::SystemTime, ChunkId, u64, PathBuf)> = Vec::new();
         for sub in fs::read_dir(dir)? {
             let sub = sub?;
             if !sub.file_type()?.is_dir() {
@@ -69,7 +51,7 @@ impl<K: DiskKey> DiskCache<K> {
             for f in fs::read_dir(sub.path())? {
                 let f = f?;
                 let name = f.file_name().to_string_lossy().into_owned();
-                match name.parse::<K>() {
+                match name.parse::<ChunkId>() {
                     Ok(id) => {
                         let md = f.metadata()?;
                         found.push((md.modified()?, id, md.len(), f.path()));
@@ -93,12 +75,12 @@ impl<K: DiskKey> DiskCache<K> {
         for (_, id, len, _) in found {
             inner.admit(id, len);
         }
-        let (tx, rx) = bounded::<Pending<K>>(WRITE_BEHIND);
+        let (tx, rx) = bounded::<(ChunkId, Vec<u8>)>(WRITE_BEHIND);
         let w = Arc::clone(&inner);
         let writer = std::thread::spawn(move || {
             for (id, bytes) in rx {
                 if let Err(e) = w.insert(&id, &bytes) {
-                    eprintln!("tessera: disk cache: cannot keep {id}: {e}");
+                    eprintln!("tessera: disk cache: cannot keep chunk {id}: {e}");
                 }
                 w.pending.fetch_sub(1, Ordering::Relaxed);
             }
@@ -108,7 +90,7 @@ impl<K: DiskKey> DiskCache<K> {
 
     /// Keeps sealed `bytes` of `id` soon, on the writer thread; if the
     /// writer is too far behind, the chunk is not cached.
-    pub fn insert_later(&self, id: K, bytes: Vec<u8>) {
+    pub fn insert_later(&self, id: ChunkId, bytes: Vec<u8>) {
         let behind = self.behind.lock().expect("no panics while holding the lock");
         let Some(tx) = behind.as_ref() else { return };
         self.inner.pending.fetch_add(1, Ordering::Relaxed);
@@ -128,22 +110,22 @@ impl<K: DiskKey> DiskCache<K> {
     }
 
     /// Keeps sealed `bytes` of `id` now (written to a temporary, then renamed).
-    pub fn insert(&self, id: &K, bytes: &[u8]) -> std::io::Result<()> {
+    pub fn insert(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<()> {
         self.inner.insert(id, bytes)
     }
 
     /// Drops `id` (e.g. found corrupt).
-    pub fn remove(&self, id: &K) {
+    pub fn remove(&self, id: &ChunkId) {
         self.inner.remove(id)
     }
 
     /// The bytes kept under `id`, if any (counted as an access).
-    pub fn get(&self, id: &K) -> Result<Option<Vec<u8>>, Error> {
+    pub fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
         self.inner.fetch(id)
     }
 
     /// Whether `id` is kept (no access is counted).
-    pub fn contains(&self, id: &K) -> bool {
+    pub fn contains(&self, id: &ChunkId) -> bool {
         self.inner.index.lock().expect("no panics while holding the lock").contains(id)
     }
 
@@ -173,7 +155,7 @@ impl<K: DiskKey> DiskCache<K> {
     }
 }
 
-impl<K: DiskKey> Drop for DiskCache<K> {
+impl Drop for DiskCache {
     fn drop(&mut self) {
         // Close the queue; the writer finishes what is queued.
         self.behind.lock().expect("no panics while holding the lock").take();
@@ -183,14 +165,14 @@ impl<K: DiskKey> Drop for DiskCache<K> {
     }
 }
 
-impl<K: DiskKey> Inner<K> {
-    fn path_of(&self, id: &K) -> PathBuf {
-        let name = id.to_string();
-        self.dir.join(&name[..2]).join(name)
+impl Inner {
+    fn path_of(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.dir.join(&hex[..2]).join(hex)
     }
 
     /// Adds `id` to the index, deleting the files of what it evicts.
-    fn admit(&self, id: K, len: u64) {
+    fn admit(&self, id: ChunkId, len: u64) {
         let (evicted, kept) = {
             let mut index = self.index.lock().expect("no panics while holding the lock");
             let evicted = index.insert(id, (), len);
@@ -207,7 +189,7 @@ impl<K: DiskKey> Inner<K> {
         }
     }
 
-    fn insert(&self, id: &K, bytes: &[u8]) -> std::io::Result<()> {
+    fn insert(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<()> {
         let path = self.path_of(id);
         let parent = path.parent().expect("cache paths have a parent");
         fs::create_dir_all(parent)?;
@@ -219,12 +201,12 @@ impl<K: DiskKey> Inner<K> {
         Ok(())
     }
 
-    fn remove(&self, id: &K) {
+    fn remove(&self, id: &ChunkId) {
         self.index.lock().expect("no panics while holding the lock").remove(id);
         let _ = fs::remove_file(self.path_of(id));
     }
 
-    fn fetch(&self, id: &K) -> Result<Option<Vec<u8>>, Error> {
+    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
         if self.index.lock().expect("no panics while holding the lock").get(id).is_none() {
             return Ok(None);
         }
@@ -234,7 +216,7 @@ impl<K: DiskKey> Inner<K> {
                 self.remove(id);
                 Ok(None)
             }
-            Err(e) => Err(Error::Source { id: id.chunk(), tier: "disk", reason: format!("{id}: {e}") }),
+            Err(e) => Err(Error::Source { id: *id, tier: "disk", reason: e.to_string() }),
         }
     }
 }
@@ -248,6 +230,7 @@ impl ChunkSource for DiskCache {
         self.inner.fetch(id)
     }
 }
+
 
 #[cfg(test)]
 mod tests {

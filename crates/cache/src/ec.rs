@@ -149,10 +149,15 @@ impl Code {
         for i in 0..k {
             matrix[i * k + i] = 1;
         }
-        // Cauchy rows: 1 / (x_i + y_j) with x_i = k + i, y_j = j, all distinct.
+        // Cauchy rows: 1 / (x_i + y_j) with x_i = k + i, y_j = j, all
+        // distinct; each scaled so that it starts with 1 (scaling a row
+        // keeps every square submatrix invertible), which makes 1+m codes
+        // plain copies.
         for i in 0..m {
+            let first = gf.inv((k + i) as u8);
+            let scale = gf.inv(first);
             for j in 0..k {
-                matrix[(k + i) * k + j] = gf.inv(((k + i) as u8) ^ (j as u8));
+                matrix[(k + i) * k + j] = gf.mul(gf.inv(((k + i) as u8) ^ (j as u8)), scale);
             }
         }
         Ok(Code { k, m, gf, matrix })
@@ -306,6 +311,13 @@ mod tests {
         assert_eq!(code.decode(&empty, 0), Ok(vec![]));
         assert_eq!(code.decode(&empty, 3), Err(EcError::Ragged));
         assert!(Code::new(0, 1).is_err());
+    }
+
+    #[test]
+    fn one_plus_m_is_replication() {
+        let code = Code::new(1, 2).unwrap();
+        let data = b"replicated".to_vec();
+        assert!(code.encode(&data).iter().all(|s| *s == data));
     }
 
     #[test]

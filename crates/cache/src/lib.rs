@@ -37,7 +37,7 @@ pub mod placement;
 pub mod tier;
 pub mod trace;
 
-pub use disk::{DiskCache, DiskKey};
+pub use disk::DiskCache;
 pub use loader::{Loader, LoaderOptions, Plain};
 pub use lruk::Lru2;
 pub use origin::Origin;

@@ -2,17 +2,18 @@
 //! the workers of a zone, so a cold worker reads from its neighbours'
 //! cache instead of the origin.
 //!
-//! A [`CacheNode`] stores opaque stripes by (chunk id, stripe index) in
-//! memory and on disk, each bounded and evicted by the same LRU-2 as the
+//! A [`CacheNode`] stores one opaque stripe per chunk id in memory and on
+//! disk, each bounded and evicted by the same LRU-2 as the
 //! worker's caches ([`tessera_cache::Lru2`], [`tessera_cache::DiskCache`]).
 //! The disk copy is written to a temporary and renamed, carries a SHA-256
 //! of the stripe, and is checked on every read from disk: a torn or
 //! corrupted file is dropped and reported as a miss, never served. What the
 //! disk holds is found again after a restart.
 //!
-//! [`serve`] answers `GET` and `PUT` on `/v1/stripes/CHUNK/INDEX` over
-//! HTTP/1.1 or HTTP/2 (cleartext), checking a bearer token when the node
-//! has one; [`serve_metrics`] answers `/metrics` in Prometheus text. The
+//! [`serve`] answers `GET` and `PUT` on `/v1/stripes/CHUNK` over HTTP/1.1
+//! or HTTP/2 (cleartext), checking a bearer token when the node has one;
+//! stores buffer at most [`MAX_PUTS`] bodies at once, and connections that
+//! stall are closed; [`serve_metrics`] answers `/metrics` in Prometheus text. The
 //! node never sees a chunk key, only ciphertext cut in stripes
 //! ([`tessera_cache::tier::wire`]).
 #![deny(missing_docs)]
@@ -23,24 +24,31 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use ring::digest::{digest, SHA256};
 use tessera_cache::metrics::{counters, header, Histogram};
-use tessera_cache::tier::wire::MAX_STRIPE;
-use tessera_cache::tier::StripeKey;
+use tessera_cache::tier::wire::{self, MAX_STRIPE};
 use tessera_cache::{DiskCache, Lru2, CORRELATED};
+use tessera_chunk::ChunkId;
 use tokio::net::TcpListener;
 
 /// Bytes of the checksum in front of each stripe on disk.
 const SUM_LEN: usize = 32;
+
+/// Stores whose bodies may be buffered at once (each at most
+/// [`MAX_STRIPE`]); more wait for a turn.
+pub const MAX_PUTS: usize = 64;
+
+/// How long a client may take to send a stripe, or a request's headers.
+const SLOW_CLIENT: Duration = Duration::from_secs(30);
 
 /// Bounds and secrets of a node.
 #[derive(Clone, Debug)]
@@ -55,8 +63,9 @@ pub struct NodeOptions {
 
 /// The stripes a node keeps, and its counters.
 pub struct CacheNode {
-    memory: Mutex<Lru2<StripeKey, Bytes>>,
-    disk: DiskCache<StripeKey>,
+    memory: Mutex<Lru2<ChunkId, Bytes>>,
+    disk: DiskCache,
+    puts: tokio::sync::Semaphore,
     options: NodeOptions,
     stats: NodeStats,
 }
@@ -85,6 +94,7 @@ impl CacheNode {
         Ok(CacheNode {
             memory: Mutex::new(Lru2::new(options.memory_bytes, 4096, CORRELATED)),
             disk,
+            puts: tokio::sync::Semaphore::new(MAX_PUTS),
             options,
             stats: NodeStats::default(),
         })
@@ -95,15 +105,15 @@ impl CacheNode {
         self.disk.len()
     }
 
-    fn remember(&self, key: StripeKey, stripe: Bytes) {
+    fn remember(&self, key: ChunkId, stripe: Bytes) {
         let len = stripe.len() as u64;
         let evicted = self.memory.lock().expect("no panics while holding the lock").insert(key, stripe, len);
         let evicted = evicted.iter().filter(|(k, _)| *k != key).count();
         self.stats.memory_evictions.fetch_add(evicted as u64, Ordering::Relaxed);
     }
 
-    /// The stripe under `key`, from memory or disk.
-    pub async fn get(self: &Arc<Self>, key: StripeKey) -> Option<Bytes> {
+    /// The stripe of chunk `key`, from memory or disk.
+    pub async fn get(self: &Arc<Self>, key: ChunkId) -> Option<Bytes> {
         if let Some(s) = self.memory.lock().expect("no panics while holding the lock").get(&key).cloned() {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Some(s);
@@ -127,7 +137,7 @@ impl CacheNode {
     }
 
     /// Reads and checks a stripe on disk; drops it if it is damaged.
-    fn read_disk(&self, key: StripeKey) -> Option<Bytes> {
+    fn read_disk(&self, key: ChunkId) -> Option<Bytes> {
         let mut bytes = match self.disk.get(&key) {
             Ok(Some(b)) => b,
             Ok(None) => return None,
@@ -139,15 +149,15 @@ impl CacheNode {
         };
         if bytes.len() < SUM_LEN || digest(&SHA256, &bytes[SUM_LEN..]).as_ref() != &bytes[..SUM_LEN] {
             self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-            eprintln!("tessera cachenode: stripe {key} is corrupt on disk; dropped");
+            eprintln!("tessera cachenode: the stripe of chunk {key} is corrupt on disk; dropped");
             self.disk.remove(&key);
             return None;
         }
         Some(Bytes::from(bytes.split_off(SUM_LEN)))
     }
 
-    /// Keeps `stripe` under `key` in memory and on disk.
-    pub async fn put(self: &Arc<Self>, key: StripeKey, stripe: Bytes) -> std::io::Result<()> {
+    /// Keeps `stripe` as chunk `key`'s, in memory and on disk.
+    pub async fn put(self: &Arc<Self>, key: ChunkId, stripe: Bytes) -> std::io::Result<()> {
         self.remember(key, stripe.clone());
         let me = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
@@ -185,9 +195,9 @@ impl CacheNode {
             r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"tessera-cachenode\""));
             return r;
         }
-        let Some(key) = StripeKey::from_path(req.uri().path()) else {
+        let Some(key) = wire::chunk_of(req.uri().path()) else {
             self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-            return text(StatusCode::NOT_FOUND, "no such path; stripes live at /v1/stripes/CHUNK/INDEX\n");
+            return text(StatusCode::NOT_FOUND, "no such path; stripes live at /v1/stripes/CHUNK\n");
         };
         match *req.method() {
             Method::GET => {
@@ -202,9 +212,14 @@ impl CacheNode {
                 r
             }
             Method::PUT => {
-                let body = match Limited::new(req.into_body(), MAX_STRIPE).collect().await {
-                    Ok(b) => b.to_bytes(),
-                    Err(e) => {
+                let _turn = self.puts.acquire().await.expect("the semaphore is never closed");
+                let body = match tokio::time::timeout(SLOW_CLIENT, Limited::new(req.into_body(), MAX_STRIPE).collect()).await {
+                    Ok(Ok(b)) => b.to_bytes(),
+                    Err(_) => {
+                        self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                        return text(StatusCode::REQUEST_TIMEOUT, "the stripe took too long to arrive\n");
+                    }
+                    Ok(Err(e)) => {
                         self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                         return if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                             text(StatusCode::PAYLOAD_TOO_LARGE, &format!("a stripe is at most {MAX_STRIPE} bytes\n"))
@@ -216,7 +231,7 @@ impl CacheNode {
                 self.stats.bytes_in.fetch_add(body.len() as u64, Ordering::Relaxed);
                 let r = match self.put(key, body).await {
                     Ok(()) => text(StatusCode::NO_CONTENT, ""),
-                    Err(e) => text(StatusCode::INSUFFICIENT_STORAGE, &format!("cannot keep stripe {key} on disk: {e}\n")),
+                    Err(e) => text(StatusCode::INSUFFICIENT_STORAGE, &format!("cannot keep the stripe of chunk {key} on disk: {e}\n")),
                 };
                 self.stats.put_latency.observe(started.elapsed());
                 r
@@ -287,12 +302,17 @@ where
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(SLOW_CLIENT);
     builder
         .http2()
+        .timer(TokioTimer::new())
+        // A peer that stops answering pings is gone: free its connection.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(64 << 20)
         .max_frame_size(256 << 10)
-        .max_concurrent_streams(1024)
+        .max_concurrent_streams(256)
         // Clients cancel the stripes they no longer need (k others came
         // first): many resets are normal here, not an attack.
         .max_pending_accept_reset_streams(1024);
@@ -350,8 +370,8 @@ pub async fn serve_metrics(node: Arc<CacheNode>, listener: TcpListener, shutdown
 mod tests {
     use super::*;
 
-    fn key(i: u8) -> StripeKey {
-        StripeKey { chunk: tessera_chunk::ChunkId([i; 32]), index: i % 5 }
+    fn key(i: u8) -> ChunkId {
+        ChunkId([i; 32])
     }
 
     #[tokio::test]
@@ -369,7 +389,7 @@ mod tests {
         assert_eq!(node.disk_stripes(), 4);
         assert_eq!(node.get(key(3)).await.as_deref(), Some(&[3u8; 1000][..]));
         // Damage one stripe's file: it is dropped, not served.
-        let name = key(1).to_string();
+        let name = key(1).to_hex();
         let path = dir.path().join("stripes").join(&name[..2]).join(&name);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[SUM_LEN + 7] ^= 1;

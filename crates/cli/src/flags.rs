@@ -109,7 +109,7 @@ pub enum Command {
     /// Stripes are ciphertext; the node never sees a chunk key. Both caches
     /// are bounded and evict by LRU-2; what is on disk is kept across
     /// restarts and checked (SHA-256) on every read. Answers HTTP/1.1 and
-    /// cleartext HTTP/2 on /v1/stripes/CHUNK/INDEX. Runs until interrupted.
+    /// cleartext HTTP/2 on /v1/stripes/CHUNK. Runs until interrupted.
     Cachenode(CachenodeArgs),
     /// Remove an image name (and its manifest unless another name uses it).
     ///

@@ -2,23 +2,29 @@
 //! cache nodes (`tessera cachenode`), read k-of-n.
 //!
 //! Each chunk's `n = k + m` stripes live on the `n` nodes that rendezvous
-//! hashing picks for it ([`crate::placement`]). A read asks all `n` at once
-//! over HTTP/2, rebuilds the chunk from the first `k` stripes that arrive,
-//! cancels the rest, and checks the rebuilt ciphertext against the chunk id:
-//! one slow or lost node neither slows nor fails a read. A rebuild that does
-//! not match (a corrupt stripe) is retried from every stripe, trying each
-//! `k`-subset; if none matches, the read is a miss and the loader goes to the
-//! origin, whose copy is then offered back here and rewrites the stripes.
+//! hashing picks for it ([`crate::placement`]), stripe `i` first on the
+//! `i`-th of them; each node holds at most one stripe of a chunk, and the
+//! stripe says which it is ([`wire`]). A read asks all `n` at once over
+//! HTTP/2, rebuilds the chunk from the first `k` distinct stripes that
+//! arrive, cancels the rest, and checks the rebuilt ciphertext against the
+//! chunk id: one slow or lost node neither slows nor fails a read, and when
+//! nodes join or leave, the nodes still among a chunk's `n` keep serving
+//! the stripes they hold. A rebuild that does not match (a corrupt stripe)
+//! is retried from every stripe, trying `k`-subsets; if none matches, the
+//! read is a miss and the loader goes to the origin, whose copy is then
+//! offered back here and rewrites the stripes.
 //!
-//! A stripe a node says it lacks (it restarted empty, evicted the stripe,
-//! dropped it as corrupt, or is new) is put back after a read that
-//! rebuilt the chunk from the others: the tier repairs itself as it is read.
+//! A node that says it holds no stripe of a chunk (it restarted empty,
+//! evicted or dropped the stripe, or is new) is given one that nobody sent
+//! after a read that rebuilt the chunk from the others: the tier repairs
+//! itself as it is read.
 //!
-//! A node that errors or times out is left out for a backoff that doubles
-//! with each failure (up to [`MAX_BACKOFF`]) and tried again after it. A
-//! chunk fetched from below is [`offered`](ChunkSource::offer) to the tier:
-//! encoded and stored in the background, after the reader has its bytes,
-//! with a bound on the copies waiting ([`MAX_PENDING`]).
+//! A node that errors, sends a stripe without a valid header, or times out
+//! is left out for a backoff that doubles with each failure (up to
+//! [`MAX_BACKOFF`]) and tried again after it. A chunk fetched from below is
+//! [`offered`](ChunkSource::offer) to the tier: encoded and stored in the
+//! background, after the reader has its bytes, with a bound on the copies
+//! waiting ([`MAX_PENDING`]).
 //!
 //! The tier holds ciphertext only; chunk keys never leave the worker.
 
@@ -43,7 +49,7 @@ use crate::ec::Code;
 use crate::metrics::{counters, header, Histogram};
 use crate::placement::place;
 use crate::{ChunkSource, Error, Tier};
-pub use wire::{StripeHeader, StripeKey};
+pub use wire::StripeHeader;
 
 /// How long one stripe request may take before its node counts as failed.
 pub const STRIPE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -133,13 +139,13 @@ pub struct TierStats {
     pub stripes_cancelled: AtomicU64,
     /// Rebuilt chunks that did not match their id (a corrupt stripe).
     pub corrupt: AtomicU64,
-    /// Chunks stored (all their stripes sent).
+    /// Chunks stored (at least `k` of their stripes kept).
     pub stored: AtomicU64,
     /// Stripes stored on nodes.
     pub stripes_stored: AtomicU64,
     /// Offers dropped because too many were waiting.
     pub offers_dropped: AtomicU64,
-    /// Stripes put back on a node that had lost them.
+    /// Stripes put back on nodes that held none of their chunk.
     pub stripes_repaired: AtomicU64,
     /// Time to rebuild one chunk from the tier.
     pub latency: Histogram,
@@ -151,6 +157,21 @@ enum Reply {
     Missing,
     Failed,
 }
+
+/// The stripes of one chunk that came back, by stripe index.
+struct Gathered {
+    stripes: Vec<Option<Bytes>>,
+    /// Distinct stripes received.
+    have: usize,
+    /// Nodes that answered that they hold no stripe of the chunk.
+    lost: Vec<usize>,
+}
+
+/// Where stripes go: (node, stripe index) pairs.
+type Targets = Vec<(usize, u8)>;
+
+/// The most `k`-subsets tried to rebuild a chunk with a corrupt stripe.
+const MAX_SUBSETS: usize = 64;
 
 impl CacheTier {
     /// A client of `options.nodes`; checks the options, connects lazily.
@@ -229,9 +250,9 @@ impl CacheTier {
         self.runtime.as_ref().expect("present until drop")
     }
 
-    /// Stores `sealed` (the stripes in `only`, or all) in the background,
-    /// unless too many stores are waiting already.
-    fn store_later(&self, id: &ChunkId, sealed: &[u8], only: Option<Vec<u8>>) {
+    /// Stores `sealed`'s stripes (on `targets`, or all by placement) in the
+    /// background, unless too many stores are waiting already.
+    fn store_later(&self, id: &ChunkId, sealed: &[u8], targets: Option<Targets>) {
         let shared = &self.shared;
         if shared.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
             shared.pending.fetch_sub(1, Ordering::Relaxed);
@@ -241,7 +262,7 @@ impl CacheTier {
         let me = Arc::clone(shared);
         let (id, sealed) = (*id, sealed.to_vec());
         self.runtime().spawn(async move {
-            Arc::clone(&me).store(id, sealed, only).await;
+            Arc::clone(&me).store(id, sealed, targets).await;
             me.pending.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -282,12 +303,9 @@ impl Node {
 }
 
 impl Shared {
-    fn uri(&self, node: usize, key: &StripeKey) -> String {
-        format!("http://{}{}", self.nodes[node].addr, key.path())
-    }
-
-    fn request(&self, method: Method, node: usize, key: &StripeKey, body: Bytes) -> Request<Full<Bytes>> {
-        let mut req = Request::builder().method(method).uri(self.uri(node, key));
+    fn request(&self, method: Method, node: usize, chunk: &ChunkId, body: Bytes) -> Request<Full<Bytes>> {
+        let uri = format!("http://{}{}", self.nodes[node].addr, wire::path(chunk));
+        let mut req = Request::builder().method(method).uri(uri);
         if let Some(a) = &self.auth {
             req = req.header(AUTHORIZATION, a.clone());
         }
@@ -321,74 +339,85 @@ impl Shared {
         }
     }
 
-    /// One stripe from one node.
-    async fn get(self: Arc<Self>, node: usize, key: StripeKey) -> (usize, Reply) {
-        let req = self.request(Method::GET, node, &key, Bytes::new());
+    /// The stripe `node` holds of `chunk`.
+    async fn get(self: Arc<Self>, node: usize, chunk: ChunkId) -> (usize, Reply) {
+        let req = self.request(Method::GET, node, &chunk, Bytes::new());
         let reply = match self.exchange(node, req, STRIPE_TIMEOUT).await {
             Ok((StatusCode::NOT_FOUND, _)) => Reply::Missing,
             Ok((_, body)) => Reply::Stripe(body),
             Err(()) => Reply::Failed,
         };
-        (key.index as usize, reply)
+        (node, reply)
     }
 
-    /// Stores one stripe on one node.
-    async fn put(self: Arc<Self>, node: usize, key: StripeKey, stripe: Bytes) {
-        let req = self.request(Method::PUT, node, &key, stripe);
-        // A 404 to a PUT means the node does not take stripes there: a failure.
-        match self.exchange(node, req, STRIPE_TIMEOUT * 5).await {
-            Ok((StatusCode::NOT_FOUND, _)) => self.nodes[node].failed("404 Not Found for a stripe store"),
-            Ok(_) => {
-                self.stats.stripes_stored.fetch_add(1, Ordering::Relaxed);
+    /// Stores `stripe` of `chunk` on `node`; whether it was kept.
+    async fn put(self: Arc<Self>, node: usize, chunk: ChunkId, stripe: Bytes) -> bool {
+        let req = self.request(Method::PUT, node, &chunk, stripe);
+        // Stores run in the background: a slow node gets more time than a read.
+        match self.exchange(node, req, STRIPE_TIMEOUT * 10).await {
+            // A 404 to a PUT: whatever answers there does not keep stripes.
+            Ok((StatusCode::NOT_FOUND, _)) => {
+                self.nodes[node].failed("404 Not Found for a stripe store");
+                false
             }
-            Err(()) => {}
+            Ok(_) => true,
+            Err(()) => false,
         }
     }
 
-    /// Gathers stripes of `id`: the first `want` of the asked ones (all
-    /// when `want` is `None`). `None` per stripe not received; also the
-    /// indices of the stripes a node said it does not have.
-    async fn gather(self: Arc<Self>, id: ChunkId, want: Option<usize>) -> (Vec<Option<Bytes>>, Vec<u8>) {
-        let n = self.code.n();
+    /// The index of `stripe` if its header is one of this code's.
+    fn index_of(&self, stripe: &[u8]) -> Option<usize> {
+        let h = StripeHeader::parse(stripe)?;
+        let (k, n) = (self.code.k(), self.code.n());
+        ((h.k as usize, h.m as usize) == (k, n - k) && (h.index as usize) < n).then_some(h.index as usize)
+    }
+
+    /// Gathers stripes of `id` from its nodes: the first `want` distinct
+    /// ones (every one when `want` is `None`).
+    async fn gather(self: Arc<Self>, id: ChunkId, want: Option<usize>) -> Gathered {
+        let (k, n) = (self.code.k(), self.code.n());
         let placed = place(&self.names, &id, n);
+        // The naive client asks only the nodes of the data stripes.
+        let asked = if self.policy == ReadPolicy::DataStripes && want.is_some() { &placed[..k] } else { &placed[..] };
         let now = Instant::now();
         let mut set = JoinSet::new();
-        for (index, &node) in placed.iter().enumerate() {
-            if self.policy == ReadPolicy::DataStripes && want.is_some() && index >= self.code.k() {
-                break;
+        for &node in asked {
+            if !self.nodes[node].is_down(now) {
+                set.spawn(Arc::clone(&self).get(node, id));
             }
-            if self.nodes[node].is_down(now) {
-                continue;
-            }
-            let key = StripeKey { chunk: id, index: index as u8 };
-            set.spawn(Arc::clone(&self).get(node, key));
         }
-        let mut got: Vec<Option<Bytes>> = vec![None; n];
-        let mut missing = Vec::new();
-        let mut have = 0;
+        let mut g = Gathered { stripes: vec![None; n], have: 0, lost: Vec::new() };
         let need = want.unwrap_or(n);
-        while have < need && set.len() + have >= want.unwrap_or(0) {
+        while g.have < need && set.len() + g.have >= want.unwrap_or(0) {
             let Some(joined) = set.join_next().await else { break };
             match joined {
-                Ok((index, Reply::Stripe(body))) => {
-                    got[index] = Some(body);
-                    have += 1;
-                }
-                Ok((index, Reply::Missing)) => missing.push(index as u8),
+                Ok((node, Reply::Stripe(body))) => match self.index_of(&body) {
+                    Some(i) if g.stripes[i].is_none() => {
+                        g.stripes[i] = Some(body);
+                        g.have += 1;
+                    }
+                    // Two nodes with one stripe: one changed rank as nodes
+                    // came or went. Not a new stripe.
+                    Some(_) => {}
+                    None => self.nodes[node].failed("it sent a stripe without a valid header"),
+                },
+                Ok((node, Reply::Missing)) => g.lost.push(node),
                 _ => {}
             }
         }
         // Dropping the set cancels the requests still out (their streams are reset).
-        self.stats.stripes_cancelled.fetch_add(set.len() as u64, Ordering::Relaxed);
-        self.stats.stripes_received.fetch_add(have as u64, Ordering::Relaxed);
-        (got, missing)
+        if g.have >= need {
+            self.stats.stripes_cancelled.fetch_add(set.len() as u64, Ordering::Relaxed);
+        }
+        self.stats.stripes_received.fetch_add(g.have as u64, Ordering::Relaxed);
+        g
     }
 
-    /// Rebuilds `id` from `stripes`, trying every `k`-subset when more than
-    /// `k` are present; `None` if no subset gives the chunk.
+    /// Rebuilds `id` from `stripes` (by index), trying `k`-subsets when
+    /// more than `k` are present (at most [`MAX_SUBSETS`]); `None` if none
+    /// gives the chunk.
     fn rebuild(&self, id: &ChunkId, stripes: &[Option<Bytes>]) -> Option<Vec<u8>> {
         let (k, n) = (self.code.k(), self.code.n());
-        // Stripes with a header of this code and the index they were asked as.
         let headed: Vec<Option<(u32, &[u8])>> = stripes
             .iter()
             .enumerate()
@@ -402,18 +431,17 @@ impl Shared {
         let lens: Vec<u32> = headed.iter().flatten().map(|(l, _)| *l).collect();
         let len = *lens.iter().max_by_key(|l| lens.iter().filter(|x| x == l).count())?;
         let bodies: Vec<Option<&[u8]>> = headed.iter().map(|h| h.filter(|(l, _)| *l == len).map(|(_, b)| b)).collect();
-        let len = len as usize;
         let present: Vec<usize> = (0..n).filter(|&i| bodies[i].is_some()).collect();
-        let mut subset: Vec<usize> = (0..k.min(present.len())).collect();
-        loop {
-            if subset.len() < k {
-                return None;
-            }
+        if present.len() < k {
+            return None;
+        }
+        let mut subset: Vec<usize> = (0..k).collect();
+        for _ in 0..MAX_SUBSETS {
             let mut pick: Vec<Option<&[u8]>> = vec![None; n];
             for &s in &subset {
                 pick[present[s]] = bodies[present[s]];
             }
-            if let Ok(data) = self.code.decode(&pick, len) {
+            if let Ok(data) = self.code.decode(&pick, len as usize) {
                 if check_id(id, &data).is_ok() {
                     return Some(data);
                 }
@@ -426,11 +454,12 @@ impl Shared {
                 subset[j] = subset[j - 1] + 1;
             }
         }
+        None
     }
 
-    /// Encodes `sealed` and stores its stripes (those in `only`, or all) on
-    /// the chunk's nodes that are up.
-    async fn store(self: Arc<Self>, id: ChunkId, sealed: Vec<u8>, only: Option<Vec<u8>>) {
+    /// Encodes `sealed` and stores its stripes: on `targets`, or stripe `i`
+    /// on the chunk's `i`-th node. Nodes that are down are skipped.
+    async fn store(self: Arc<Self>, id: ChunkId, sealed: Vec<u8>, targets: Option<Targets>) {
         let me = Arc::clone(&self);
         let Ok(stripes) = tokio::task::spawn_blocking(move || {
             let h = |index| StripeHeader { k: me.code.k() as u8, m: (me.code.n() - me.code.k()) as u8, index, chunk_len: sealed.len() as u32 };
@@ -440,16 +469,23 @@ impl Shared {
         else {
             return;
         };
-        let placed = place(&self.names, &id, self.code.n());
+        let repair = targets.is_some();
+        let targets = targets.unwrap_or_else(|| place(&self.names, &id, self.code.n()).into_iter().zip(0u8..).collect());
         let now = Instant::now();
         let mut set = JoinSet::new();
-        for (index, (stripe, &node)) in stripes.into_iter().zip(&placed).enumerate() {
-            if !self.nodes[node].is_down(now) && only.as_ref().is_none_or(|o| o.contains(&(index as u8))) {
-                set.spawn(Arc::clone(&self).put(node, StripeKey { chunk: id, index: index as u8 }, stripe));
+        for (node, index) in targets {
+            if !self.nodes[node].is_down(now) {
+                set.spawn(Arc::clone(&self).put(node, id, stripes[index as usize].clone()));
             }
         }
-        while set.join_next().await.is_some() {}
-        if only.is_none() {
+        let mut kept = 0;
+        while let Some(ok) = set.join_next().await {
+            kept += usize::from(ok.unwrap_or(false));
+        }
+        self.stats.stripes_stored.fetch_add(kept as u64, Ordering::Relaxed);
+        if repair {
+            self.stats.stripes_repaired.fetch_add(kept as u64, Ordering::Relaxed);
+        } else if kept >= self.code.k() {
             self.stats.stored.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -476,24 +512,25 @@ impl ChunkSource for CacheTier {
         let shared = &self.shared;
         let stats = &shared.stats;
         let k = shared.code.k();
-        let (first, missing) = self.runtime().block_on(Arc::clone(shared).gather(*id, Some(k)));
-        let mut rebuilt = shared.rebuild(id, &first);
-        if rebuilt.is_none() && first.iter().flatten().count() >= k {
+        let first = self.runtime().block_on(Arc::clone(shared).gather(*id, Some(k)));
+        let mut rebuilt = shared.rebuild(id, &first.stripes);
+        if rebuilt.is_none() && first.have >= k {
             // k stripes that do not make the chunk: one is corrupt. Ask for
-            // all of them and try each k-subset.
+            // all of them and try k-subsets.
             stats.corrupt.fetch_add(1, Ordering::Relaxed);
             eprintln!("tessera: cache tier: chunk {id} did not rebuild from its first {k} stripes; trying all of them");
-            let (all, _) = self.runtime().block_on(Arc::clone(shared).gather(*id, None));
-            rebuilt = shared.rebuild(id, &all);
+            let all = self.runtime().block_on(Arc::clone(shared).gather(*id, None));
+            rebuilt = shared.rebuild(id, &all.stripes);
             if let Some(good) = &rebuilt {
                 // Rewrite the stripes, replacing the bad one.
-                self.offer(id, good);
+                self.store_later(id, good, None);
             }
-        } else if let (Some(good), false) = (&rebuilt, missing.is_empty()) {
-            // Rebuilt, but a node had lost its stripe (restarted empty,
-            // evicted it, dropped it as corrupt, or is new): put it back.
-            stats.stripes_repaired.fetch_add(missing.len() as u64, Ordering::Relaxed);
-            self.store_later(id, good, Some(missing));
+        } else if let (Some(good), false) = (&rebuilt, first.lost.is_empty()) {
+            // Rebuilt, but nodes of the chunk hold no stripe of it (they
+            // restarted empty, evicted or dropped it, or are new): give
+            // them the stripes nobody sent.
+            let absent = (0..shared.code.n()).filter(|&i| first.stripes[i].is_none()).map(|i| i as u8);
+            self.store_later(id, good, Some(first.lost.iter().copied().zip(absent).collect()));
         }
         match rebuilt {
             Some(data) => {
@@ -527,10 +564,10 @@ impl ChunkSource for CacheTier {
             ("tessera_cache_tier_stripes_received_total", "Stripes received from cache nodes.", &s.stripes_received),
             ("tessera_cache_tier_stripes_cancelled_total", "Stripe requests cancelled because k others arrived first.", &s.stripes_cancelled),
             ("tessera_cache_tier_corrupt_total", "Chunks whose first k stripes did not rebuild them (a corrupt stripe).", &s.corrupt),
-            ("tessera_cache_tier_stored_total", "Chunks encoded and stored in the cache tier.", &s.stored),
+            ("tessera_cache_tier_stored_total", "Chunks encoded and stored in the cache tier (at least k stripes kept).", &s.stored),
             ("tessera_cache_tier_stripes_stored_total", "Stripes stored on cache nodes.", &s.stripes_stored),
             ("tessera_cache_tier_offers_dropped_total", "Chunks not stored in the tier because too many were waiting.", &s.offers_dropped),
-            ("tessera_cache_tier_stripes_repaired_total", "Stripes put back on a node that had lost them.", &s.stripes_repaired),
+            ("tessera_cache_tier_stripes_repaired_total", "Stripes put back on nodes that held none of their chunk.", &s.stripes_repaired),
         ]);
         header(out, "tessera_cache_tier_pending", "gauge", "Chunks waiting to be stored in the cache tier.");
         let _ = writeln!(out, "tessera_cache_tier_pending {}", self.shared.pending.load(Ordering::Relaxed));

@@ -1,77 +1,33 @@
 //! What travels between the tier client and the cache nodes.
 //!
-//! A node stores opaque stripes under `/v1/stripes/CHUNK/INDEX` (`GET`
-//! fetches one, `PUT` keeps one); every request carries
-//! `Authorization: Bearer TOKEN` when the node has a token. A stripe is a
-//! 12-byte header and its share of the sealed chunk:
+//! A node keeps at most one stripe of each chunk, as an opaque blob under
+//! `/v1/stripes/CHUNK` (`GET` fetches it, `PUT` keeps or replaces it);
+//! every request carries `Authorization: Bearer TOKEN` when the node has a
+//! token. A stripe is a 12-byte header and its share of the sealed chunk:
 //!
 //! ```text
 //! "TSTR" | version 1 | k | m | index | sealed chunk length (u32, LE) | stripe
 //! ```
 //!
-//! The header lets a client rebuild a chunk from any `k` stripes without
-//! knowing the chunk's length in advance, and refuse a stripe written with
-//! another code. The node never looks inside.
-
-use std::fmt;
-use std::str::FromStr;
+//! The index lives in the stripe, not in its name: when nodes join or
+//! leave and a chunk's nodes change rank, each keeps the stripe it has and
+//! a reader still finds `k` distinct ones. The header also lets a client
+//! rebuild a chunk without knowing its length in advance, and refuse a
+//! stripe written with another code. The node never looks inside.
 
 use tessera_chunk::ChunkId;
-
-use crate::disk::DiskKey;
-
-/// Where one stripe of one chunk is kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StripeKey {
-    /// The chunk.
-    pub chunk: ChunkId,
-    /// Which of its `k + m` stripes.
-    pub index: u8,
-}
-
-impl StripeKey {
-    /// The URL path of the stripe on a node.
-    pub fn path(&self) -> String {
-        format!("{PREFIX}{}/{}", self.chunk, self.index)
-    }
-
-    /// Parses a URL path made by [`StripeKey::path`].
-    pub fn from_path(path: &str) -> Option<StripeKey> {
-        let (chunk, index) = path.strip_prefix(PREFIX)?.split_once('/')?;
-        Some(StripeKey { chunk: chunk.parse().ok()?, index: parse_index(index)? })
-    }
-}
 
 /// Where stripes live on a node.
 pub const PREFIX: &str = "/v1/stripes/";
 
-fn parse_index(s: &str) -> Option<u8> {
-    // Canonical decimal only, so one stripe has one name.
-    if s.is_empty() || s.len() > 3 || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0')) {
-        return None;
-    }
-    s.parse().ok()
+/// The URL path of `chunk`'s stripe on a node.
+pub fn path(chunk: &ChunkId) -> String {
+    format!("{PREFIX}{chunk}")
 }
 
-/// The file name in a node's disk cache: `CHUNK.INDEX`.
-impl fmt::Display for StripeKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.chunk, self.index)
-    }
-}
-
-impl FromStr for StripeKey {
-    type Err = ();
-    fn from_str(s: &str) -> Result<StripeKey, ()> {
-        let (chunk, index) = s.split_once('.').ok_or(())?;
-        Ok(StripeKey { chunk: chunk.parse().map_err(|_| ())?, index: parse_index(index).ok_or(())? })
-    }
-}
-
-impl DiskKey for StripeKey {
-    fn chunk(&self) -> ChunkId {
-        self.chunk
-    }
+/// The chunk a URL path made by [`path`] names.
+pub fn chunk_of(path: &str) -> Option<ChunkId> {
+    path.strip_prefix(PREFIX)?.parse().ok()
 }
 
 /// The header of a stripe.
@@ -123,13 +79,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_round_trip_and_reject_aliases() {
-        let key = StripeKey { chunk: ChunkId([0xab; 32]), index: 4 };
-        assert_eq!(StripeKey::from_path(&key.path()), Some(key));
-        assert_eq!(key.to_string().parse::<StripeKey>(), Ok(key));
-        let hex = key.chunk.to_hex();
-        for bad in [format!("{PREFIX}{hex}/04"), format!("{PREFIX}{hex}/256"), format!("{PREFIX}{hex}/"), format!("{PREFIX}{hex}"), format!("{PREFIX}zz/1"), format!("{PREFIX}{hex}/1/2")] {
-            assert_eq!(StripeKey::from_path(&bad), None, "{bad}");
+    fn paths_round_trip_and_reject_aliases() {
+        let chunk = ChunkId([0xab; 32]);
+        assert_eq!(chunk_of(&path(&chunk)), Some(chunk));
+        let hex = chunk.to_hex();
+        for bad in [format!("{PREFIX}{hex}/0"), PREFIX.to_string(), format!("{PREFIX}zz"), format!("/v2/stripes/{hex}"), format!("{PREFIX}{hex}x")] {
+            assert_eq!(chunk_of(&bad), None, "{bad}");
         }
     }
 
