@@ -6,7 +6,7 @@
 #     first-k reads with one node's answers 50 ms late, against the healthy
 #     p99, and against a client that waits for the 4 data stripes. The delay
 #     is `tc netem delay 50ms` where the kernel has sch_netem; otherwise a
-#     userspace relay (scripts/delay-proxy.py) in node 4's namespace takes
+#     userspace relay (`tessera bench relay`) in node 4's namespace takes
 #     its address.
 #   - storage overhead of the tier per chunk
 # Needs root (network namespaces). Builds its own image: busybox and 96 MiB
@@ -90,7 +90,7 @@ node4() { # healthy | slow
     ip netns exec tstier4 "$tessera" cachenode --listen "10.77.4.2:$port" --dir "$work/node4" --mem 1GiB 2>>"$work/node4.log" &
     node4=$!; pids="$pids $!"
     if [ "$1" = slow ]; then
-        ip netns exec tstier4 python3 scripts/delay-proxy.py "10.77.4.2:7070" "10.77.4.2:7072" 50 &
+        ip netns exec tstier4 "$tessera" bench relay --listen "10.77.4.2:7070" --target "10.77.4.2:7072" --delay 50ms 2>/dev/null &
         relay=$!; pids="$pids $!"
     fi
     n=0; until python3 -c "import socket; socket.create_connection(('10.77.4.2', 7070), 1); socket.create_connection(('10.77.4.2', $port), 1)" 2>/dev/null; do

@@ -298,6 +298,20 @@ pub enum BenchCommand {
         #[arg(long, default_value = "100MiB", value_parser = parse_size, value_name = "SIZE")]
         origin_bandwidth: Option<u64>,
     },
+    /// A TCP relay that passes what the server sends back DELAY late, as
+    /// `tc qdisc ... netem delay` on the server's link would (for kernels
+    /// without sch_netem). Runs until interrupted.
+    Relay {
+        /// Address to accept clients on.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        /// The server to relay to.
+        #[arg(long, value_name = "HOST:PORT")]
+        target: String,
+        /// How late the server's bytes reach the client, e.g. 50ms.
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        delay: std::time::Duration,
+    },
     /// Seal every non-zero 512 KiB chunk of FILE on all cores, with no store:
     /// the baseline import throughput is compared with. Prints JSON.
     Seal {

@@ -443,8 +443,8 @@ impl Drop for Namespaces {
     }
 }
 
-/// A relay in front of `target` that answers `delay_ms` late
-/// (scripts/delay-proxy.py; this kernel has no sch_netem).
+/// `tessera bench relay` in front of a node, answering late (this kernel
+/// has no sch_netem).
 struct Relay(Child);
 
 impl Drop for Relay {
@@ -456,7 +456,7 @@ impl Drop for Relay {
 
 #[test]
 fn a_node_late_beyond_the_timeout_in_its_own_namespace_is_never_waited_for() {
-    if !have_tools() || !require("ip", "iproute2") || !require("python3", "python3") {
+    if !have_tools() || !require("ip", "iproute2") {
         return;
     }
     if !is_root() {
@@ -480,12 +480,11 @@ fn a_node_late_beyond_the_timeout_in_its_own_namespace_is_never_waited_for() {
         nodes.restart(i);
     }
     let relay = nodes
-        .command(4, "python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/delay-proxy.py"))
-        .args(["10.78.4.2:7070", "10.78.4.2:7072", "1500"])
+        .command(4, env!("CARGO_BIN_EXE_tessera"))
+        .args(["bench", "relay", "--listen", "10.78.4.2:7070", "--target", "10.78.4.2:7072", "--delay", "1500ms"])
         .spawn()
         .map(Relay)
-        .expect("python3 runs the relay");
+        .expect("the relay starts");
     wait_listening("10.78.4.2:7070", "the relay");
 
     // Warm the tier (node 4 takes its stripes late, in the background).
