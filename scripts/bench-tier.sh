@@ -3,11 +3,10 @@
 #   - chunk read latency p50/p99 from the tier (4+1, first 4 of 5 stripes)
 #     against the origin through the run issue's throttle (30 ms, 100 MiB/s)
 #   - tail: five cache nodes, each in a network namespace of its own; p99 of
-#     first-k reads with one node's answers 50 ms late, against the healthy
-#     p99, and against a client that waits for the 4 data stripes. The delay
-#     is `tc netem delay 50ms` where the kernel has sch_netem; otherwise a
-#     userspace relay (`tessera bench relay`) in node 4's namespace takes
-#     its address.
+#     first-k reads with node 4's answers 50 ms late, against the healthy
+#     p99 (the two read in turn, in one process), and a client that waits
+#     for 4 given nodes. The delay is a relay in node 4's namespace
+#     (`tessera bench relay`): this kernel has no sch_netem.
 #   - storage overhead of the tier per chunk
 # Needs root (network namespaces). Builds its own image: busybox and 96 MiB
 # of incompressible data.
@@ -66,80 +65,56 @@ for i in 0 1 2 3 4; do
         n=$((n+1)); [ $n -lt 100 ] || { echo "node $i did not start" >&2; cat "$work/node$i.log" >&2; exit 1; }; sleep 0.1
     done
 done
-node4=$(echo $pids | awk '{print $NF}')
-relay=""
-
-# Node 4 answers 50 ms late (slow) or not (healthy): netem on its link where
-# the kernel has it; otherwise node 4 moves to port 7072 (same directory)
-# and a relay that delays its answers takes its address, so the client sees
-# the same nodes either way.
-if ip netns exec tstier4 tc qdisc add dev eth0 root netem delay 0ms 2>/dev/null; then
-    delay=netem
-else
-    delay=relay
-fi
-node4() { # healthy | slow
-    if [ $delay = netem ]; then
-        ms=0; [ "$1" = slow ] && ms=50
-        ip netns exec tstier4 tc qdisc change dev eth0 root netem delay ${ms}ms
-        return
-    fi
-    kill $node4 $relay 2>/dev/null || true; wait $node4 $relay 2>/dev/null || true
-    relay=""
-    port=7070; [ "$1" = slow ] && port=7072
-    ip netns exec tstier4 "$tessera" cachenode --listen "10.77.4.2:$port" --dir "$work/node4" --mem 1GiB 2>>"$work/node4.log" &
-    node4=$!; pids="$pids $!"
-    if [ "$1" = slow ]; then
-        ip netns exec tstier4 "$tessera" bench relay --listen "10.77.4.2:7070" --target "10.77.4.2:7072" --delay 50ms 2>/dev/null &
-        relay=$!; pids="$pids $!"
-    fi
-    n=0; until python3 -c "import socket; socket.create_connection(('10.77.4.2', 7070), 1); socket.create_connection(('10.77.4.2', $port), 1)" 2>/dev/null; do
-        n=$((n+1)); [ $n -lt 100 ] || { echo "node 4 did not start" >&2; exit 1; }; sleep 0.1
-    done
-}
-bench() { "$tessera" bench tier tier --cache-nodes "$nodes" "$@"; }
+# Node 4 is also reachable through a relay in its namespace that passes its
+# answers on 50 ms late (`tessera bench relay`, as `tc netem delay 50ms`
+# on its link would; this kernel has no sch_netem, and a relay lets the
+# same moment be timed both ways). With five nodes every chunk has a stripe
+# on each, so the two lists read the same stripes.
+ip netns exec tstier4 "$tessera" bench relay --listen 10.77.4.2:7071 --target 10.77.4.2:7070 --delay 50ms 2>/dev/null &
+pids="$pids $!"
+n=0; until python3 -c "import socket; socket.create_connection(('10.77.4.2', 7071), 1)" 2>/dev/null; do
+    n=$((n+1)); [ $n -lt 100 ] || { echo "the relay did not start" >&2; exit 1; }; sleep 0.1
+done
+slow=$(echo "$nodes" | sed 's/10.77.4.2:7070/10.77.4.2:7071/')
+bench() { "$tessera" bench tier tier "$@"; }
 
 echo "warming the tier" >&2
-bench --warm --count 0 --origin-reads 0 >/dev/null
+bench --cache-nodes "$nodes" --warm --count 0 --origin-reads 0 >/dev/null
 sync
-# p99 on a small shared machine swings from run to run: rounds of healthy
-# then slow, the ratio taken per round.
+# Each round reads the healthy list and the one with node 4 late in turn;
+# p99 on a small shared machine swings from run to run, so rounds.
 for round in $(seq "$rounds"); do
-    node4 healthy
-    echo "round $round: healthy" >&2
-    bench --count "$reads" --origin-reads $([ $round = 1 ] && echo 100 || echo 0) >"$work/healthy$round.json"
-    [ $round = 1 ] && bench --count "$reads" --policy data-stripes --origin-reads 0 >"$work/healthy-naive.json"
-    node4 slow
-    echo "round $round: node 4 answers 50 ms late ($delay)" >&2
-    bench --count "$reads" --origin-reads 0 >"$work/slow$round.json"
-    [ $round = 1 ] && bench --count "$reads" --policy data-stripes --origin-reads 0 >"$work/slow-naive.json"
+    echo "round $round: healthy and node 4 50 ms late, read by read in turn" >&2
+    bench --cache-nodes "$nodes" --versus "$slow" --count "$reads" --origin-reads $([ $round = 1 ] && echo 100 || echo 0) >"$work/round$round.json"
 done
+echo "the naive client: waiting for 4 given nodes" >&2
+bench --cache-nodes "$nodes" --policy data-stripes --count "$reads" --origin-reads 0 >"$work/healthy-naive.json"
+bench --cache-nodes "$slow" --policy data-stripes --count "$reads" --origin-reads 0 >"$work/slow-naive.json"
 stored=$(find "$work"/node?/stripes -type f -printf "%s\n" | awk "{s += \$1} END {print s}")
 sealed=$(find "$work/home/chunks" -type f -printf "%s\n" | awk "{s += \$1} END {print s}")
-python3 - "$work" "$stored" "$sealed" "$delay" "$rounds" <<'PY'
+python3 - "$work" "$stored" "$sealed" "$rounds" <<'PY'
 import json, statistics, sys
 work = sys.argv[1]
 load = lambda n: json.load(open(f"{work}/{n}.json"))
-h, hn, sn = load("healthy1"), load("healthy-naive"), load("slow-naive")
-rounds = [(load(f"healthy{r}")["first_k"], load(f"slow{r}")["first_k"]) for r in range(1, int(sys.argv[5]) + 1)]
-ratios = [s["p99_ms"] / hk["p99_ms"] for hk, s in rounds]
+r1, hn, sn = load("round1"), load("healthy-naive"), load("slow-naive")
+rounds = [(load(f"round{r}")["first_k"], load(f"round{r}")["versus"]) for r in range(1, int(sys.argv[4]) + 1)]
+ratios = [s["p99_ms"] / h["p99_ms"] for h, s in rounds]
 stored, sealed = int(sys.argv[2]), int(sys.argv[3])
 print(json.dumps({
-    "reads_per_phase": h["reads"],
-    "tier_p50_ms": h["first_k"]["p50_ms"], "tier_p99_ms": h["first_k"]["p99_ms"],
-    "origin_p50_ms": h["origin"]["p50_ms"], "origin_p99_ms": h["origin"]["p99_ms"],
-    "origin_over_tier_p50": h["origin"]["p50_ms"] / h["first_k"]["p50_ms"],
-    "origin_over_tier_p99": h["origin"]["p99_ms"] / h["first_k"]["p99_ms"],
-    "healthy_first_k_p99_ms": [hk["p99_ms"] for hk, _ in rounds],
-    "slow_first_k_p99_ms": [s["p99_ms"] for _, s in rounds],
+    "reads_per_round": r1["reads"],
+    "tier_p50_ms": r1["first_k"]["p50_ms"], "tier_p99_ms": r1["first_k"]["p99_ms"],
+    "origin_p50_ms": r1["origin"]["p50_ms"], "origin_p99_ms": r1["origin"]["p99_ms"],
+    "origin_over_tier_p50": r1["origin"]["p50_ms"] / r1["first_k"]["p50_ms"],
+    "origin_over_tier_p99": r1["origin"]["p99_ms"] / r1["first_k"]["p99_ms"],
+    "healthy_first_k_p50_ms": [h["p50_ms"] for h, _ in rounds],
+    "healthy_first_k_p99_ms": [h["p99_ms"] for h, _ in rounds],
     "slow_first_k_p50_ms": [s["p50_ms"] for _, s in rounds],
+    "slow_first_k_p99_ms": [s["p99_ms"] for _, s in rounds],
     "first_k_slow_over_healthy_p99": ratios,
     "first_k_slow_over_healthy_p99_median": statistics.median(ratios),
-    "first_k_slow_over_healthy_p50": [s["p50_ms"] / hk["p50_ms"] for hk, s in rounds],
     "healthy_data_stripes_p50_ms": hn["data_stripes"]["p50_ms"], "healthy_data_stripes_p99_ms": hn["data_stripes"]["p99_ms"],
     "slow_data_stripes_p50_ms": sn["data_stripes"]["p50_ms"], "slow_data_stripes_p99_ms": sn["data_stripes"]["p99_ms"],
     "data_stripes_slow_over_healthy_first_k_p99": sn["data_stripes"]["p99_ms"] / rounds[0][0]["p99_ms"],
     "tier_bytes_on_disk_over_sealed_chunks": stored / sealed,
-    "delay": sys.argv[4],
 }, indent=1))
 PY

@@ -37,8 +37,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rm { names } => rm(&home, &names),
         Command::Cachenode(_) => unreachable!("handled above"),
         Command::Bench(BenchCommand::Relay { listen, target, delay }) => crate::tier::relay(&listen, &target, delay),
-        Command::Bench(BenchCommand::Tier { name, tier, count, origin_reads, warm, policy, origin_latency, origin_bandwidth }) => {
-            let bench = crate::tier::TierBench { count, origin_reads, warm, policy, origin_latency, origin_bandwidth };
+        Command::Bench(BenchCommand::Tier { name, tier, count, origin_reads, warm, policy, versus, origin_latency, origin_bandwidth }) => {
+            let bench = crate::tier::TierBench { count, origin_reads, warm, policy, versus, origin_latency, origin_bandwidth };
             crate::tier::bench(&home, &name, &tier, &bench)
         }
         Command::Bench(BenchCommand::Lru { capacity, hot_functions, cron_chunks }) => {

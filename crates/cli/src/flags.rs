@@ -291,6 +291,11 @@ pub enum BenchCommand {
         /// (alternating read by read).
         #[arg(long, default_value = "first-k", value_parser = ["first-k", "data-stripes", "both"])]
         policy: String,
+        /// Another list of the same nodes (e.g. one reached through a
+        /// delaying relay), read first-k in turn with the others, so both
+        /// are timed in the same moments; reported as "versus".
+        #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...")]
+        versus: Vec<String>,
         /// Latency of the origin throttle.
         #[arg(long, default_value = "30ms", value_parser = parse_duration, value_name = "DURATION")]
         origin_latency: std::time::Duration,

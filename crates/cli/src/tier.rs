@@ -103,6 +103,8 @@ pub struct TierBench {
     pub warm: bool,
     /// `first-k`, `data-stripes` or `both`.
     pub policy: String,
+    /// Another list of the nodes, read first-k in turn with the others.
+    pub versus: Vec<String>,
     /// The origin throttle's latency.
     pub origin_latency: Duration,
     /// The origin throttle's bandwidth, bytes/s.
@@ -123,6 +125,10 @@ pub fn bench(home: &Home, name: &str, t: &TierArgs, b: &TierBench) -> Result<Exi
             tiers.push((label, CacheTier::new(TierOptions { policy, ..options.clone() }).map_err(anyhow::Error::msg)?));
         }
     }
+    if !b.versus.is_empty() {
+        let versus = TierOptions { nodes: b.versus.clone(), policy: ReadPolicy::FirstK, ..options.clone() };
+        tiers.push(("versus", CacheTier::new(versus).map_err(|e| anyhow::anyhow!("--versus: {e}"))?));
+    }
     if b.warm {
         let tier = &tiers[0].1;
         for id in &ids {
@@ -140,7 +146,7 @@ pub fn bench(home: &Home, name: &str, t: &TierArgs, b: &TierBench) -> Result<Exi
         state ^= state << 17;
         ids[(state % ids.len() as u64) as usize]
     };
-    // With both policies, they alternate read by read, so both see the same network.
+    // Several tiers take turns read by read, so all see the same network and machine.
     let mut latencies = vec![Vec::with_capacity(b.count); tiers.len()];
     let mut misses = 0;
     for _ in 0..b.count {
