@@ -170,6 +170,14 @@ fn settled(agent: &Served) {
     }
 }
 
+/// An agent reads the whole image through the tier, which keeps it.
+fn warm(env: &Env, nodes: &Nodes, want: &[u8]) {
+    let a = agent(env, "warm", nodes, &[]);
+    assert!(read_all(env, &a, "warm.raw") == want);
+    settled(&a);
+    a.stop();
+}
+
 fn reads(agent: &Served, source: &str) -> f64 {
     agent.metric(&format!("tessera_chunk_reads_total{{source=\"{source}\"}}"))
 }
@@ -293,10 +301,7 @@ fn corrupt_stripes_are_caught_and_the_chunks_rebuilt_from_the_others() {
     }
     let (env, want, chunks) = imported();
     let mut nodes = Nodes::start(&env, 5, &[]);
-    let a1 = agent(&env, "a1", &nodes, &[]);
-    assert!(read_all(&env, &a1, "a1.raw") == want);
-    settled(&a1);
-    a1.stop();
+    warm(&env, &nodes, &want);
 
     // A node that serves wrong bytes under a good checksum: the rebuilt
     // chunk does not match its id, the client tries every 4 of the 5
@@ -488,10 +493,7 @@ fn a_node_late_beyond_the_timeout_in_its_own_namespace_is_never_waited_for() {
     wait_listening("10.78.4.2:7070", "the relay");
 
     // Warm the tier (node 4 takes its stripes late, in the background).
-    let a1 = agent(&env, "a1", &nodes, &[]);
-    assert!(read_all(&env, &a1, "a1.raw") == want);
-    settled(&a1);
-    a1.stop();
+    warm(&env, &nodes, &want);
     assert_eq!(nodes.metric(4, "tessera_cachenode_stripes{cache=\"disk\"}"), chunks);
 
     // A cold agent reads everything from the first four stripes of each
