@@ -308,16 +308,25 @@ fn corrupt_stripes_are_caught_and_the_chunks_rebuilt_from_the_others() {
     // stripes, and serves the right chunk without the origin.
     nodes.stop(0);
     let files = nodes.stripe_files(0);
-    assert_eq!(files.len() as f64, chunks);
+    assert!(!files.is_empty());
     for f in &files {
         corrupt_consistently(f);
     }
     nodes.restart(0);
+    // Its stripes into its memory, so it answers as fast as the others and
+    // its stripes are among the first four as often as theirs.
+    for f in &files {
+        let chunk = f.file_name().unwrap().to_str().unwrap();
+        assert!(http_get(&nodes.addrs[0], &format!("/v1/stripes/{chunk}"), "").starts_with("HTTP/1.1 200"));
+    }
     let a2 = agent(&env, "a2", &nodes, &[]);
     assert!(read_all(&env, &a2, "a2.raw") == want);
     assert_eq!(reads(&a2, "origin"), 0.0);
     let caught = a2.metric("tessera_cache_tier_corrupt_total");
     assert!(caught > 0.0, "no corrupt stripe was caught");
+    // The liar is blamed, and only its stripes are rewritten.
+    assert!(a2.metric(&format!("tessera_cache_tier_node_errors_total{{node=\"{}\"}}", nodes.addrs[0])) > 0.0);
+    assert_eq!(a2.metric(&format!("tessera_cache_tier_node_errors_total{{node=\"{}\"}}", nodes.addrs[1])), 0.0);
     // The chunks it caught were stored again with good stripes; only those
     // whose bad stripe came fifth (and was cancelled) can still be caught.
     settled(&a2);

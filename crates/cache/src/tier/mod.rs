@@ -165,6 +165,8 @@ struct Gathered {
     have: usize,
     /// Nodes that answered that they hold no stripe of the chunk.
     lost: Vec<usize>,
+    /// The node each stripe came from.
+    from: Vec<Option<usize>>,
 }
 
 /// Where stripes go: (node, stripe index) pairs.
@@ -386,7 +388,7 @@ impl Shared {
                 set.spawn(Arc::clone(&self).get(node, id));
             }
         }
-        let mut g = Gathered { stripes: vec![None; n], have: 0, lost: Vec::new() };
+        let mut g = Gathered { stripes: vec![None; n], have: 0, lost: Vec::new(), from: vec![None; n] };
         let need = want.unwrap_or(n);
         while g.have < need && set.len() + g.have >= want.unwrap_or(0) {
             let Some(joined) = set.join_next().await else { break };
@@ -394,6 +396,7 @@ impl Shared {
                 Ok((node, Reply::Stripe(body))) => match self.index_of(&body) {
                     Some(i) if g.stripes[i].is_none() => {
                         g.stripes[i] = Some(body);
+                        g.from[i] = Some(node);
                         g.have += 1;
                     }
                     // Two nodes with one stripe: one changed rank as nodes
@@ -457,8 +460,22 @@ impl Shared {
         None
     }
 
+    /// The (node, index) of each stripe in `g` that is not the stripe of
+    /// `sealed` it claims to be.
+    fn bad_stripes(&self, sealed: &[u8], g: &Gathered) -> Targets {
+        let good = self.code.encode(sealed);
+        (0..self.code.n())
+            .filter_map(|i| {
+                let (stripe, node) = (g.stripes[i].as_ref()?, g.from[i]?);
+                let h = StripeHeader::parse(stripe)?;
+                let ok = h.chunk_len as usize == sealed.len() && stripe[wire::HEADER_LEN..] == good[i][..];
+                (!ok).then_some((node, i as u8))
+            })
+            .collect()
+    }
+
     /// Encodes `sealed` and stores its stripes: on `targets`, or stripe `i`
-    /// on the chunk's `i`-th node. Nodes that are down are skipped.
+    /// on the chunk's `i`-th node (skipping nodes that are down).
     async fn store(self: Arc<Self>, id: ChunkId, sealed: Vec<u8>, targets: Option<Targets>) {
         let me = Arc::clone(&self);
         let Ok(stripes) = tokio::task::spawn_blocking(move || {
@@ -470,13 +487,16 @@ impl Shared {
             return;
         };
         let repair = targets.is_some();
-        let targets = targets.unwrap_or_else(|| place(&self.names, &id, self.code.n()).into_iter().zip(0u8..).collect());
+        // A repair goes to the nodes named, even one just left out for
+        // sending a bad stripe; a full store skips nodes that are down.
         let now = Instant::now();
+        let targets = targets.unwrap_or_else(|| {
+            let placed = place(&self.names, &id, self.code.n()).into_iter().zip(0u8..);
+            placed.filter(|&(node, _)| !self.nodes[node].is_down(now)).collect()
+        });
         let mut set = JoinSet::new();
         for (node, index) in targets {
-            if !self.nodes[node].is_down(now) {
-                set.spawn(Arc::clone(&self).put(node, id, stripes[index as usize].clone()));
-            }
+            set.spawn(Arc::clone(&self).put(node, id, stripes[index as usize].clone()));
         }
         let mut kept = 0;
         while let Some(ok) = set.join_next().await {
@@ -522,8 +542,20 @@ impl ChunkSource for CacheTier {
             let all = self.runtime().block_on(Arc::clone(shared).gather(*id, None));
             rebuilt = shared.rebuild(id, &all.stripes);
             if let Some(good) = &rebuilt {
-                // Rewrite the stripes, replacing the bad one.
-                self.store_later(id, good, None);
+                // The stripes that differ from the good chunk's are bad:
+                // their nodes are left out for a while and get good ones.
+                // (A node in the first round may be left out of the
+                // second, for another chunk's bad stripe: check both.)
+                let mut bad = shared.bad_stripes(good, &first);
+                for b in shared.bad_stripes(good, &all) {
+                    if !bad.contains(&b) {
+                        bad.push(b);
+                    }
+                }
+                for &(node, _) in &bad {
+                    shared.nodes[node].failed("it sent a corrupt stripe");
+                }
+                self.store_later(id, good, Some(bad));
             }
         } else if let (Some(good), false) = (&rebuilt, first.lost.is_empty()) {
             // Rebuilt, but nodes of the chunk hold no stripe of it (they
