@@ -138,7 +138,7 @@ impl CacheNode {
 
     /// Reads and checks a stripe on disk; drops it if it is damaged.
     fn read_disk(&self, key: ChunkId) -> Option<Bytes> {
-        let mut bytes = match self.disk.get(&key) {
+        let bytes = match self.disk.get(&key) {
             Ok(Some(b)) => b,
             Ok(None) => return None,
             Err(e) => {
@@ -153,7 +153,8 @@ impl CacheNode {
             self.disk.remove(&key);
             return None;
         }
-        Some(Bytes::from(bytes.split_off(SUM_LEN)))
+        // The stripe without its checksum, without a copy.
+        Some(Bytes::from(bytes).slice(SUM_LEN..))
     }
 
     /// Keeps `stripe` as chunk `key`'s, in memory and on disk.
