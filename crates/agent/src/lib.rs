@@ -12,7 +12,6 @@
 pub mod client;
 pub mod exports;
 pub mod fuse;
-pub mod metrics_http;
 pub mod nbd;
 pub mod overlay;
 pub mod vdisk;
@@ -183,7 +182,7 @@ impl Agent {
         if let Some(addr) = &self.options.metrics {
             let listener = TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("metrics {addr}: {e}")))?;
             let me = Arc::clone(&self);
-            tasks.push(tokio::spawn(metrics_http::serve(listener, Arc::new(move || me.render_metrics()))));
+            tasks.push(tokio::spawn(tessera_cache::metrics::serve(listener, Arc::new(move || me.render_metrics()))));
         }
         shutdown.await;
         for t in tasks {

@@ -13,7 +13,8 @@
 //! [`serve`] answers `GET` and `PUT` on `/v1/stripes/CHUNK` over HTTP/1.1
 //! or HTTP/2 (cleartext), checking a bearer token when the node has one;
 //! stores buffer at most [`MAX_PUTS`] bodies at once, and connections that
-//! stall are closed; [`serve_metrics`] answers `/metrics` in Prometheus text. The
+//! stall are closed; [`CacheNode::render_metrics`] gives its metrics in
+//! Prometheus text (served by [`tessera_cache::metrics::serve`]). The
 //! node never sees a chunk key, only ciphertext cut in stripes
 //! ([`tessera_cache::tier::wire`]).
 #![deny(missing_docs)]
@@ -295,13 +296,9 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     r
 }
 
-/// Accepts connections on `listener` and answers each request with
-/// `answer`, over HTTP/1.1 or HTTP/2, until `shutdown` completes.
-async fn accept<F, Fut>(listener: TcpListener, answer: F, shutdown: impl Future<Output = ()>)
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
+/// Serves stripes on `listener`, over HTTP/1.1 or HTTP/2, until `shutdown`
+/// completes.
+pub async fn serve(node: Arc<CacheNode>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(SLOW_CLIENT);
     builder
@@ -326,45 +323,23 @@ where
                 Err(e) => {
                     // Out of descriptors and the like: wait, do not spin.
                     eprintln!("tessera cachenode: accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             () = &mut shutdown => return,
         };
         let _ = stream.set_nodelay(true);
-        let (builder, answer) = (Arc::clone(&builder), answer.clone());
+        let (builder, node) = (Arc::clone(&builder), Arc::clone(&node));
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let answer = answer.clone();
-                async move { Ok::<_, Infallible>(answer(req).await) }
+                let node = Arc::clone(&node);
+                async move { Ok::<_, Infallible>(node.handle(req).await) }
             });
             // A client that goes away mid-request is not the node's problem.
             let _ = builder.serve_connection(TokioIo::new(stream), service).await;
         });
     }
-}
-
-/// Serves stripes on `listener` until `shutdown` completes.
-pub async fn serve(node: Arc<CacheNode>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    accept(listener, move |req| Arc::clone(&node).handle(req), shutdown).await
-}
-
-/// Serves the node's metrics at `/metrics` on `listener` until `shutdown` completes.
-pub async fn serve_metrics(node: Arc<CacheNode>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let answer = move |req: Request<Incoming>| {
-        let node = Arc::clone(&node);
-        async move {
-            if req.uri().path() == "/metrics" {
-                let mut r = text(StatusCode::OK, &node.render_metrics());
-                r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-                r
-            } else {
-                text(StatusCode::NOT_FOUND, "metrics are at /metrics\n")
-            }
-        }
-    };
-    accept(listener, answer, shutdown).await
 }
 
 #[cfg(test)]

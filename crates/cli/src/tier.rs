@@ -71,21 +71,13 @@ pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
             node.disk_stripes(),
             a.metrics.as_deref().map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
         );
-        let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
-        let wait = |stop: &tokio::sync::broadcast::Sender<()>| {
-            let mut rx = stop.subscribe();
-            async move {
-                let _ = rx.recv().await;
-            }
-        };
-        let mut tasks = vec![tokio::spawn(tessera_cachenode::serve(Arc::clone(&node), listener, wait(&stop)))];
-        if let Some(l) = metrics {
-            tasks.push(tokio::spawn(tessera_cachenode::serve_metrics(Arc::clone(&node), l, wait(&stop))));
-        }
-        interrupted().await;
-        let _ = stop.send(());
-        for t in tasks {
-            let _ = t.await;
+        let metrics = metrics.map(|l| {
+            let node = Arc::clone(&node);
+            tokio::spawn(tessera_cache::metrics::serve(l, Arc::new(move || node.render_metrics())))
+        });
+        tessera_cachenode::serve(Arc::clone(&node), listener, interrupted()).await;
+        if let Some(m) = metrics {
+            m.abort();
         }
         anyhow::Ok(())
     })?;
