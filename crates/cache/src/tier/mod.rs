@@ -89,9 +89,8 @@ impl TierOptions {
         let bad = || format!("{s:?} is not a code K+M such as 4+1 (K >= 1, K + M <= 255)");
         let (k, m) = s.split_once('+').ok_or_else(bad)?;
         let (k, m): (usize, usize) = (k.trim().parse().map_err(|_| bad())?, m.trim().parse().map_err(|_| bad())?);
-        if k == 0 || k + m > 255 {
-            return Err(bad());
-        }
+        // The code itself says which parameters it supports.
+        Code::new(k, m).map_err(|_| bad())?;
         Ok((k, m))
     }
 }
