@@ -40,7 +40,8 @@ pub fn tier_options(t: &TierArgs, policy: ReadPolicy) -> Result<Option<TierOptio
     }
     let (k, m) = TierOptions::parse_code(&t.ec).map_err(|e| anyhow::anyhow!("--ec: {e}"))?;
     for n in &t.cache_nodes {
-        if !matches!(n.rsplit_once(':'), Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok()) {
+        // The agent's listen-address parser knows what HOST:PORT is.
+        if !matches!(tessera_agent::Listen::parse(n), Ok(tessera_agent::Listen::Tcp(_))) {
             anyhow::bail!("--cache-nodes: {n:?} is not HOST:PORT");
         }
     }
