@@ -25,16 +25,20 @@ impl Default for TraceSpec {
     }
 }
 
+/// The next number of a xorshift64 sequence (`state` must not be 0): a
+/// cheap, deterministic stream for traces and benchmarks.
+pub fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
 /// Chunk numbers in access order. Hot chunks are below 2^32; one-shot
 /// chunks above, each used once.
 pub fn generate(spec: &TraceSpec) -> Vec<u64> {
     let mut state = spec.seed | 1;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = || xorshift(&mut state);
     let mut out = Vec::new();
     let mut one_shot = 1u64 << 32;
     for _ in 0..spec.invocations {

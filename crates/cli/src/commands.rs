@@ -338,10 +338,7 @@ fn nbd_latency(socket: &std::path::Path, export: &str, block: u64, count: usize,
     let mut lat = Vec::with_capacity(count);
     let started = std::time::Instant::now();
     for _ in 0..count {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let offset = (state % blocks) * block;
+        let offset = (tessera_cache::trace::xorshift(&mut state) % blocks) * block;
         let t = std::time::Instant::now();
         c.read(offset, &mut buf)?;
         lat.push(t.elapsed().as_secs_f64() * 1e6);

@@ -133,12 +133,7 @@ pub fn bench(home: &Home, name: &str, t: &TierArgs, b: &TierBench) -> Result<Exi
         tier.drain();
     }
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ids[(state % ids.len() as u64) as usize]
-    };
+    let mut next = || ids[(tessera_cache::trace::xorshift(&mut state) % ids.len() as u64) as usize];
     // Several tiers take turns read by read, so all see the same network and machine.
     let mut latencies = vec![Vec::with_capacity(b.count); tiers.len()];
     let mut misses = 0;
