@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tessera_cache::Loader;
 use tessera_chunk::CHUNK_SIZE;
@@ -21,14 +21,30 @@ pub struct CatalogExports {
     overlays: PathBuf,
     /// Open disks by image name (replaced when the image is re-imported).
     disks: Mutex<HashMap<String, Arc<VirtualDisk>>>,
-    /// Open overlays by export name, shared by every connection to it.
-    open_overlays: Mutex<HashMap<String, Arc<Overlay>>>,
+    /// Open overlays by export name, shared by every connection to it; an
+    /// overlay closes (its files and bitmap freed) when its last user goes.
+    open_overlays: Mutex<HashMap<String, Weak<Overlay>>>,
+    /// The most overlays open at once.
+    max_overlays: usize,
 }
 
 impl CatalogExports {
-    /// Exports of `home`, reading through `loader`, with overlays under `overlays`.
-    pub fn new(home: Arc<Home>, loader: Arc<Loader>, overlays: PathBuf) -> CatalogExports {
-        CatalogExports { home, loader, overlays, disks: Mutex::new(HashMap::new()), open_overlays: Mutex::new(HashMap::new()) }
+    /// Exports of `home`, reading through `loader`, with overlays under
+    /// `overlays`, at most `max_overlays` of them open at once.
+    pub fn new(home: Arc<Home>, loader: Arc<Loader>, overlays: PathBuf, max_overlays: usize) -> CatalogExports {
+        CatalogExports {
+            home,
+            loader,
+            overlays,
+            disks: Mutex::new(HashMap::new()),
+            open_overlays: Mutex::new(HashMap::new()),
+            max_overlays,
+        }
+    }
+
+    /// Overlays open now.
+    pub fn open_overlay_count(&self) -> usize {
+        self.open_overlays.lock().expect("no panics while holding the lock").values().filter(|o| o.strong_count() > 0).count()
     }
 
     /// The current disk of image `name`.
@@ -46,7 +62,14 @@ impl CatalogExports {
 
     /// Flushes every open overlay (on shutdown).
     pub fn flush_all(&self) {
-        for (name, o) in self.open_overlays.lock().expect("no panics while holding the lock").iter() {
+        let open: Vec<(String, Arc<Overlay>)> = self
+            .open_overlays
+            .lock()
+            .expect("no panics while holding the lock")
+            .iter()
+            .filter_map(|(name, o)| Some((name.clone(), o.upgrade()?)))
+            .collect();
+        for (name, o) in open {
             if let Err(e) = o.flush() {
                 eprintln!("tessera: overlay {name}: {e}");
             }
@@ -56,7 +79,18 @@ impl CatalogExports {
 
 impl Exports for CatalogExports {
     fn names(&self) -> Vec<String> {
-        self.home.catalog.list().map(|l| l.into_iter().map(|(n, _)| n).collect()).unwrap_or_default()
+        match self.home.catalog.list() {
+            Ok(listing) => {
+                for (name, e) in &listing.bad {
+                    eprintln!("tessera: warning: not exporting image {name}: {e}");
+                }
+                listing.images.into_iter().map(|(n, _)| n).collect()
+            }
+            Err(e) => {
+                eprintln!("tessera: cannot list images: {e}");
+                Vec::new()
+            }
+        }
     }
 
     fn open(&self, export: &str) -> Result<Arc<dyn Device>, String> {
@@ -68,15 +102,19 @@ impl Exports for CatalogExports {
         let Some(label) = label else { return Ok(Arc::new(ImageDevice(disk))) };
         check_name(label).map_err(|_| format!("invalid overlay label {label:?} (use A-Z a-z 0-9 . _ -)"))?;
         let mut open = self.open_overlays.lock().expect("no panics while holding the lock");
+        open.retain(|_, o| o.strong_count() > 0);
         // An overlay opened over an older version of the image is not reused:
         // opening it again refuses the version mismatch.
-        let overlay = match open.get(export).filter(|o| o.manifest_id() == disk.manifest_id()) {
-            Some(o) => Arc::clone(o),
+        let overlay = match open.get(export).and_then(Weak::upgrade).filter(|o| o.manifest_id() == disk.manifest_id()) {
+            Some(o) => o,
             None => {
+                if open.len() >= self.max_overlays && !open.contains_key(export) {
+                    return Err(format!("{} overlays are open, the most allowed at once: close some NAME@LABEL connections", self.max_overlays));
+                }
                 open.remove(export);
                 let dir = self.overlays.join(format!("{name}@{label}"));
                 let o = Arc::new(Overlay::open(&dir, disk.manifest_id(), disk.size()).map_err(|e| e.to_string())?);
-                open.insert(export.to_owned(), Arc::clone(&o));
+                open.insert(export.to_owned(), Arc::downgrade(&o));
                 o
             }
         };

@@ -18,7 +18,7 @@ pub mod vdisk;
 
 use std::fmt::Write;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ use tessera_store::{Home, LocalDirStore, ThrottledStore};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::exports::CatalogExports;
-use crate::nbd::{Exports, NbdStats};
+use crate::nbd::{Exports, Limits, Server};
 
 /// Where the NBD server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +88,20 @@ pub struct AgentOptions {
     pub origin_bandwidth: Option<u64>,
     /// The shared cache tier between the disk cache and the origin, if any.
     pub tier: Option<TierOptions>,
+    /// What NBD clients may make the agent hold.
+    pub limits: Limits,
+    /// `NAME@LABEL` overlays open at once.
+    pub max_overlays: usize,
+}
+
+/// Where a running agent listens (TCP ports as bound: port 0 in the
+/// options is a port the system picked).
+#[derive(Clone, Debug, Default)]
+pub struct Bound {
+    /// NBD listeners: `unix:PATH` or `HOST:PORT`.
+    pub nbd: Vec<String>,
+    /// The metrics endpoint, `HOST:PORT`.
+    pub metrics: Option<String>,
 }
 
 /// A running worker agent.
@@ -98,13 +112,19 @@ pub struct Agent {
     /// The tier chain.
     pub loader: Arc<Loader>,
     origin: Arc<Origin>,
-    stats: Arc<NbdStats>,
+    /// The NBD server (its bounds and counters).
+    pub nbd: Arc<Server>,
 }
 
 impl Agent {
     /// Opens the caches and the origin of `home`.
     pub fn new(home: Home, options: AgentOptions) -> std::io::Result<Agent> {
-        let disk = Arc::new(DiskCache::open(&options.cache_dir.join("chunks"), options.cache_disk)?);
+        check_cache_dir(home.root(), &options.cache_dir)?;
+        let chunk_cache = options.cache_dir.join("chunks");
+        if options.cache_dir == home.root().join("cache") && DiskCache::adopt_unmarked(&chunk_cache)? {
+            eprintln!("tessera: adopted the disk cache of an earlier release in {}", chunk_cache.display());
+        }
+        let disk = Arc::new(DiskCache::open(&chunk_cache, options.cache_disk)?);
         let store: Arc<dyn tessera_store::ChunkStore> =
             Arc::new(LocalDirStore::open(&home.root().join("chunks")).map_err(std::io::Error::other)?);
         let store: Arc<dyn tessera_store::ChunkStore> = if options.origin_latency.is_zero() && options.origin_bandwidth.is_none() {
@@ -119,8 +139,9 @@ impl Agent {
         }
         lower.push(Arc::clone(&origin) as Arc<dyn ChunkSource>);
         let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: options.cache_mem }, Some(disk), lower));
-        let exports = Arc::new(CatalogExports::new(Arc::new(home), Arc::clone(&loader), options.cache_dir.join("overlays")));
-        Ok(Agent { options, exports, loader, origin, stats: Arc::new(NbdStats::default()) })
+        let exports = Arc::new(CatalogExports::new(Arc::new(home), Arc::clone(&loader), options.cache_dir.join("overlays"), options.max_overlays));
+        let nbd = Arc::new(Server::new(exports.clone() as Arc<dyn Exports>, options.limits.clone()));
+        Ok(Agent { options, exports, loader, origin, nbd })
     }
 
     /// All metrics, in Prometheus text.
@@ -135,15 +156,19 @@ impl Agent {
         let _ = writeln!(out, "tessera_origin_requests_total {}", self.origin.requests.load(Ordering::Relaxed));
         header(&mut out, "tessera_origin_requests_shed_total", "counter", "Origin requests refused because the queue was full.");
         let _ = writeln!(out, "tessera_origin_requests_shed_total {}", self.origin.shed.load(Ordering::Relaxed));
-        self.stats.render(&mut out);
+        self.nbd.render(&mut out);
+        header(&mut out, "tessera_overlays_open", "gauge", "NAME@LABEL overlays open now.");
+        let _ = writeln!(out, "tessera_overlays_open {}", self.exports.open_overlay_count());
         out
     }
 
-    /// Listens and serves until `shutdown` completes; then flushes overlays
-    /// and removes its unix sockets.
-    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    /// Listens, calls `ready` with the addresses bound, and serves until
+    /// `shutdown` completes; then flushes overlays and removes its unix
+    /// sockets.
+    pub async fn run(self: Arc<Self>, ready: impl FnOnce(&Bound), shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
         let mut tasks = Vec::new();
         let mut sockets = Vec::new();
+        let mut bound = Bound::default();
         for l in &self.options.nbd {
             match l {
                 Listen::Unix(path) => {
@@ -156,23 +181,36 @@ impl Agent {
                     }
                     let listener = UnixListener::bind(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
                     sockets.push(path.clone());
-                    let (exports, stats) = (self.exports.clone() as Arc<dyn Exports>, self.stats.clone());
+                    bound.nbd.push(l.to_string());
+                    let server = self.nbd.clone();
                     tasks.push(tokio::spawn(async move {
                         loop {
-                            if let Ok((s, _)) = listener.accept().await {
-                                tokio::spawn(nbd::serve_connection(s, exports.clone(), stats.clone(), "unix socket".into()));
+                            match listener.accept().await {
+                                Ok((s, _)) => {
+                                    if let Some(place) = server.admit("a unix socket client") {
+                                        tokio::spawn(nbd::serve_connection(s, server.clone(), place, "unix socket".into()));
+                                    }
+                                }
+                                Err(e) => accept_failed(&e).await,
                             }
                         }
                     }));
                 }
                 Listen::Tcp(addr) => {
                     let listener = TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("{addr}: {e}")))?;
-                    let (exports, stats) = (self.exports.clone() as Arc<dyn Exports>, self.stats.clone());
+                    bound.nbd.push(listener.local_addr()?.to_string());
+                    let server = self.nbd.clone();
                     tasks.push(tokio::spawn(async move {
                         loop {
-                            if let Ok((s, peer)) = listener.accept().await {
-                                let _ = s.set_nodelay(true);
-                                tokio::spawn(nbd::serve_connection(s, exports.clone(), stats.clone(), peer.to_string()));
+                            match listener.accept().await {
+                                Ok((s, peer)) => {
+                                    let peer = peer.to_string();
+                                    if let Some(place) = server.admit(&peer) {
+                                        let _ = s.set_nodelay(true);
+                                        tokio::spawn(nbd::serve_connection(s, server.clone(), place, peer));
+                                    }
+                                }
+                                Err(e) => accept_failed(&e).await,
                             }
                         }
                     }));
@@ -181,9 +219,11 @@ impl Agent {
         }
         if let Some(addr) = &self.options.metrics {
             let listener = TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("metrics {addr}: {e}")))?;
+            bound.metrics = Some(listener.local_addr()?.to_string());
             let me = Arc::clone(&self);
             tasks.push(tokio::spawn(tessera_cache::metrics::serve(listener, Arc::new(move || me.render_metrics()))));
         }
+        ready(&bound);
         shutdown.await;
         for t in tasks {
             t.abort();
@@ -199,9 +239,76 @@ impl Agent {
     }
 }
 
+/// After a failed accept (out of descriptors, say): log, and wait a little
+/// rather than spin.
+async fn accept_failed(e: &std::io::Error) {
+    eprintln!("tessera: nbd: accept: {e}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+/// Refuses a cache directory that is, contains or lies inside a store: the
+/// disk cache deletes what it evicts, and overlays are removed with their
+/// runs, so the cache must never share a directory with the images.
+pub fn check_cache_dir(home: &Path, cache: &Path) -> std::io::Result<()> {
+    let (home, cache) = (absolute(home), absolute(cache));
+    let refuse = |why: &str| Err(std::io::Error::other(format!("--cache-dir {}: {why}; give a directory of its own", cache.display())));
+    if home.starts_with(&cache) {
+        return refuse(&format!("is or contains the store {}", home.display()));
+    }
+    for part in ["chunks", "manifests", "images", "tmp", "run"] {
+        if cache.starts_with(home.join(part)) {
+            return refuse(&format!("lies inside the store {}", home.display()));
+        }
+    }
+    if cache.join("keyring.json").exists() || (cache.join("images").is_dir() && cache.join("manifests").is_dir()) {
+        return refuse("holds another tessera store (a keyring, images and manifests)");
+    }
+    Ok(())
+}
+
+/// `path` made absolute and free of symlinks as far as it exists (the rest
+/// appended as given), so two spellings of one directory compare equal.
+fn absolute(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (existing.file_name().map(|n| n.to_owned()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent.to_path_buf() };
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_dirs_that_share_the_store_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        for d in ["chunks", "manifests", "images"] {
+            std::fs::create_dir_all(home.join(d)).unwrap();
+        }
+        std::fs::write(home.join("keyring.json"), b"{}").unwrap();
+        assert!(check_cache_dir(&home, &home.join("cache")).is_ok(), "the default");
+        assert!(check_cache_dir(&home, &dir.path().join("elsewhere/cache")).is_ok());
+        for bad in [home.clone(), dir.path().to_path_buf(), home.join("chunks"), home.join("chunks/ab"), home.join("images/x"), home.join("./chunks/../")] {
+            let err = check_cache_dir(&home, &bad).expect_err(&bad.display().to_string());
+            assert!(err.to_string().contains("store"), "{err}");
+        }
+        // Another home, elsewhere.
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("keyring.json"), b"{}").unwrap();
+        assert!(check_cache_dir(&home, &other).is_err());
+    }
 
     #[test]
     fn listen_addresses() {

@@ -8,14 +8,22 @@
 //! Requests on one connection run concurrently; replies are written whole,
 //! one at a time. A malformed or hostile request closes that connection
 //! (logged); the server and other clients carry on.
+//!
+//! What clients can make the server hold is bounded per server, not per
+//! connection ([`Limits`]): the connections served at once, and the bytes of
+//! request and reply buffers of all of them together (a request waits for
+//! its share before its buffer exists, so a client that floods gets
+//! back-pressure, not memory). A client that stops reading its replies, or
+//! stalls in the handshake, is disconnected after a timeout.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore};
 
 use tessera_cache::metrics::{header, Histogram};
 
@@ -125,9 +133,101 @@ pub trait Exports: Send + Sync {
     fn open(&self, name: &str) -> Result<Arc<dyn Device>, String>;
 }
 
+/// What a server lets its clients make it hold.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections served at once; more are closed as they come.
+    pub max_connections: usize,
+    /// Bytes of request and reply buffers all connections hold at once.
+    pub buffer_bytes: u64,
+    /// How long a client may take over its handshake, or to take a reply.
+    pub client_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_connections: 1024, buffer_bytes: 256 << 20, client_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Buffers are accounted in pages of this many bytes.
+const PAGE: u64 = 4096;
+
+/// One NBD server: its exports, bounds and counters, shared by all its
+/// listeners and connections.
+pub struct Server {
+    exports: Arc<dyn Exports>,
+    /// Counters.
+    pub stats: NbdStats,
+    limits: Limits,
+    connections: Arc<Semaphore>,
+    /// Pages of buffer all connections may hold.
+    buffers: Arc<Semaphore>,
+    buffer_pages: u32,
+}
+
+impl Server {
+    /// A server of `exports` within `limits`.
+    pub fn new(exports: Arc<dyn Exports>, limits: Limits) -> Server {
+        // At least one largest request must fit.
+        let pages = (limits.buffer_bytes / PAGE).clamp((MAX_REQUEST as u64 + PAGE) / PAGE + 1, u32::MAX as u64 / 2) as u32;
+        Server {
+            exports,
+            stats: NbdStats::default(),
+            connections: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            buffers: Arc::new(Semaphore::new(pages as usize)),
+            buffer_pages: pages,
+            limits,
+        }
+    }
+
+    /// A place for one more connection, or `None` (counted) when the server
+    /// is full: the caller closes the connection.
+    pub fn admit(&self, peer: &str) -> Option<OwnedSemaphorePermit> {
+        match Arc::clone(&self.connections).try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                if self.stats.refused.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                    eprintln!("tessera: nbd: {} connections are open, the most allowed (--max-connections): closing {peer}", self.limits.max_connections);
+                }
+                None
+            }
+        }
+    }
+
+    /// Waits for room for a buffer of `bytes`.
+    async fn buffer(&self, bytes: u64) -> OwnedSemaphorePermit {
+        let pages = (bytes.div_ceil(PAGE) + 1).min(self.buffer_pages as u64) as u32;
+        Arc::clone(&self.buffers).acquire_many_owned(pages).await.expect("the semaphore is never closed")
+    }
+
+    /// Bytes of buffer held now.
+    pub fn buffer_bytes_used(&self) -> u64 {
+        (self.buffer_pages as u64 - self.buffers.available_permits() as u64) * PAGE
+    }
+
+    /// Appends the server's metrics in Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        self.stats.render(out);
+        header(out, "tessera_nbd_connections_refused_total", "counter", "NBD connections closed at once because --max-connections were open.");
+        let _ = writeln!(out, "tessera_nbd_connections_refused_total {}", self.stats.refused.load(Ordering::Relaxed));
+        header(out, "tessera_nbd_clients_timed_out_total", "counter", "NBD clients disconnected for not taking a reply, or not finishing the handshake, in time.");
+        let _ = writeln!(out, "tessera_nbd_clients_timed_out_total {}", self.stats.timed_out.load(Ordering::Relaxed));
+        header(out, "tessera_nbd_buffer_bytes", "gauge", "Bytes of request and reply buffers held by all NBD connections.");
+        let _ = writeln!(out, "tessera_nbd_buffer_bytes {}", self.buffer_bytes_used());
+        header(out, "tessera_nbd_buffer_capacity_bytes", "gauge", "The bound on those bytes.");
+        let _ = writeln!(out, "tessera_nbd_buffer_capacity_bytes {}", self.buffer_pages as u64 * PAGE);
+    }
+}
+
 /// Server-wide counters.
 #[derive(Default)]
 pub struct NbdStats {
+    /// Connections closed at once because the server was full.
+    pub refused: AtomicU64,
+    /// Clients disconnected for stalling.
+    pub timed_out: AtomicU64,
     /// Connections open now.
     pub connections: AtomicU64,
     /// Connections accepted so far.
@@ -180,18 +280,26 @@ impl From<io::Error> for Violation {
     }
 }
 
-/// Serves one client connection to its end. `peer` names it in logs.
-pub async fn serve_connection<S>(stream: S, exports: Arc<dyn Exports>, stats: Arc<NbdStats>, peer: String)
+/// Serves one client connection to its end; `admitted` is its place
+/// ([`Server::admit`]). `peer` names it in logs.
+pub async fn serve_connection<S>(stream: S, server: Arc<Server>, admitted: OwnedSemaphorePermit, peer: String)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let stats = &server.stats;
     stats.connections.fetch_add(1, Ordering::Relaxed);
     stats.connections_total.fetch_add(1, Ordering::Relaxed);
     let (mut rd, wr) = tokio::io::split(stream);
-    let wr = Arc::new(Mutex::new(wr));
+    let conn = Arc::new(Connection { writer: Mutex::new(wr), broken: AtomicBool::new(false), gone: Notify::new() });
     let result = async {
-        let Some(session) = handshake(&mut rd, &wr, &exports).await? else { return Ok(()) };
-        transmission(rd, wr.clone(), session, stats.clone()).await
+        let timeout = server.limits.client_timeout;
+        let handshake = tokio::time::timeout(timeout, handshake(&mut rd, &conn, &server.exports)).await;
+        let Ok(session) = handshake else {
+            stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            return violation(format!("no handshake within {timeout:?}"));
+        };
+        let Some(session) = session? else { return Ok(()) };
+        transmission(rd, conn.clone(), session, server.clone()).await
     }
     .await;
     if let Err(Violation(msg)) = result {
@@ -200,8 +308,42 @@ where
             eprintln!("tessera: nbd: closing connection from {peer}: {msg}");
         }
     }
-    let _ = wr.lock().await.shutdown().await;
+    if !conn.broken.load(Ordering::Relaxed) {
+        let _ = tokio::time::timeout(server.limits.client_timeout, async { conn.writer.lock().await.shutdown().await }).await;
+    }
     stats.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(admitted);
+}
+
+/// The writing side of a connection, shared by its requests.
+struct Connection<S> {
+    writer: Mutex<tokio::io::WriteHalf<S>>,
+    /// Set when a reply could not be written in time: nothing more is sent.
+    broken: AtomicBool,
+    /// Wakes the request reader when the connection breaks.
+    gone: Notify,
+}
+
+impl<S: AsyncWrite> Connection<S> {
+    /// Writes a whole reply, unless the connection is broken; a client that
+    /// does not take it within `timeout` breaks the connection.
+    async fn send(&self, bytes: &[u8], timeout: Duration) -> Result<(), Violation> {
+        if self.broken.load(Ordering::Relaxed) {
+            return violation("connection closed");
+        }
+        let mut w = self.writer.lock().await;
+        if self.broken.load(Ordering::Relaxed) {
+            return violation("connection closed");
+        }
+        match tokio::time::timeout(timeout, w.write_all(bytes)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => {
+                self.broken.store(true, Ordering::Relaxed);
+                self.gone.notify_one();
+                violation(format!("the client took no reply for {timeout:?}"))
+            }
+        }
+    }
 }
 
 /// What the handshake agreed on.
@@ -211,7 +353,7 @@ struct Session {
     allocation: bool,
 }
 
-type Writer<S> = Arc<Mutex<tokio::io::WriteHalf<S>>>;
+type Writer<S> = Arc<Connection<S>>;
 
 async fn option_reply<S: AsyncWrite>(wr: &Writer<S>, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
     let mut m = Vec::with_capacity(20 + data.len());
@@ -220,7 +362,7 @@ async fn option_reply<S: AsyncWrite>(wr: &Writer<S>, opt: u32, kind: u32, data: 
     m.extend_from_slice(&kind.to_be_bytes());
     m.extend_from_slice(&(data.len() as u32).to_be_bytes());
     m.extend_from_slice(data);
-    wr.lock().await.write_all(&m).await
+    wr.writer.lock().await.write_all(&m).await
 }
 
 fn transmission_flags(device: &dyn Device, structured: bool) -> u16 {
@@ -270,7 +412,7 @@ where
     S: AsyncRead + AsyncWrite,
 {
     {
-        let mut w = wr.lock().await;
+        let mut w = wr.writer.lock().await;
         let mut hello = NBDMAGIC.to_be_bytes().to_vec();
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
         hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
@@ -306,7 +448,7 @@ where
                 if !no_zeroes {
                     m.extend_from_slice(&[0u8; 124]);
                 }
-                wr.lock().await.write_all(&m).await?;
+                wr.writer.lock().await.write_all(&m).await?;
                 return Ok(Some(Session { device, structured, allocation }));
             }
             OPT_ABORT => {
@@ -418,7 +560,7 @@ struct Request {
     payload: Vec<u8>,
 }
 
-async fn transmission<S>(mut rd: tokio::io::ReadHalf<S>, wr: Writer<S>, session: Session, stats: Arc<NbdStats>) -> Result<(), Violation>
+async fn transmission<S>(mut rd: tokio::io::ReadHalf<S>, conn: Writer<S>, session: Session, server: Arc<Server>) -> Result<(), Violation>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -426,7 +568,13 @@ where
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let mut head = [0u8; 28];
-        rd.read_exact(&mut head).await?;
+        tokio::select! {
+            read = rd.read_exact(&mut head) => { read?; }
+            () = conn.gone.notified() => {
+                server.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                return violation("the client stopped taking replies");
+            }
+        }
         let magic = u32::from_be_bytes(head[0..4].try_into().expect("4 bytes"));
         if magic != REQUEST_MAGIC {
             return violation(format!("bad request magic {magic:#x}"));
@@ -439,21 +587,30 @@ where
             length: u32::from_be_bytes(head[24..28].try_into().expect("4 bytes")),
             payload: Vec::new(),
         };
-        if req.kind == CMD_WRITE {
-            if req.length > MAX_REQUEST {
-                return violation(format!("write of {} bytes (limit {MAX_REQUEST})", req.length));
-            }
-            req.payload = vec![0u8; req.length as usize];
-            rd.read_exact(&mut req.payload).await?;
-        }
         if req.kind == CMD_DISC {
             // Let requests in flight finish, then close.
             let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
             return Ok(());
         }
         let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let (session, wr, stats) = (session.clone(), wr.clone(), stats.clone());
+        // The buffer this request needs is granted before it exists: a
+        // flood waits here, and stops reading more requests.
+        let buffer = match req.kind {
+            CMD_WRITE => {
+                if req.length > MAX_REQUEST {
+                    return violation(format!("write of {} bytes (limit {MAX_REQUEST})", req.length));
+                }
+                let buffer = server.buffer(req.length as u64).await;
+                req.payload = vec![0u8; req.length as usize];
+                rd.read_exact(&mut req.payload).await?;
+                Some(buffer)
+            }
+            CMD_READ | CMD_CACHE if req.length <= MAX_REQUEST => Some(server.buffer(req.length as u64).await),
+            _ => None,
+        };
+        let (session, conn, server) = (session.clone(), conn.clone(), server.clone());
         tokio::spawn(async move {
+            let stats = &server.stats;
             let started = Instant::now();
             let op = (req.kind as usize).min(OP_NAMES.len());
             if let Some(c) = stats.requests.get(op) {
@@ -463,11 +620,11 @@ where
             if let (true, Some(c)) = (reply.failed, stats.errors.get(op)) {
                 c.fetch_add(1, Ordering::Relaxed);
             }
-            let _ = wr.lock().await.write_all(&reply.bytes).await;
+            let _ = conn.send(&reply.bytes, server.limits.client_timeout).await;
             if let Some(h) = stats.latency.get(op) {
                 h.observe(started.elapsed());
             }
-            drop(permit);
+            drop((reply, buffer, permit));
         });
     }
 }

@@ -15,6 +15,13 @@ use tessera_chunk::ChunkId;
 use crate::{ChunkSource, Error, Lru2, Tier, CORRELATED};
 
 /// Sealed chunks as files `DIR/ab/ID`, at most `capacity` bytes.
+///
+/// The directory is the cache's own: it carries a marker file
+/// ([`MARKER`]) written when the cache made it, and a directory that holds
+/// anything without that marker is refused, so a cache pointed by mistake at
+/// a chunk store (or any other data) never evicts what it did not write.
+/// Within its directory the cache only ever deletes the entries it indexed
+/// and its own temporaries; files it does not recognise are left alone.
 pub struct DiskCache {
     inner: Arc<Inner>,
     /// Chunks waiting for the writer thread.
@@ -37,29 +44,38 @@ type Pending = (ChunkId, Vec<u8>);
 /// Chunks that may wait for the writer; past that, new ones are not cached.
 const WRITE_BEHIND: usize = 64;
 
+/// The file that marks a directory as a disk cache's own.
+pub const MARKER: &str = "TESSERA-DISK-CACHE";
+
+/// Prefix of the cache's temporaries: `.cache-tmp-PID-N`.
+const TMP_PREFIX: &str = ".cache-tmp-";
+
 impl DiskCache {
     /// Opens the cache in `dir`, indexing what a previous run left there
     /// (oldest first) and trimming it to `capacity`.
+    ///
+    /// `dir` must be new, empty, or a cache directory (one with the
+    /// [`MARKER`]); anything else is refused with an error saying why.
     pub fn open(dir: &Path, capacity: u64) -> std::io::Result<DiskCache> {
-        fs::create_dir_all(dir)?;
-        let mut found: Vec<(std::time::SystemTime, ChunkId, u64, PathBuf)> = Vec::new();
+        claim(dir)?;
+        let mut found: Vec<(std::time::SystemTime, ChunkId, u64)> = Vec::new();
         for sub in fs::read_dir(dir)? {
             let sub = sub?;
-            if !sub.file_type()?.is_dir() {
+            let name = sub.file_name().to_string_lossy().into_owned();
+            if !(name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit()) && sub.file_type()?.is_dir()) {
                 continue;
             }
             for f in fs::read_dir(sub.path())? {
                 let f = f?;
                 let name = f.file_name().to_string_lossy().into_owned();
-                match name.parse::<ChunkId>() {
-                    Ok(id) => {
-                        let md = f.metadata()?;
-                        found.push((md.modified()?, id, md.len(), f.path()));
+                if let Ok(id) = name.parse::<ChunkId>() {
+                    let md = f.metadata()?;
+                    if md.is_file() {
+                        found.push((md.modified()?, id, md.len()));
                     }
-                    // A temporary left by a crash.
-                    Err(_) => {
-                        let _ = fs::remove_file(f.path());
-                    }
+                } else if is_stale_temporary(&name) {
+                    // Left by a cache process that died mid-write.
+                    let _ = fs::remove_file(f.path());
                 }
             }
         }
@@ -72,7 +88,7 @@ impl DiskCache {
             pending: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
-        for (_, id, len, _) in found {
+        for (_, id, len) in found {
             inner.admit(id, len);
         }
         let (tx, rx) = bounded::<(ChunkId, Vec<u8>)>(WRITE_BEHIND);
@@ -86,6 +102,32 @@ impl DiskCache {
             }
         });
         Ok(DiskCache { inner, behind: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) })
+    }
+
+    /// Marks `dir` as a cache directory if it holds nothing but what a disk
+    /// cache of an earlier release wrote there (two-hex-digit directories of
+    /// files named by chunk ids, and temporaries), so [`DiskCache::open`]
+    /// takes it. Only for a directory the caller knows is its own cache (a
+    /// default location): a chunk store has the same shape.
+    pub fn adopt_unmarked(dir: &Path) -> std::io::Result<bool> {
+        if !dir.is_dir() || dir.join(MARKER).exists() {
+            return Ok(false);
+        }
+        for sub in fs::read_dir(dir)? {
+            let sub = sub?;
+            let name = sub.file_name().to_string_lossy().into_owned();
+            if !(name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit()) && sub.file_type()?.is_dir()) {
+                return Ok(false);
+            }
+            for f in fs::read_dir(sub.path())? {
+                let name = f?.file_name().to_string_lossy().into_owned();
+                if name.parse::<ChunkId>().is_err() && !name.starts_with(".tmp-") {
+                    return Ok(false);
+                }
+            }
+        }
+        write_marker(dir)?;
+        Ok(true)
     }
 
     /// Keeps sealed `bytes` of `id` soon, on the writer thread; if the
@@ -193,7 +235,7 @@ impl Inner {
         let path = self.path_of(id);
         let parent = path.parent().expect("cache paths have a parent");
         fs::create_dir_all(parent)?;
-        let tmp = parent.join(format!(".tmp-{}-{}", std::process::id(), self.counter.fetch_add(1, Ordering::Relaxed)));
+        let tmp = parent.join(format!("{TMP_PREFIX}{}-{}", std::process::id(), self.counter.fetch_add(1, Ordering::Relaxed)));
         fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, &path)).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
         })?;
@@ -219,6 +261,47 @@ impl Inner {
             Err(e) => Err(Error::Source { id: *id, tier: "disk", reason: e.to_string() }),
         }
     }
+}
+
+/// Makes `dir` the cache's own, or refuses it: a missing or empty
+/// directory is created and marked; a marked one is taken as it is; any
+/// other is refused, since evicting would delete files the cache never wrote.
+fn claim(dir: &Path) -> std::io::Result<()> {
+    if dir.join(MARKER).is_file() {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        std::io::Error::other(format!(
+            "{} {why}; a disk cache only uses a new or empty directory (or one it made), since it deletes what it evicts: give another --cache-dir",
+            dir.display()
+        ))
+    };
+    match fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if let Some(e) = entries.next() {
+                let e = e?;
+                return Err(refuse(format!("is not a tessera disk cache (it holds {:?} and no {MARKER} marker)", e.file_name())));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir_all(dir)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => return Err(refuse("is not a directory".into())),
+        Err(e) => return Err(e),
+    }
+    write_marker(dir)
+}
+
+fn write_marker(dir: &Path) -> std::io::Result<()> {
+    let marker = dir.join(MARKER);
+    let tmp = dir.join(format!("{TMP_PREFIX}marker-{}", std::process::id()));
+    fs::write(&tmp, "A tessera disk cache: files in the two-hex-digit directories are cached sealed chunks, evicted at will.\n")?;
+    fs::rename(&tmp, &marker)
+}
+
+/// Whether `name` is a temporary of a cache process that no longer runs.
+fn is_stale_temporary(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(TMP_PREFIX) else { return false };
+    let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+    pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
 }
 
 impl ChunkSource for DiskCache {
@@ -270,7 +353,71 @@ mod tests {
         assert_eq!(again.len(), 3);
         let (id, b) = chunk(9);
         assert_eq!(again.fetch(&id).unwrap(), Some(b));
-        let files: usize = fs::read_dir(dir.path()).unwrap().map(|d| fs::read_dir(d.unwrap().path()).unwrap().count()).sum();
+        let files: usize = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|d| d.unwrap().path())
+            .filter(|p| p.is_dir())
+            .map(|p| fs::read_dir(p).unwrap().count())
+            .sum();
         assert_eq!(files, 3, "evicted chunks' files are deleted");
+    }
+
+    /// A store's chunk directory has a cache's shape; pointed at one, the
+    /// cache must refuse it, not trim it.
+    #[test]
+    fn a_directory_it_did_not_make_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, b) = chunk(1);
+        let hex = id.to_hex();
+        fs::create_dir_all(dir.path().join(&hex[..2])).unwrap();
+        fs::write(dir.path().join(&hex[..2]).join(&hex), &b).unwrap();
+        let err = DiskCache::open(dir.path(), 10).err().expect("refused");
+        assert!(err.to_string().contains("is not a tessera disk cache"), "{err}");
+        assert!(dir.path().join(&hex[..2]).join(&hex).exists(), "nothing was deleted");
+        assert!(!dir.path().join(MARKER).exists(), "nothing was written");
+        // A file that is not a directory is refused too.
+        let file = dir.path().join("plain");
+        fs::write(&file, b"x").unwrap();
+        assert!(DiskCache::open(&file, 10).is_err());
+    }
+
+    #[test]
+    fn only_its_own_entries_and_dead_temporaries_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1_000).unwrap();
+        let (id, b) = chunk(1);
+        cache.insert(&id, &b).unwrap();
+        drop(cache);
+        let sub = dir.path().join(&id.to_hex()[..2]);
+        let foreign = sub.join("notes.txt");
+        let import_tmp = sub.join(format!(".tmp-{}-{}-0", id.to_hex(), u32::MAX - 1));
+        let dead = sub.join(format!("{TMP_PREFIX}{}-0", u32::MAX - 1));
+        let live = sub.join(format!("{TMP_PREFIX}{}-0", std::process::id()));
+        for f in [&foreign, &import_tmp, &dead, &live] {
+            fs::write(f, b"someone else's").unwrap();
+        }
+        // Tiny capacity: everything indexed is evicted, nothing else.
+        let cache = DiskCache::open(dir.path(), 1).unwrap();
+        assert_eq!(cache.len(), 0);
+        assert!(!sub.join(id.to_hex()).exists(), "its own entry was evicted");
+        assert!(!dead.exists(), "a dead cache process's temporary is removed");
+        for f in [&foreign, &import_tmp, &live] {
+            assert!(f.exists(), "{} was left alone", f.display());
+        }
+    }
+
+    #[test]
+    fn an_earlier_release_cache_is_adopted_only_when_it_looks_like_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, b) = chunk(1);
+        let hex = id.to_hex();
+        fs::create_dir_all(dir.path().join(&hex[..2])).unwrap();
+        fs::write(dir.path().join(&hex[..2]).join(&hex), &b).unwrap();
+        assert!(DiskCache::adopt_unmarked(dir.path()).unwrap());
+        assert_eq!(DiskCache::open(dir.path(), 1_000).unwrap().len(), 1);
+        let other = tempfile::tempdir().unwrap();
+        fs::write(other.path().join("keyring.json"), b"{}").unwrap();
+        assert!(!DiskCache::adopt_unmarked(other.path()).unwrap());
+        assert!(DiskCache::open(other.path(), 1_000).is_err());
     }
 }

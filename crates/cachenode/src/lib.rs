@@ -158,21 +158,28 @@ impl CacheNode {
         Some(Bytes::from(bytes).slice(SUM_LEN..))
     }
 
-    /// Keeps `stripe` as chunk `key`'s, in memory and on disk.
+    /// Keeps `stripe` as chunk `key`'s, on disk and then in memory. A
+    /// stripe that cannot be kept on disk is not kept at all (and an older
+    /// one is dropped), so the node says one thing: stored, or not.
     pub async fn put(self: &Arc<Self>, key: ChunkId, stripe: Bytes) -> std::io::Result<()> {
-        self.remember(key, stripe.clone());
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let mut file = Vec::with_capacity(SUM_LEN + stripe.len());
-            file.extend_from_slice(digest(&SHA256, &stripe).as_ref());
-            file.extend_from_slice(&stripe);
+        let on_disk = stripe.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut file = Vec::with_capacity(SUM_LEN + on_disk.len());
+            file.extend_from_slice(digest(&SHA256, &on_disk).as_ref());
+            file.extend_from_slice(&on_disk);
             me.disk.insert(&key, &file)
         })
         .await
-        .map_err(std::io::Error::other)?
-        .inspect_err(|_| {
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        if let Err(e) = written {
             self.stats.disk_errors.fetch_add(1, Ordering::Relaxed);
-        })?;
+            self.memory.lock().expect("no panics while holding the lock").remove(&key);
+            self.disk.remove(&key);
+            return Err(e);
+        }
+        self.remember(key, stripe);
         self.stats.stores.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -231,6 +238,10 @@ impl CacheNode {
                     }
                 };
                 self.stats.bytes_in.fetch_add(body.len() as u64, Ordering::Relaxed);
+                if let Err(why) = wire::StripeHeader::check(&body) {
+                    self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    return text(StatusCode::BAD_REQUEST, &format!("not a stripe: {why}\n"));
+                }
                 let r = match self.put(key, body).await {
                     Ok(()) => text(StatusCode::NO_CONTENT, ""),
                     Err(e) => text(StatusCode::INSUFFICIENT_STORAGE, &format!("cannot keep the stripe of chunk {key} on disk: {e}\n")),
@@ -350,20 +361,25 @@ mod tests {
         ChunkId([i; 32])
     }
 
+    /// A well-formed stripe (1+0 code) of 1000 bytes of `i`.
+    fn stripe(i: u8) -> Bytes {
+        Bytes::from(wire::StripeHeader { k: 1, m: 0, index: 0, chunk_len: 1000 }.wrap(&[i; 1000]))
+    }
+
     #[tokio::test]
     async fn stripes_survive_a_restart_and_corruption_is_caught() {
         let dir = tempfile::tempdir().unwrap();
         let options = NodeOptions { memory_bytes: 1 << 20, disk_bytes: 1 << 20, token: None };
         let node = Arc::new(CacheNode::open(dir.path(), options.clone()).unwrap());
         for i in 0..4 {
-            node.put(key(i), Bytes::from(vec![i; 1000])).await.unwrap();
+            node.put(key(i), stripe(i)).await.unwrap();
         }
-        assert_eq!(node.get(key(2)).await.as_deref(), Some(&[2u8; 1000][..]));
+        assert_eq!(node.get(key(2)).await, Some(stripe(2)));
         assert_eq!(node.get(key(9)).await, None);
         drop(node);
         let node = Arc::new(CacheNode::open(dir.path(), options.clone()).unwrap());
         assert_eq!(node.disk_stripes(), 4);
-        assert_eq!(node.get(key(3)).await.as_deref(), Some(&[3u8; 1000][..]));
+        assert_eq!(node.get(key(3)).await, Some(stripe(3)));
         // Damage one stripe's file: it is dropped, not served.
         let name = key(1).to_hex();
         let path = dir.path().join("stripes").join(&name[..2]).join(&name);
@@ -381,7 +397,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let node = Arc::new(CacheNode::open(dir.path(), NodeOptions { memory_bytes: 10_000, disk_bytes: 20_000, token: None }).unwrap());
         for i in 0..40 {
-            node.put(key(i), Bytes::from(vec![i; 1000])).await.unwrap();
+            node.put(key(i), stripe(i)).await.unwrap();
         }
         let m = node.render_metrics();
         let stored = |cache: &str| -> u64 {

@@ -38,6 +38,12 @@ pub enum Error {
     /// The keyring has no key for this tenant.
     #[error("no master key for tenant {0:?} in the keyring")]
     UnknownTenant(String),
+    /// There is no keyring where one was expected.
+    #[error("the keyring {path} is missing")]
+    KeyringMissing {
+        /// Where it was expected.
+        path: String,
+    },
     /// The keyring file is unreadable or malformed.
     #[error("keyring {path}: {reason}")]
     Keyring {

@@ -98,24 +98,39 @@ struct KeyringFile {
 }
 
 impl LocalKeyring {
-    /// Opens the keyring at `path`, creating it (with a fresh salt) if absent.
-    pub fn open_or_create(path: &Path) -> Result<LocalKeyring> {
+    /// Opens the keyring at `path`; [`Error::KeyringMissing`] if there is none.
+    /// Never writes.
+    pub fn open(path: &Path) -> Result<LocalKeyring> {
         let kerr = |reason: String| Error::Keyring { path: path.display().to_string(), reason };
-        let _lock = Lock::take(path).map_err(|e| kerr(format!("cannot lock: {e}")))?;
-        let file = match fs::read(path) {
-            Ok(bytes) => serde_json::from_slice::<KeyringFile>(&bytes).map_err(|e| kerr(e.to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let f = KeyringFile { format: 1, salt: hex::encode(random32()), tenants: BTreeMap::new() };
-                write_private(path, &f).map_err(|e| kerr(format!("cannot create: {e}")))?;
-                f
-            }
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::KeyringMissing { path: path.display().to_string() }),
             Err(e) => return Err(kerr(e.to_string())),
         };
+        let file = serde_json::from_slice::<KeyringFile>(&bytes).map_err(|e| kerr(e.to_string()))?;
         if file.format != 1 {
             return Err(kerr(format!("unsupported keyring format {}", file.format)));
         }
         let salt = Salt::from_bytes(parse_hex32(&file.salt, "salt").map_err(|e| kerr(e.to_string()))?);
         Ok(LocalKeyring { path: path.to_owned(), file, salt })
+    }
+
+    /// Creates a keyring at `path` with a fresh salt and no tenants; fails
+    /// if one is there already (it would orphan every manifest it opens).
+    pub fn create(path: &Path) -> Result<LocalKeyring> {
+        let kerr = |reason: String| Error::Keyring { path: path.display().to_string(), reason };
+        let _lock = Lock::take(path).map_err(|e| kerr(format!("cannot lock: {e}")))?;
+        let f = KeyringFile { format: 1, salt: hex::encode(random32()), tenants: BTreeMap::new() };
+        write_private(path, &f, false).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => kerr("a keyring is there already; it is never replaced".into()),
+            _ => kerr(format!("cannot create: {e}")),
+        })?;
+        LocalKeyring::open(path)
+    }
+
+    /// Where the keyring lives.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The store's convergence salt.
@@ -134,7 +149,7 @@ impl LocalKeyring {
         let bytes = fs::read(&self.path).map_err(|e| kerr(e.to_string()))?;
         let mut file: KeyringFile = serde_json::from_slice(&bytes).map_err(|e| kerr(e.to_string()))?;
         file.tenants.entry(tenant.to_owned()).or_insert_with(|| hex::encode(random32()));
-        write_private(&self.path, &file).map_err(|e| kerr(format!("cannot write: {e}")))?;
+        write_private(&self.path, &file, true).map_err(|e| kerr(format!("cannot write: {e}")))?;
         self.file = file;
         Ok(())
     }
@@ -160,8 +175,10 @@ impl KeyProvider for LocalKeyring {
     }
 }
 
-/// Writes the keyring to a temporary file of mode 0600, syncs it and renames it into place.
-fn write_private(path: &Path, file: &KeyringFile) -> std::io::Result<()> {
+/// Writes the keyring to a temporary file of mode 0600, syncs it and puts
+/// it in place: replacing what is there, or (`replace` false) only if
+/// nothing is, atomically (a hard link fails if the name is taken).
+fn write_private(path: &Path, file: &KeyringFile, replace: bool) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
@@ -169,7 +186,13 @@ fn write_private(path: &Path, file: &KeyringFile) -> std::io::Result<()> {
     let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(&serde_json::to_vec_pretty(file).expect("keyring serialises"))?;
     f.sync_all()?;
-    fs::rename(&tmp, path)?;
+    if replace {
+        fs::rename(&tmp, path)?;
+    } else {
+        let linked = fs::hard_link(&tmp, path);
+        let _ = fs::remove_file(&tmp);
+        linked?;
+    }
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
     }
@@ -204,12 +227,15 @@ mod tests {
     fn keyring_is_private_and_persistent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keyring.json");
-        let mut ring = LocalKeyring::open_or_create(&path).unwrap();
+        assert!(matches!(LocalKeyring::open(&path), Err(Error::KeyringMissing { .. })));
+        assert!(!path.exists(), "opening never creates");
+        let mut ring = LocalKeyring::create(&path).unwrap();
+        assert!(LocalKeyring::create(&path).is_err(), "an existing keyring is never replaced");
         ring.ensure_tenant("acme").unwrap();
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let key = DataKey::generate();
         let wrapped = ring.wrap("acme", &key).unwrap();
-        let again = LocalKeyring::open_or_create(&path).unwrap();
+        let again = LocalKeyring::open(&path).unwrap();
         assert_eq!(again.unwrap("acme", &wrapped).unwrap().0, key.0);
         assert_eq!(again.salt().id(), ring.salt().id());
     }
@@ -217,7 +243,7 @@ mod tests {
     #[test]
     fn other_tenant_cannot_unwrap() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ring = LocalKeyring::open_or_create(&dir.path().join("k.json")).unwrap();
+        let mut ring = LocalKeyring::create(&dir.path().join("k.json")).unwrap();
         ring.ensure_tenant("a").unwrap();
         ring.ensure_tenant("b").unwrap();
         let wrapped = ring.wrap("a", &DataKey::generate()).unwrap();

@@ -298,7 +298,7 @@ mod tests {
     #[test]
     fn seal_and_open_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ring = LocalKeyring::open_or_create(&dir.path().join("k")).unwrap();
+        let mut ring = LocalKeyring::create(&dir.path().join("k")).unwrap();
         ring.ensure_tenant("t").unwrap();
         let m = sample(ring.salt());
         let sealed = m.seal("t", &ring).unwrap();
@@ -313,7 +313,7 @@ mod tests {
     #[test]
     fn tampered_envelope_does_not_open() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ring = LocalKeyring::open_or_create(&dir.path().join("k")).unwrap();
+        let mut ring = LocalKeyring::create(&dir.path().join("k")).unwrap();
         ring.ensure_tenant("t").unwrap();
         let mut sealed = sample(ring.salt()).seal("t", &ring).unwrap();
         let n = sealed.sealed.len();

@@ -10,7 +10,7 @@ use tessera_import::ImportOptions;
 use tessera_oci::PullOptions;
 use tessera_store::{readback, Home, ImageRef};
 
-use crate::flags::{BenchCommand, CacheArgs, Cli, Command, ImportArgs, MountArgs, ServeArgs};
+use crate::flags::{BenchCommand, CacheArgs, Cli, Command, ImportArgs, KeyringCommand, LimitArgs, MountArgs, ServeArgs};
 use crate::progress::{human, Bars};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -35,8 +35,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { name, file } => export(&home, &name, &file),
         Command::Verify { name, json } => verify(&home, &name, json),
         Command::Rm { names } => rm(&home, &names),
+        Command::Keyring(command) => keyring(&home, command),
         Command::Cachenode(_) => unreachable!("handled above"),
-        Command::Bench(BenchCommand::Relay { listen, target, delay }) => crate::tier::relay(&listen, &target, delay),
+        Command::Bench(BenchCommand::Relay { listen, target, delay, ready_file }) => crate::tier::relay(&listen, &target, delay, ready_file.as_deref()),
         Command::Bench(BenchCommand::Tier { name, tier, count, origin_reads, warm, policy, versus, origin_latency, origin_bandwidth }) => {
             let bench = crate::tier::TierBench { count, origin_reads, warm, policy, versus, origin_latency, origin_bandwidth };
             crate::tier::bench(&home, &name, &tier, &bench)
@@ -127,10 +128,16 @@ fn summary(name: &str, r: &ImageRef, m: &Manifest) -> serde_json::Value {
 }
 
 fn images(home: &Home, json: bool) -> Result<ExitCode> {
-    let keyring = home.keyring()?;
+    let listing = home.catalog.list()?;
+    for (name, e) in &listing.bad {
+        eprintln!("tessera: warning: skipping image {name}: {e}");
+    }
+    // An empty store needs no keyring (and none is made).
+    let keyring = if listing.images.is_empty() { None } else { Some(home.keyring()?) };
     let mut rows = Vec::new();
-    for (name, r) in home.catalog.list()? {
-        let m = home.catalog.get_manifest(&r.manifest).and_then(|s| Ok(s.open(&keyring)?));
+    for (name, r) in listing.images {
+        let keyring = keyring.as_ref().expect("opened when there are images");
+        let m = home.catalog.get_manifest(&r.manifest).and_then(|s| Ok(s.open(keyring)?));
         match m {
             Ok(m) => rows.push(summary(&name, &r, &m)),
             Err(e) => eprintln!("tessera: warning: {name}: {e}"),
@@ -223,25 +230,63 @@ fn verify(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
     Ok(if bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// Removes each name; a failure is reported for a name that was not
+/// removed, and only a warning for tidying up after one that was.
 fn rm(home: &Home, names: &[String]) -> Result<ExitCode> {
+    let mut failed = 0;
     for name in names {
-        home.catalog.remove(name)?;
-        println!("removed {name}");
+        match home.catalog.remove(name) {
+            Err(e) => {
+                eprintln!("tessera: error: {name}: {e}");
+                failed += 1;
+            }
+            Ok(r) => {
+                println!("removed {name}");
+                match r {
+                    None => eprintln!("tessera: warning: {name}: its name file could not be read, so its manifest stays in the store"),
+                    Some(r) => {
+                        if let Err(e) = home.catalog.release_manifest(&r.manifest) {
+                            eprintln!("tessera: warning: {name}: its manifest {} stays in the store: {e}", r.manifest);
+                        }
+                    }
+                }
+            }
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+fn keyring(home: &Home, command: KeyringCommand) -> Result<ExitCode> {
+    match command {
+        KeyringCommand::Init => {
+            let k = home.init_keyring()?;
+            println!("created the keyring {} (salt {})", k.path().display(), k.salt().id());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// Fewer allocator arenas: the agent's many I/O threads would otherwise
-/// each keep chunk-sized free buffers of their own.
+/// each keep chunk-sized free buffers of their own. And a fixed mmap
+/// threshold: glibc otherwise raises it to the largest buffer freed, after
+/// which NBD reply buffers (up to 32 MiB) come from the heap and their
+/// memory is kept after they are freed.
 pub(crate) fn bound_allocator() {
     // SAFETY: mallopt only tunes glibc's allocator; it is called before any
     // thread of ours starts.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
 
-pub(crate) fn agent_options(home: &Home, nbd: Vec<tessera_agent::Listen>, metrics: Option<String>, c: CacheArgs) -> Result<tessera_agent::AgentOptions> {
+pub(crate) fn agent_options(
+    home: &Home,
+    nbd: Vec<tessera_agent::Listen>,
+    metrics: Option<String>,
+    limits: LimitArgs,
+    c: CacheArgs,
+) -> Result<tessera_agent::AgentOptions> {
     let tier = crate::tier::tier_options(&c.tier, tessera_cache::tier::ReadPolicy::FirstK)?;
     Ok(tessera_agent::AgentOptions {
         nbd,
@@ -254,33 +299,66 @@ pub(crate) fn agent_options(home: &Home, nbd: Vec<tessera_agent::Listen>, metric
         origin_latency: c.origin_latency,
         origin_bandwidth: c.origin_bandwidth,
         tier,
+        limits: tessera_agent::nbd::Limits {
+            max_connections: limits.max_connections,
+            buffer_bytes: limits.buffer_memory,
+            client_timeout: limits.client_timeout,
+        },
+        max_overlays: limits.max_overlays,
     })
 }
 
 fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
     use tessera_agent::{Agent, Listen};
     bound_allocator();
+    // Say at once what cannot be served, rather than at each client's LIST.
+    let listing = home.catalog.list()?;
+    for (name, e) in &listing.bad {
+        eprintln!("tessera: warning: not exporting image {name}: {e}");
+    }
+    if !listing.images.is_empty() {
+        home.keyring()?;
+    }
     let nbd = if a.nbd.is_empty() {
         vec![Listen::Unix(home.root().join("nbd.sock"))]
     } else {
         a.nbd.iter().map(|s| Listen::parse(s).map_err(anyhow::Error::msg)).collect::<Result<_>>()?
     };
-    let options = agent_options(&home, nbd.clone(), a.metrics.clone(), a.cache)?;
+    let options = agent_options(&home, nbd, a.metrics.clone(), a.limits, a.cache)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(128).build()?;
     let agent = std::sync::Arc::new(Agent::new(home, options).context("starting the agent")?);
-    let listening: Vec<String> = nbd.iter().map(|l| l.to_string()).collect();
-    runtime.block_on(async move {
-        let shutdown = interrupted();
-        let started = agent.clone().run(async {
-            eprintln!(
-                "tessera: serving NBD on {}{}",
-                listening.join(", "),
-                a.metrics.as_deref().map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
-            );
-            shutdown.await
-        });
-        started.await
+    let ready_file = a.ready_file;
+    // A ready file that cannot be written stops the agent: whoever waits for it would wait forever.
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    let failure = runtime.block_on(async {
+        let mut failed_rx = failed_rx;
+        let mut failure = None;
+        let served = agent
+            .clone()
+            .run(
+                |bound| {
+                    let line = format!(
+                        "tessera: serving NBD on {}{}",
+                        bound.nbd.join(", "),
+                        bound.metrics.as_deref().map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
+                    );
+                    if let Err(e) = crate::ready::announce(&line, &json!({"nbd": bound.nbd, "metrics": bound.metrics}), ready_file.as_deref()) {
+                        let _ = failed_tx.send(e);
+                    }
+                },
+                async {
+                    tokio::select! {
+                        () = interrupted() => {}
+                        Ok(e) = &mut failed_rx => failure = Some(e),
+                    }
+                },
+            )
+            .await;
+        served.map(|()| failure)
     })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
     eprintln!("tessera: stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -298,7 +376,7 @@ fn mount(home: Home, a: MountArgs) -> Result<ExitCode> {
     use tessera_agent::nbd::Exports;
     use tessera_agent::{fuse, Agent};
     bound_allocator();
-    let options = agent_options(&home, Vec::new(), None, a.cache)?;
+    let options = agent_options(&home, Vec::new(), None, LimitArgs::default(), a.cache)?;
     let agent = Agent::new(home, options).context("starting the agent")?;
     let device = agent.exports.open(&a.name).map_err(anyhow::Error::msg).with_context(|| format!("opening {}", a.name))?;
     let writable = device.writable();

@@ -119,6 +119,22 @@ pub enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Manage the keyring (the salt and the tenants' master keys).
+    ///
+    /// No command ever makes a keyring silently where images need one: a
+    /// store whose keyring is missing says so and where it was expected.
+    #[command(subcommand)]
+    Keyring(KeyringCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyringCommand {
+    /// Make a new keyring (a fresh salt, no tenants) where none is.
+    ///
+    /// An existing keyring is never replaced. A store that already holds
+    /// images needs the keyring that sealed them: a new one does not open
+    /// them, so restore that one from a backup if it was lost.
+    Init,
 }
 
 #[derive(Args, Debug)]
@@ -130,8 +146,41 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    /// Once listening, write the addresses bound (port 0 picks a free one)
+    /// to FILE as JSON: {"nbd": [...], "metrics": ...}.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
+}
+
+/// What NBD clients may make the agent hold, server-wide.
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// NBD connections served at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_connections: usize,
+    /// Bytes of request and reply buffers all NBD connections hold at once;
+    /// requests past it wait (the client sees back-pressure).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub buffer_memory: u64,
+    /// Disconnect an NBD client that takes longer than this to finish its
+    /// handshake or to take a reply.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub client_timeout: std::time::Duration,
+    /// NAME@LABEL overlays open at once (each closes when its last
+    /// connection ends).
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_overlays: usize,
+}
+
+impl Default for LimitArgs {
+    fn default() -> LimitArgs {
+        let l = tessera_agent::nbd::Limits::default();
+        LimitArgs { max_connections: l.max_connections, buffer_memory: l.buffer_bytes, client_timeout: l.client_timeout, max_overlays: 1024 }
+    }
 }
 
 /// Where chunks are cached and how hard the origin may be pushed.
@@ -212,12 +261,17 @@ pub struct CachenodeArgs {
     /// Bytes of stripes kept on disk.
     #[arg(long, default_value = "10GiB", value_parser = parse_size, value_name = "SIZE")]
     pub disk: u64,
-    /// File holding the bearer token every request must carry.
+    /// File holding the bearer token every request must carry (required
+    /// unless the node listens on a loopback address).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    /// Once listening, write the addresses bound (port 0 picks a free one)
+    /// to FILE as JSON: {"listen": ..., "metrics": ...}.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -316,6 +370,9 @@ pub enum BenchCommand {
         /// How late the server's bytes reach the client, e.g. 50ms.
         #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
         delay: std::time::Duration,
+        /// Once listening, write {"listen": ADDR} to FILE.
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
     },
     /// Seal every non-zero 512 KiB chunk of FILE on all cores, with no store:
     /// the baseline import throughput is compared with. Prints JSON.

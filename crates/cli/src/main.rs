@@ -4,6 +4,7 @@
 mod commands;
 mod flags;
 mod progress;
+mod ready;
 mod run;
 mod tier;
 
@@ -13,6 +14,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = flags::Cli::parse();
+    // Commands that run to an end leave nothing behind when interrupted;
+    // the servers shut down on their own signal handlers.
+    if !matches!(cli.command, flags::Command::Serve(_) | flags::Command::Mount(_) | flags::Command::Run(_) | flags::Command::Cachenode(_)) {
+        clean_up_on_signals();
+    }
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -20,6 +26,33 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in every thread and waits for them on
+/// one of its own, which removes this process's temporaries
+/// ([`tessera_store::interrupt`]) and exits as the signal would have.
+/// Called before any other thread starts, so all of them inherit the mask.
+fn clean_up_on_signals() {
+    // SAFETY: the signal set is initialised by sigemptyset before use, and
+    // pthread_sigmask only changes this thread's mask (inherited by the
+    // threads it starts).
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised signal set and `sig` a valid out pointer.
+        while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+        tessera_store::interrupt::interrupt();
+        eprintln!("tessera: interrupted; partial files removed");
+        std::process::exit(128 + sig);
+    });
 }
 
 /// The error and its causes on one line, each cause once (many errors

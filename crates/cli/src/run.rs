@@ -126,14 +126,17 @@ pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
 
     // The agent, in-process, on a socket of this run's own.
     let socket = dir.join("nbd.sock");
-    let options = agent_options(&home, vec![Listen::Unix(socket.clone())], None, a.cache)?;
+    let options = agent_options(&home, vec![Listen::Unix(socket.clone())], None, crate::flags::LimitArgs::default(), a.cache)?;
     let overlays = options.cache_dir.join("overlays");
     let agent = Arc::new(Agent::new(Home::open(home.root())?, options).context("starting the agent")?);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(64).build()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = runtime.spawn(agent.clone().run(async move {
-        let _ = stopped.await;
-    }));
+    let serving = runtime.spawn(agent.clone().run(
+        |_| {},
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
     while UnixStream::connect(&socket).is_err() {
         if Instant::now() > deadline || serving.is_finished() {

@@ -61,17 +61,25 @@ pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
+        // Without a token, anyone who reaches the node could poison it or
+        // push every agent to the origin: only loopback may go without.
+        let bound = listener.local_addr()?;
+        if !authenticated && !bound.ip().is_loopback() {
+            anyhow::bail!("{bound} is not a loopback address: give --token-file (a node without a token serves anyone who reaches it)");
+        }
         let metrics = match &a.metrics {
             Some(m) => Some(tokio::net::TcpListener::bind(m).await.with_context(|| format!("metrics listener {m}"))?),
             None => None,
         };
-        eprintln!(
+        let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
+        let line = format!(
             "tessera cachenode: serving stripes on {}{} ({} on disk from an earlier run){}",
-            listener.local_addr()?,
-            if authenticated { " with a bearer token" } else { "" },
+            bound,
+            if authenticated { " with a bearer token" } else { " without a token (loopback only)" },
             node.disk_stripes(),
-            a.metrics.as_deref().map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
+            metrics_addr.map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
         );
+        crate::ready::announce(&line, &json!({"listen": bound.to_string(), "metrics": metrics_addr.map(|m| m.to_string())}), a.ready_file.as_deref())?;
         let metrics = metrics.map(|l| {
             let node = Arc::clone(&node);
             tokio::spawn(tessera_cache::metrics::serve(l, Arc::new(move || node.render_metrics())))
@@ -178,12 +186,13 @@ pub fn bench(home: &Home, name: &str, t: &TierArgs, b: &TierBench) -> Result<Exi
 /// `tessera bench relay`: accepts clients on `listen`, connects each to
 /// `target`, and passes the target's bytes on `delay` after they arrive
 /// (in order; the delay does not add up from one read to the next).
-pub fn relay(listen: &str, target: &str, delay: Duration) -> Result<ExitCode> {
+pub fn relay(listen: &str, target: &str, delay: Duration, ready_file: Option<&Path>) -> Result<ExitCode> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
-        eprintln!("tessera: relaying {listen} to {target}, answers {delay:?} late");
+        let bound = listener.local_addr()?;
+        crate::ready::announce(&format!("tessera: relaying {bound} to {target}, answers {delay:?} late"), &json!({"listen": bound.to_string()}), ready_file)?;
         let serve = async {
             loop {
                 let Ok((client, _)) = listener.accept().await else { continue };

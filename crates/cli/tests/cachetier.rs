@@ -24,15 +24,17 @@ struct Nodes {
     netns: Vec<Option<String>>,
     /// Where each node listens (its address, unless a relay stands there).
     listen: Vec<String>,
+    /// Flags every agent of these nodes gets (a token).
+    client: Vec<String>,
 }
 
 impl Nodes {
-    /// `n` nodes on loopback.
+    /// `n` nodes on loopback, each on a port the system picks.
     fn start(env: &Env, n: usize, extra: &[&str]) -> Nodes {
         let mut nodes = Nodes::empty(extra);
         for i in 0..n {
-            nodes.addrs.push(format!("127.0.0.1:{}", free_port()));
-            nodes.metrics.push(format!("127.0.0.1:{}", free_port()));
+            nodes.addrs.push("127.0.0.1:0".into());
+            nodes.metrics.push("127.0.0.1:0".into());
             nodes.dirs.push(env.path(&format!("node{i}")));
             nodes.children.push(None);
             nodes.netns.push(None);
@@ -53,6 +55,7 @@ impl Nodes {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             netns: Vec::new(),
             listen: Vec::new(),
+            client: Vec::new(),
         }
     }
 
@@ -68,19 +71,32 @@ impl Nodes {
         }
     }
 
-    /// Starts node `i` (again), on its address and directory.
+    /// Starts node `i` (again) on its directory. A loopback node gets a
+    /// port the system picks each time (so `addrs` changes: with as many
+    /// nodes as stripes, every node holds a stripe of every chunk whatever
+    /// the addresses); a node in a namespace of its own keeps its address.
     fn restart(&mut self, i: usize) {
-        let child = self
+        let loopback = self.netns[i].is_none();
+        let (listen, metrics) = if loopback { ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()) } else { (self.listen[i].clone(), self.metrics[i].clone()) };
+        let ready = self.dirs[i].with_extension("ready");
+        let _ = std::fs::remove_file(&ready);
+        let mut child = self
             .command(i, env!("CARGO_BIN_EXE_tessera"))
-            .args(["cachenode", "--listen", &self.listen[i], "--metrics", &self.metrics[i], "--mem", "64MiB", "--disk", "256MiB", "--dir"])
+            .args(["cachenode", "--listen", &listen, "--metrics", &metrics, "--mem", "64MiB", "--disk", "256MiB", "--ready-file"])
+            .arg(&ready)
+            .arg("--dir")
             .arg(&self.dirs[i])
             .args(&self.extra)
             .stdin(Stdio::null())
             .spawn()
             .expect("tessera cachenode starts");
+        let bound = wait_ready(&ready, &mut child, "tessera cachenode");
+        if loopback {
+            self.addrs[i] = bound["listen"].as_str().unwrap().to_owned();
+            self.listen[i] = self.addrs[i].clone();
+            self.metrics[i] = bound["metrics"].as_str().unwrap().to_owned();
+        }
         self.children[i] = Some(child);
-        wait_listening(&self.listen[i], "tessera cachenode");
-        wait_listening(&self.metrics[i], "the cache node's metrics");
     }
 
     /// Stops node `i` with SIGTERM.
@@ -147,6 +163,7 @@ fn agent(env: &Env, name: &str, nodes: &Nodes, extra: &[&str]) -> Served {
     let mut args = vec!["--cache-dir", cache.to_str().unwrap(), "--cache-nodes"];
     let list = nodes.list();
     args.push(&list);
+    args.extend(nodes.client.iter().map(String::as_str));
     args.extend_from_slice(extra);
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -325,8 +342,9 @@ fn corrupt_stripes_are_caught_and_the_chunks_rebuilt_from_the_others() {
     let caught = a2.metric("tessera_cache_tier_corrupt_total");
     assert!(caught > 0.0, "no corrupt stripe was caught");
     // The liar is blamed, and only its stripes are rewritten.
-    assert!(a2.metric(&format!("tessera_cache_tier_node_errors_total{{node=\"{}\"}}", nodes.addrs[0])) > 0.0);
-    assert_eq!(a2.metric(&format!("tessera_cache_tier_node_errors_total{{node=\"{}\"}}", nodes.addrs[1])), 0.0);
+    assert!(a2.metric(&format!("tessera_cache_tier_node_corrupt_total{{node=\"{}\"}}", nodes.addrs[0])) > 0.0);
+    assert_eq!(a2.metric(&format!("tessera_cache_tier_node_corrupt_total{{node=\"{}\"}}", nodes.addrs[1])), 0.0);
+    assert!(a2.metric("tessera_cache_tier_stripes_repaired_total") > 0.0, "the bad stripes were rewritten");
     // The chunks it caught were stored again with good stripes; only those
     // whose bad stripe came fifth (and was cancelled) can still be caught.
     settled(&a2);
@@ -479,7 +497,12 @@ fn a_node_late_beyond_the_timeout_in_its_own_namespace_is_never_waited_for() {
     }
     let (env, want, chunks) = imported();
     let spaces = Namespaces::create(5);
-    let mut nodes = Nodes::empty(&[]);
+    // Off loopback, a node needs a token.
+    let token = env.path("token");
+    std::fs::write(&token, "netns-token\n").unwrap();
+    let token_args = ["--token-file", token.to_str().unwrap()];
+    let mut nodes = Nodes::empty(&token_args);
+    nodes.client = token_args.iter().map(|s| s.to_string()).collect();
     for i in 0..5 {
         nodes.addrs.push(format!("10.78.{i}.2:7070"));
         nodes.metrics.push(format!("10.78.{i}.2:7071"));
@@ -528,16 +551,18 @@ fn a_cold_tier_and_a_full_origin_queue_shed_reads_with_a_clear_error() {
     let nodes = Nodes::start(&env, 5, &[]);
     let log = env.path("agent.log");
     let cache = env.path("cache-shed");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
     let socket = env.path("shed.sock");
+    let ready = env.path("shed.ready");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["serve", "--nbd", &format!("unix:{}", socket.display()), "--metrics", &metrics_addr, "--cache-dir", cache.to_str().unwrap()])
+        .args(["serve", "--nbd", &format!("unix:{}", socket.display()), "--metrics", "127.0.0.1:0", "--cache-dir", cache.to_str().unwrap()])
+        .arg("--ready-file")
+        .arg(&ready)
         .args(["--cache-nodes", &nodes.list(), "--origin-concurrency", "1", "--origin-queue", "2", "--origin-latency", "300ms"])
         .env("TESSERA_HOME", env.home())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_listening(&metrics_addr, "the agent's metrics");
+    let metrics_addr = wait_ready(&ready, &mut child, "tessera serve")["metrics"].as_str().unwrap().to_owned();
     // 16 readers of different parts of the disk at once: one origin request
     // runs, two wait, the rest are refused at once.
     let readers: Vec<Child> = (0..16)

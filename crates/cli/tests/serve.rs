@@ -89,9 +89,8 @@ fn tcp_listeners_serve_too() {
         return;
     }
     let (env, want) = imported();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let _agent = Served::start(&env, &["--nbd", &addr]);
+    let agent = Served::start(&env, &["--nbd", "127.0.0.1:0"]);
+    let addr = agent.nbd.iter().find(|a| !a.starts_with("unix:")).expect("the TCP listener is reported").clone();
     assert!(nbdcopy(&format!("nbd://{addr}/bb"), &env.path("tcp.raw")) == want);
     qemu_io(&format!("nbd://{addr}/bb@tcp"), &["write -P 0x5a 0 4096", "read -P 0x5a 0 4096"]);
 }

@@ -125,7 +125,9 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     let name = options.name.clone().unwrap_or_else(|| reference.default_name());
     check_name(&name).map_err(store_err)?;
     home.remove_stale_temporaries().map_err(store_err)?;
-    let mut keyring = home.keyring().map_err(store_err)?;
+    home.chunks.remove_legacy_temporaries().map_err(store_err)?;
+    let _spools = home.clean_spools_on_interrupt();
+    let mut keyring = home.keyring_for_import().map_err(store_err)?;
     keyring.ensure_tenant(&options.tenant)?;
 
     let image = tessera_oci::resolve(&reference, &options.pull, &home.tmp_dir(), progress)
@@ -223,9 +225,12 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     home.catalog
         .set(&name, &ImageRef { manifest: id.to_hex(), tenant: options.tenant.clone() })
         .map_err(store_err)?;
+    // The image is imported: what follows is tidying, and a failure there
+    // is a warning, never a failed import.
+    let mut warnings = flat.warnings;
     if let Some(prev) = previous.filter(|p| p.manifest != id.to_hex()) {
-        if !home.catalog.list().map_err(store_err)?.iter().any(|(_, r)| r.manifest == prev.manifest) {
-            home.catalog.remove_manifest(&prev.manifest).map_err(store_err)?;
+        if let Err(e) = home.catalog.release_manifest(&prev.manifest) {
+            warnings.push(format!("the manifest {name} pointed at before ({}) was kept: {e}", prev.manifest));
         }
     }
     let holes = manifest.chunks.iter().filter(|c| c.is_none()).count() as u64;
@@ -242,7 +247,7 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
         source_digest: image.manifest_digest.to_string(),
         layers: image.layers.len(),
         file_bytes,
-        warnings: flat.warnings,
+        warnings,
     })
 }
 

@@ -22,21 +22,47 @@ pub struct ImageRef {
 ///
 /// A name is written only after its manifest is durable, and both with a
 /// temporary file, `fsync` and rename, so a name never points at a partial
-/// manifest.
+/// manifest. A name file that cannot be read is reported beside the others
+/// ([`Listing::bad`]), never in place of them.
 pub struct Catalog {
     manifests: PathBuf,
     images: PathBuf,
 }
 
+/// Every name of the catalog: those that read, and those that did not.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Names and what they point at, sorted by name.
+    pub images: Vec<(String, ImageRef)>,
+    /// Names whose file could not be read or parsed, with why.
+    pub bad: Vec<(String, Error)>,
+}
+
+impl Listing {
+    /// Whether some name (among those that read) points at manifest `id`;
+    /// also true when a name could not be read, since it might.
+    pub fn may_use(&self, id: &str) -> bool {
+        !self.bad.is_empty() || self.images.iter().any(|(_, r)| r.manifest == id)
+    }
+}
+
 impl Catalog {
-    /// Opens (creating) the catalog under `home`.
+    /// Opens the catalog under `home`; writes nothing (the directories are
+    /// made by the first write).
     pub fn open(home: &Path) -> Result<Catalog> {
-        let manifests = home.join("manifests");
-        let images = home.join("images");
-        for d in [&manifests, &images] {
-            fs::create_dir_all(d).map_err(|e| Error::io("create directory", d, e))?;
+        Ok(Catalog { manifests: home.join("manifests"), images: home.join("images") })
+    }
+
+    /// How many manifests are stored (names or not).
+    pub fn manifest_count(&self) -> Result<usize> {
+        match fs::read_dir(&self.manifests) {
+            Ok(entries) => Ok(entries
+                .flatten()
+                .filter(|e| e.file_name().to_str().is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())))
+                .count()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(Error::io("list manifests", &self.manifests, e)),
         }
-        Ok(Catalog { manifests, images })
     }
 
     /// Stores a sealed manifest durably; returns its id.
@@ -50,6 +76,9 @@ impl Catalog {
     /// Reads a sealed manifest by id, checking the bytes against the id.
     pub fn get_manifest(&self, id: &str) -> Result<SealedManifest> {
         let path = self.manifests.join(id);
+        if !(id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(Error::Corrupt { path, reason: "not a manifest id".into() });
+        }
         let bytes = fs::read(&path).map_err(|e| Error::io("read manifest", &path, e))?;
         if ChunkId::of(&bytes).to_hex() != id {
             return Err(Error::Corrupt { path, reason: "manifest bytes do not match its id".into() });
@@ -101,31 +130,59 @@ impl Catalog {
         serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path, reason: e.to_string() })
     }
 
-    /// Removes `name`; its manifest is removed unless another name uses it.
-    pub fn remove(&self, name: &str) -> Result<ImageRef> {
-        let r = self.get(name)?;
+    /// Removes `name` (even when its file is unreadable) and returns what it
+    /// pointed at, if that could be read. Its manifest is removed by
+    /// [`Catalog::release_manifest`], which callers run after this has
+    /// succeeded: once the name is gone the removal has happened.
+    pub fn remove(&self, name: &str) -> Result<Option<ImageRef>> {
+        let r = match self.get(name) {
+            Ok(r) => Some(r),
+            Err(Error::Corrupt { .. } | Error::Io { .. }) => None,
+            Err(e) => return Err(e),
+        };
         let path = self.ref_path(name);
-        fs::remove_file(&path).map_err(|e| Error::io("remove image", &path, e))?;
+        fs::remove_file(&path).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => Error::NoSuchImage(name.to_owned()),
+            _ => Error::io("remove image", &path, e),
+        })?;
         sync_dir(&self.images)?;
-        if !self.list()?.iter().any(|(_, other)| other.manifest == r.manifest) {
-            self.remove_manifest(&r.manifest)?;
-        }
         Ok(r)
     }
 
-    /// Every name, sorted.
-    pub fn list(&self) -> Result<Vec<(String, ImageRef)>> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.images).map_err(|e| Error::io("list images", &self.images, e))? {
+    /// Removes manifest `id` unless a name still uses it (or a name that
+    /// cannot be read might); returns whether it was removed.
+    pub fn release_manifest(&self, id: &str) -> Result<bool> {
+        if self.list()?.may_use(id) {
+            return Ok(false);
+        }
+        self.remove_manifest(id)?;
+        Ok(true)
+    }
+
+    /// Every name, sorted, and the names whose files are bad.
+    pub fn list(&self) -> Result<Listing> {
+        let mut out = Listing::default();
+        let entries = match fs::read_dir(&self.images) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io("list images", &self.images, e)),
+        };
+        for entry in entries {
             let entry = entry.map_err(|e| Error::io("list images", &self.images, e))?;
             let file = entry.file_name().to_string_lossy().into_owned();
             if let Some(name) = file.strip_suffix(".json") {
                 if check_name(name).is_ok() {
-                    out.push((name.to_owned(), self.get(name)?));
+                    match self.get(name) {
+                        Ok(r) => out.images.push((name.to_owned(), r)),
+                        // Removed since the directory was read.
+                        Err(Error::NoSuchImage(_)) => {}
+                        Err(e) => out.bad.push((name.to_owned(), e)),
+                    }
                 }
             }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.images.sort_by(|a, b| a.0.cmp(&b.0));
+        out.bad.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
@@ -147,9 +204,11 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// Writes `bytes` to a temporary name, syncs, renames into place, syncs the directory.
+/// Writes `bytes` to a temporary name, syncs, renames into place, syncs the
+/// directory (made if missing).
 pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("catalog paths have a parent");
+    fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
     let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), path.file_name().expect("a file name").to_string_lossy()));
     let write = || -> std::io::Result<()> {
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
@@ -179,5 +238,25 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden", "a@b", "a:b", &"x".repeat(129)] {
             assert!(check_name(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn a_corrupt_name_is_reported_beside_the_others_and_can_be_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        assert!(catalog.list().unwrap().images.is_empty(), "an empty catalog lists nothing");
+        assert!(!dir.path().join("images").exists(), "and writes nothing");
+        let r = ImageRef { manifest: "ab".repeat(32), tenant: "default".into() };
+        catalog.set("good", &r).unwrap();
+        catalog.set("bad", &r).unwrap();
+        fs::write(dir.path().join("images/bad.json"), b"{ not json").unwrap();
+        let listing = catalog.list().unwrap();
+        assert_eq!(listing.images, vec![("good".to_owned(), r.clone())]);
+        assert_eq!(listing.bad.len(), 1);
+        assert!(listing.may_use("cd".repeat(32).as_str()), "an unreadable name might use any manifest");
+        assert_eq!(catalog.remove("bad").unwrap(), None);
+        assert!(catalog.list().unwrap().bad.is_empty());
+        assert!(!catalog.list().unwrap().may_use(&"cd".repeat(32)));
+        assert!(matches!(catalog.remove("bad"), Err(Error::NoSuchImage(_))));
     }
 }

@@ -41,6 +41,17 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The process is being interrupted: no new temporaries are written.
+    #[error("interrupted")]
+    Interrupted,
+    /// The keyring that opens this store's manifests is not there.
+    #[error("{}", keyring_missing(path, *images))]
+    KeyringMissing {
+        /// Where it was expected.
+        path: PathBuf,
+        /// Images in the store that need it.
+        images: usize,
+    },
     /// Sealing, opening or manifest error.
     #[error(transparent)]
     Chunk(#[from] tessera_chunk::Error),
@@ -48,6 +59,18 @@ pub enum Error {
 
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn keyring_missing(path: &std::path::Path, images: usize) -> String {
+    if images == 0 {
+        format!("the keyring {} is missing (the first import makes one, or `tessera keyring init`)", path.display())
+    } else {
+        format!(
+            "the keyring {} is missing, and the {images} image(s) in this store cannot be opened without it: restore it from a backup \
+             (a new keyring would not open them; `tessera keyring init` makes one only where none is)",
+            path.display()
+        )
+    }
+}
 
 impl Error {
     /// Wraps an I/O error with context, naming a full disk plainly.

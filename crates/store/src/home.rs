@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use tessera_chunk::{LocalKeyring, Manifest};
 
-use crate::{Catalog, ImageRef, LocalDirStore, Result};
+use crate::{Catalog, Error, ImageRef, LocalDirStore, Result};
 
 /// The layout of `TESSERA_HOME`:
 ///
@@ -24,9 +24,14 @@ pub struct Home {
 }
 
 impl Home {
-    /// Opens (creating) a home directory.
+    /// Opens a home directory, which need not exist yet: nothing is written
+    /// until something is stored. Removes what processes that died
+    /// mid-import left (staged chunks, download spools).
     pub fn open(root: &Path) -> Result<Home> {
-        Ok(Home { root: root.to_owned(), chunks: LocalDirStore::open(&root.join("chunks"))?, catalog: Catalog::open(root)? })
+        let home = Home { root: root.to_owned(), chunks: LocalDirStore::open(&root.join("chunks"))?, catalog: Catalog::open(root)? };
+        // Best effort: a store this process may not write is left as it is.
+        let _ = home.remove_stale_temporaries();
+        Ok(home)
     }
 
     /// The home directory.
@@ -39,9 +44,39 @@ impl Home {
         self.root.join("tmp")
     }
 
-    /// Opens (creating) the keyring.
+    /// Where the keyring lives.
+    pub fn keyring_path(&self) -> PathBuf {
+        self.root.join("keyring.json")
+    }
+
+    /// Opens the keyring; never creates one. Missing, it is an error that
+    /// says where it was expected and how many images need it.
     pub fn keyring(&self) -> Result<LocalKeyring> {
-        Ok(LocalKeyring::open_or_create(&self.root.join("keyring.json"))?)
+        match LocalKeyring::open(&self.keyring_path()) {
+            Err(tessera_chunk::Error::KeyringMissing { .. }) => {
+                Err(Error::KeyringMissing { path: self.keyring_path(), images: self.catalog.manifest_count()? })
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// The keyring an import seals with: the store's, or a new one when the
+    /// store holds no manifest at all. A store that holds manifests but no
+    /// keyring is an error: a new keyring would not open them.
+    pub fn keyring_for_import(&self) -> Result<LocalKeyring> {
+        match self.keyring() {
+            Err(Error::KeyringMissing { images: 0, .. }) => Ok(LocalKeyring::create(&self.keyring_path()).or_else(|e| match e {
+                // Another import made it meanwhile.
+                tessera_chunk::Error::Keyring { .. } if self.keyring_path().exists() => LocalKeyring::open(&self.keyring_path()),
+                e => Err(e),
+            })?),
+            other => other,
+        }
+    }
+
+    /// Makes a new keyring where none is (`tessera keyring init`).
+    pub fn init_keyring(&self) -> Result<LocalKeyring> {
+        Ok(LocalKeyring::create(&self.keyring_path())?)
     }
 
     /// Removes what imports killed mid-way left behind: chunk temporaries
@@ -59,6 +94,22 @@ impl Home {
             }
         }
         Ok(n)
+    }
+
+    /// Registers the removal of this process's download spools should it be
+    /// interrupted ([`crate::interrupt`]).
+    pub fn clean_spools_on_interrupt(&self) -> crate::interrupt::Registration {
+        let tmp = self.tmp_dir();
+        crate::interrupt::on_interrupt(move || {
+            let prefix = format!("pull-{}-", std::process::id());
+            if let Ok(entries) = std::fs::read_dir(&tmp) {
+                for entry in entries.flatten() {
+                    if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+        })
     }
 
     /// Looks up `name` and opens its manifest.

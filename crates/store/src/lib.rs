@@ -26,12 +26,13 @@ mod catalog;
 pub mod conformance;
 mod error;
 mod home;
+pub mod interrupt;
 mod local;
 mod memory;
 pub mod readback;
 mod throttle;
 
-pub use catalog::{check_name, Catalog, ImageRef};
+pub use catalog::{check_name, Catalog, ImageRef, Listing};
 pub use error::{Error, Result};
 pub use home::Home;
 pub use local::LocalDirStore;
@@ -103,7 +104,4 @@ impl PutBatch for ImmediateBatch<'_> {
     }
 }
 
-/// Whether process `pid` is running (temporaries carry their writer's pid).
-pub(crate) fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
+pub(crate) use interrupt::pid_alive;

@@ -14,19 +14,31 @@ use crate::{ChunkStore, Error, Put, PutBatch, Result};
 
 /// Chunks as files `ROOT/ab/abcdef…` (the first byte of the id fans out).
 ///
-/// A put writes a temporary file in the same directory, flushes it to disk
-/// and renames it into place, so a visible chunk is always whole, even after
-/// a crash; [`ChunkStore::sync`] makes the renames durable with one `syncfs`.
+/// A put writes a temporary file in `ROOT/.staging` (named by the writer's
+/// pid), flushes it to disk and renames it into place, so a visible chunk is
+/// always whole, even after a crash; [`ChunkStore::sync`] makes the renames
+/// durable with one `syncfs`. Temporaries of processes that died are found
+/// in one small directory ([`LocalDirStore::remove_stale_temporaries`]), and
+/// an interrupted process removes its own ([`crate::interrupt`]).
+///
+/// Opening a store writes nothing: its directories are made by the first put.
 pub struct LocalDirStore {
     root: PathBuf,
     counter: AtomicU64,
+    _cleanup: crate::interrupt::Registration,
 }
 
+/// Where temporaries are written, under the root.
+const STAGING: &str = ".staging";
+
 impl LocalDirStore {
-    /// Opens (creating if needed) a store rooted at `root`.
+    /// Opens a store rooted at `root` (which need not exist yet).
     pub fn open(root: &Path) -> Result<LocalDirStore> {
-        fs::create_dir_all(root).map_err(|e| Error::io("create store directory", root, e))?;
-        Ok(LocalDirStore { root: root.to_owned(), counter: AtomicU64::new(0) })
+        let staging = root.join(STAGING);
+        let cleanup = crate::interrupt::on_interrupt(move || {
+            let _ = remove_temporaries(&staging, |pid| pid == std::process::id());
+        });
+        Ok(LocalDirStore { root: root.to_owned(), counter: AtomicU64::new(0), _cleanup: cleanup })
     }
 
     /// Where chunk `id` lives.
@@ -36,8 +48,16 @@ impl LocalDirStore {
     }
 
     /// Removes temporary files left by puts whose process died (kill -9,
-    /// power loss); returns how many. Safe while other processes put.
+    /// power loss); returns how many. Safe while other processes put, and
+    /// cheap: temporaries live in one directory.
     pub fn remove_stale_temporaries(&self) -> Result<usize> {
+        remove_temporaries(&self.root.join(STAGING), |pid| !crate::pid_alive(pid))
+    }
+
+    /// Removes temporaries of dead processes that releases before the
+    /// staging directory left beside the chunks (`ab/.tmp-ID-PID-N`);
+    /// reads every fan-out directory, so it is for imports, not every start.
+    pub fn remove_legacy_temporaries(&self) -> Result<usize> {
         let mut n = 0;
         for dir in self.fanout_dirs()? {
             for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
@@ -54,21 +74,23 @@ impl LocalDirStore {
         Ok(n)
     }
 
-    /// Writes `bytes` to a fresh temporary beside `id`'s path, flushed to
-    /// disk when `sync` is set.
+    /// Writes `bytes` to a fresh temporary for `id`, flushed to disk when
+    /// `sync` is set.
     fn write_temporary(&self, id: &ChunkId, bytes: &[u8], sync: bool) -> Result<PathBuf> {
-        let path = self.path_of(id);
-        let dir = path.parent().expect("chunk paths have a parent");
-        let tmp = dir.join(format!(
-            ".tmp-{}-{}-{}",
-            id.to_hex(),
+        let staging = self.root.join(STAGING);
+        let tmp = staging.join(format!(
+            "{}-{}-{}",
             std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed)
+            self.counter.fetch_add(1, Ordering::Relaxed),
+            &id.to_hex()[..16]
         ));
+        let Some(_writing) = crate::interrupt::writing() else {
+            return Err(Error::Interrupted);
+        };
         let write = || -> std::io::Result<()> {
             let mut f = match OpenOptions::new().write(true).create_new(true).open(&tmp) {
                 Err(e) if e.kind() == ErrorKind::NotFound => {
-                    fs::create_dir_all(dir)?;
+                    fs::create_dir_all(&staging)?;
                     OpenOptions::new().write(true).create_new(true).open(&tmp)?
                 }
                 other => other?,
@@ -93,7 +115,12 @@ impl LocalDirStore {
 
     fn fanout_dirs(&self) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.root).map_err(|e| Error::io("list", &self.root, e))? {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io("list", &self.root, e)),
+        };
+        for entry in entries {
             let entry = entry.map_err(|e| Error::io("list", &self.root, e))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
@@ -103,6 +130,25 @@ impl LocalDirStore {
         }
         Ok(out)
     }
+}
+
+/// Removes the temporaries in `staging` (named `PID-…`) whose writer `pid`
+/// matches; returns how many.
+fn remove_temporaries(staging: &Path, matches: impl Fn(u32) -> bool) -> Result<usize> {
+    let entries = match fs::read_dir(staging) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io("list", staging, e)),
+    };
+    let mut n = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(&matches) && fs::remove_file(entry.path()).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 impl ChunkStore for LocalDirStore {
@@ -156,7 +202,12 @@ impl ChunkStore for LocalDirStore {
     }
 
     fn sync(&self) -> Result<()> {
-        let dir = File::open(&self.root).map_err(|e| Error::io("open store", &self.root, e))?;
+        let dir = match File::open(&self.root) {
+            Ok(d) => d,
+            // Nothing was ever put: nothing to make durable.
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("open store", &self.root, e)),
+        };
         // SAFETY: syncfs takes a valid open descriptor owned by `dir`.
         if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
             return Err(Error::io("sync store", &self.root, std::io::Error::last_os_error()));
@@ -169,10 +220,17 @@ impl ChunkStore for LocalDirStore {
     }
 }
 
-/// Renames a written temporary to its chunk path. Renaming over a chunk a
-/// concurrent put just placed is harmless: both hold the same bytes.
+/// Renames a written temporary to its chunk path, making the fan-out
+/// directory if needed. Renaming over a chunk a concurrent put just placed
+/// is harmless: both hold the same bytes.
 fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
-    fs::rename(tmp, path).map_err(|e| {
+    let renamed = match fs::rename(tmp, path) {
+        Err(e) if e.kind() == ErrorKind::NotFound && tmp.exists() => {
+            fs::create_dir_all(path.parent().expect("chunk paths have a parent")).and_then(|()| fs::rename(tmp, path))
+        }
+        other => other,
+    };
+    renamed.map_err(|e| {
         let _ = fs::remove_file(tmp);
         Error::io("rename chunk into place", path, e)
     })
@@ -254,12 +312,29 @@ mod tests {
         let store = LocalDirStore::open(dir.path()).unwrap();
         let id = ChunkId::of(b"x");
         store.put(&id, b"x").unwrap();
-        let stale = store.path_of(&id).with_file_name(format!(".tmp-{}-{}-0", id.to_hex(), u32::MAX - 1));
-        let live = store.path_of(&id).with_file_name(format!(".tmp-{}-{}-0", id.to_hex(), std::process::id()));
-        fs::write(&stale, b"half").unwrap();
-        fs::write(&live, b"half").unwrap();
+        let staging = dir.path().join(STAGING);
+        let stale = staging.join(format!("{}-0-abc", u32::MAX - 1));
+        let live = staging.join(format!("{}-0-abc", std::process::id()));
+        let legacy = store.path_of(&id).with_file_name(format!(".tmp-{}-{}-0", id.to_hex(), u32::MAX - 1));
+        fs::create_dir_all(&staging).unwrap();
+        for f in [&stale, &live, &legacy] {
+            fs::write(f, b"half").unwrap();
+        }
         assert_eq!(store.list().unwrap(), vec![id]);
         assert_eq!(store.remove_stale_temporaries().unwrap(), 1);
         assert!(live.exists(), "a running process's temporary is left alone");
+        assert_eq!(store.remove_legacy_temporaries().unwrap(), 1);
+        assert!(!legacy.exists());
+    }
+
+    #[test]
+    fn opening_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("chunks");
+        let store = LocalDirStore::open(&root).unwrap();
+        assert!(store.list().unwrap().is_empty());
+        assert!(!store.exists(&ChunkId::of(b"x")).unwrap());
+        store.sync().unwrap();
+        assert!(!root.exists());
     }
 }

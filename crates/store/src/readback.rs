@@ -73,6 +73,12 @@ pub fn export(
         out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         std::process::id()
     ));
+    let _cleanup = {
+        let tmp = tmp.clone();
+        crate::interrupt::on_interrupt(move || {
+            let _ = fs::remove_file(&tmp);
+        })
+    };
     let result = (|| {
         let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
         file.set_len(manifest.geometry.disk_bytes).map_err(|e| Error::io("size", &tmp, e))?;

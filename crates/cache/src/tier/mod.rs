@@ -117,7 +117,16 @@ struct Node {
     addr: String,
     health: Mutex<Health>,
     errors: AtomicU64,
+    /// Stripes it sent that were not what they claimed (bad header, or
+    /// outvoted by the others).
+    corrupt: AtomicU64,
+    /// Corrupt stripes since its last good one.
+    corrupt_run: AtomicU64,
 }
+
+/// Corrupt stripes in a row after which a node is left out: one bad stripe
+/// is repaired, not held against every chunk the node serves.
+const CORRUPT_RUN_LIMIT: u64 = 16;
 
 #[derive(Default)]
 struct Health {
@@ -162,7 +171,8 @@ struct Gathered {
     stripes: Vec<Option<Bytes>>,
     /// Distinct stripes received.
     have: usize,
-    /// Nodes that answered that they hold no stripe of the chunk.
+    /// Nodes that answered that they hold no stripe of the chunk, or sent
+    /// one without a valid header: they get a good one after a rebuild.
     lost: Vec<usize>,
     /// The node each stripe came from.
     from: Vec<Option<usize>>,
@@ -220,7 +230,13 @@ impl CacheTier {
         let nodes = options
             .nodes
             .iter()
-            .map(|a| Node { addr: a.clone(), health: Mutex::new(Health::default()), errors: AtomicU64::new(0) })
+            .map(|a| Node {
+                addr: a.clone(),
+                health: Mutex::new(Health::default()),
+                errors: AtomicU64::new(0),
+                corrupt: AtomicU64::new(0),
+                corrupt_run: AtomicU64::new(0),
+            })
             .collect();
         Ok(CacheTier {
             runtime: Some(runtime),
@@ -289,6 +305,17 @@ impl Node {
             eprintln!("tessera: cache node {} is back", self.addr);
         }
         *h = Health::default();
+    }
+
+    /// A stripe from this node was not what it claimed: counted, and the
+    /// node is left out only after many in a row.
+    fn sent_corrupt(&self, chunk: &ChunkId, why: &str) {
+        self.corrupt.fetch_add(1, Ordering::Relaxed);
+        eprintln!("tessera: cache node {}: the stripe of chunk {chunk} {why}; it gets a good one", self.addr);
+        if self.corrupt_run.fetch_add(1, Ordering::Relaxed) + 1 >= CORRUPT_RUN_LIMIT {
+            self.corrupt_run.store(0, Ordering::Relaxed);
+            self.failed(&format!("{CORRUPT_RUN_LIMIT} corrupt stripes in a row"));
+        }
     }
 
     fn failed(&self, why: &str) {
@@ -401,7 +428,10 @@ impl Shared {
                     // Two nodes with one stripe: one changed rank as nodes
                     // came or went. Not a new stripe.
                     Some(_) => {}
-                    None => self.nodes[node].failed("it sent a stripe without a valid header"),
+                    None => {
+                        self.nodes[node].sent_corrupt(&id, "has no valid header");
+                        g.lost.push(node);
+                    }
                 },
                 Ok((node, Reply::Missing)) => g.lost.push(node),
                 _ => {}
@@ -533,6 +563,12 @@ impl ChunkSource for CacheTier {
         let k = shared.code.k();
         let first = self.runtime().block_on(Arc::clone(shared).gather(*id, Some(k)));
         let mut rebuilt = shared.rebuild(id, &first.stripes);
+        if rebuilt.is_some() {
+            // The nodes whose stripes made the chunk are sound for now.
+            for node in first.from.iter().flatten() {
+                shared.nodes[*node].corrupt_run.store(0, Ordering::Relaxed);
+            }
+        }
         if rebuilt.is_none() && first.have >= k {
             // k stripes that do not make the chunk: one is corrupt. Ask for
             // all of them and try k-subsets.
@@ -552,7 +588,15 @@ impl ChunkSource for CacheTier {
                     }
                 }
                 for &(node, _) in &bad {
-                    shared.nodes[node].failed("it sent a corrupt stripe");
+                    shared.nodes[node].sent_corrupt(id, "did not match the others");
+                }
+                // Nodes that had no stripe, or a headerless one, are given
+                // the stripes nobody sent too.
+                let absent = (0..shared.code.n()).filter(|&i| all.stripes[i].is_none()).map(|i| i as u8);
+                for t in all.lost.iter().copied().zip(absent) {
+                    if !bad.iter().any(|b| b.0 == t.0) {
+                        bad.push(t);
+                    }
                 }
                 self.store_later(id, good, Some(bad));
             }
@@ -612,6 +656,10 @@ impl ChunkSource for CacheTier {
         header(out, "tessera_cache_tier_node_errors_total", "counter", "Errors and timeouts of each cache node.");
         for n in &self.shared.nodes {
             let _ = writeln!(out, "tessera_cache_tier_node_errors_total{{node=\"{}\"}} {}", n.addr, n.errors.load(Ordering::Relaxed));
+        }
+        header(out, "tessera_cache_tier_node_corrupt_total", "counter", "Stripes from each cache node that were not what they claimed (repaired).");
+        for n in &self.shared.nodes {
+            let _ = writeln!(out, "tessera_cache_tier_node_corrupt_total{{node=\"{}\"}} {}", n.addr, n.corrupt.load(Ordering::Relaxed));
         }
     }
 }

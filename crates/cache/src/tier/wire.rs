@@ -64,6 +64,38 @@ impl StripeHeader {
         out
     }
 
+    /// Bytes of the body a stripe with this header must have.
+    pub fn body_len(&self) -> usize {
+        (self.chunk_len as usize).div_ceil(self.k.max(1) as usize).max(1)
+    }
+
+    /// The header of `stripe` if the stripe is well formed: a valid header
+    /// of a code that can exist, and exactly the body that header calls
+    /// for. What it cannot check (the bytes themselves) the reader checks
+    /// against the chunk id.
+    pub fn check(stripe: &[u8]) -> Result<StripeHeader, String> {
+        let h = StripeHeader::parse(stripe).ok_or("it does not start with a stripe header")?;
+        let n = h.k as usize + h.m as usize;
+        if h.k == 0 || n > 255 || h.index as usize >= n {
+            return Err(format!("its header names stripe {} of a {}+{} code", h.index, h.k, h.m));
+        }
+        if h.chunk_len == 0 || h.chunk_len as usize > MAX_STRIPE {
+            return Err(format!("its header names a chunk of {} bytes", h.chunk_len));
+        }
+        let body = stripe.len() - HEADER_LEN;
+        if body != h.body_len() {
+            return Err(format!(
+                "its body is {body} bytes, but stripe {} of a {}-byte chunk in a {}+{} code is {}",
+                h.index,
+                h.chunk_len,
+                h.k,
+                h.m,
+                h.body_len()
+            ));
+        }
+        Ok(h)
+    }
+
     /// The header of `stripe`, if it has a valid one.
     pub fn parse(stripe: &[u8]) -> Option<StripeHeader> {
         let h = stripe.get(..HEADER_LEN)?;
@@ -96,5 +128,22 @@ mod tests {
         assert_eq!(&s[HEADER_LEN..], b"body");
         assert_eq!(StripeHeader::parse(&s[..11]), None);
         assert_eq!(StripeHeader::parse(b"XSTR\x01\x04\x01\x00\x00\x00\x00\x00"), None);
+    }
+
+    #[test]
+    fn only_well_formed_stripes_pass_the_check() {
+        let h = StripeHeader { k: 4, m: 1, index: 4, chunk_len: 10 };
+        assert_eq!(StripeHeader::check(&h.wrap(b"abc")), Ok(h));
+        for bad in [
+            Vec::new(),
+            b"garbage that is no stripe".to_vec(),
+            h.wrap(b"ab"),
+            h.wrap(b"abcd"),
+            StripeHeader { index: 5, ..h }.wrap(b"abc"),
+            StripeHeader { k: 0, ..h }.wrap(b"abc"),
+            StripeHeader { chunk_len: 0, ..h }.wrap(b"a"),
+        ] {
+            assert!(StripeHeader::check(&bad).is_err(), "{bad:?}");
+        }
     }
 }

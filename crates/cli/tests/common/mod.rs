@@ -7,7 +7,6 @@ pub mod oci;
 pub mod tree;
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -165,8 +164,42 @@ pub struct Registry {
     pub dir: tempfile::TempDir,
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Waits for a server started with `--ready-file FILE` to write it, and
+/// returns what it wrote; fails if the server exits first.
+pub fn wait_ready(file: &Path, child: &mut Child, what: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            if let Ok(v) = serde_json::from_str(&text) {
+                return v;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} exited ({status}) before it was ready");
+        }
+        assert!(Instant::now() < deadline, "{what} did not write {}", file.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for a line `listening on ADDR` in `log` (written by `child`), and
+/// returns ADDR: how servers we did not write report the port they got.
+pub fn wait_logged_address(log: &Path, child: &mut Child, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(rest) = text.split("listening on ").nth(1) {
+            let addr: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c)).collect();
+            if addr.rsplit(':').next().is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p != 0)) {
+                return addr;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} exited ({status}) before it listened:\n{text}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not say where it listens:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub fn wait_listening(addr: &str, what: &str) {
@@ -180,9 +213,9 @@ pub fn wait_listening(addr: &str, what: &str) {
 impl Registry {
     pub fn start(auth: Auth) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
+        // Port 0: the registry picks a free port and logs it.
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:0\n",
             dir.path().join("data").display()
         );
         let mut issuer = None;
@@ -207,18 +240,19 @@ impl Registry {
                     .arg("-out")
                     .arg(&cert)
                     .stderr(Stdio::null()));
-                let token_addr = format!("127.0.0.1:{}", free_port());
                 let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/token_server.py");
-                let child = Command::new("python3")
+                let issuer_log = dir.path().join("issuer.log");
+                let mut child = Command::new("python3")
                     .arg(script)
-                    .arg(token_addr.rsplit(':').next().unwrap())
+                    .arg("0")
                     .arg(&key)
                     .arg(&cert)
                     .args(["tessera-test-issuer", "tessera-test", "tessera", "s3cret"])
+                    .stdout(std::fs::File::create(&issuer_log).unwrap())
                     .spawn()
                     .expect("python3 runs the token issuer");
+                let token_addr = wait_logged_address(&issuer_log, &mut child, "the token issuer");
                 issuer = Some(child);
-                wait_listening(&token_addr, "the token issuer");
                 config.push_str(&format!(
                     "auth:\n  token:\n    realm: http://{token_addr}/token\n    service: tessera-test\n    issuer: tessera-test-issuer\n    rootcertbundle: {}\n",
                     cert.display()
@@ -227,7 +261,15 @@ impl Registry {
         }
         let cfg = dir.path().join("config.yml");
         std::fs::write(&cfg, config).unwrap();
-        let child = Command::new("docker-registry").arg("serve").arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("docker-registry starts");
+        let log = dir.path().join("registry.log");
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("docker-registry starts");
+        let addr = wait_logged_address(&log, &mut child, "docker-registry");
         wait_listening(&addr, "docker-registry");
         Registry { child, issuer, addr, dir }
     }
@@ -282,6 +324,8 @@ pub struct Served {
     child: Child,
     pub socket: PathBuf,
     pub metrics_addr: String,
+    /// Every NBD listener, as bound.
+    pub nbd: Vec<String>,
 }
 
 impl Served {
@@ -292,21 +336,20 @@ impl Served {
     /// An agent on socket `ENV/SOCKET` (several may run on one home).
     pub fn start_at(env: &Env, socket: &str, extra: &[&str]) -> Served {
         let socket = env.path(socket);
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["serve", "--nbd", &format!("unix:{}", socket.display()), "--metrics", &metrics_addr])
+        let ready = env.path(&format!("{}.ready", socket.file_name().unwrap().to_string_lossy()));
+        let _ = std::fs::remove_file(&ready);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["serve", "--nbd", &format!("unix:{}", socket.display()), "--metrics", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready)
             .args(extra)
             .env("TESSERA_HOME", env.home())
             .stdin(Stdio::null())
             .spawn()
             .expect("tessera serve starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "tessera serve did not listen on {}", socket.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        wait_listening(&metrics_addr, "the metrics endpoint");
-        Served { child, socket, metrics_addr }
+        let bound = wait_ready(&ready, &mut child, "tessera serve");
+        let metrics_addr = bound["metrics"].as_str().expect("the ready file names the metrics address").to_owned();
+        let nbd = bound["nbd"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect();
+        Served { child, socket, metrics_addr, nbd }
     }
 
     /// `nbd+unix:///EXPORT?socket=…`
