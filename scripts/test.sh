@@ -2,8 +2,19 @@
 # Runs Tessera's whole test suite on a Debian 12 machine, installing what it
 # needs first: the Debian packages that give the tests real peers (QEMU
 # included); it uses cargo-nextest where it is installed, cargo test otherwise.
+#
+#   sh scripts/test.sh            the suite
+#   sh scripts/test.sh --soak     the long soak instead (30 minutes of mixed
+#                                 NBD clients against one agent;
+#                                 TESSERA_SOAK_SECONDS changes the length)
 set -eu
 cd "$(dirname "$0")/.."
+
+soak=""
+if [ "${1:-}" = "--soak" ]; then
+    soak=1
+    shift
+fi
 
 sh scripts/ensure-packages.sh umoci skopeo docker-registry debootstrap busybox-static e2fsprogs attr \
     fuse3 libnbd-bin qemu-utils qemu-system-x86 util-linux python3 openssl iproute2
@@ -13,6 +24,9 @@ sudo_cmd=""
 [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
 $sudo_cmd systemctl disable --now docker-registry >/dev/null 2>&1 || true
 
+if [ -n "$soak" ]; then
+    exec cargo test --release -p tessera-cli --test hardening -- --ignored --exact soak --nocapture "$@"
+fi
 if cargo nextest --version >/dev/null 2>&1; then
     exec cargo nextest run --workspace --no-fail-fast "$@"
 else

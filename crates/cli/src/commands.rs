@@ -244,11 +244,15 @@ fn rm(home: &Home, names: &[String]) -> Result<ExitCode> {
                 println!("removed {name}");
                 match r {
                     None => eprintln!("tessera: warning: {name}: its name file could not be read, so its manifest stays in the store"),
-                    Some(r) => {
-                        if let Err(e) = home.catalog.release_manifest(&r.manifest) {
-                            eprintln!("tessera: warning: {name}: its manifest {} stays in the store: {e}", r.manifest);
-                        }
-                    }
+                    Some(r) => match home.catalog.release_manifest(&r.manifest) {
+                        Ok(tessera_store::Release::Removed | tessera_store::Release::InUse) => {}
+                        Ok(tessera_store::Release::Unsure(bad)) => eprintln!(
+                            "tessera: warning: {name}: its manifest {} stays in the store: the name files of {} cannot be read, and might use it",
+                            r.manifest,
+                            bad.join(", ")
+                        ),
+                        Err(e) => eprintln!("tessera: warning: {name}: its manifest {} stays in the store: {e}", r.manifest),
+                    },
                 }
             }
         }

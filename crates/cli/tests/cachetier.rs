@@ -126,7 +126,11 @@ impl Nodes {
     fn stripe_files(&self, i: usize) -> Vec<PathBuf> {
         let mut files = Vec::new();
         for sub in std::fs::read_dir(self.dirs[i].join("stripes")).unwrap() {
-            for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            let sub = sub.unwrap().path();
+            if !sub.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(sub).unwrap() {
                 files.push(f.unwrap().path());
             }
         }

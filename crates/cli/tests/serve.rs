@@ -2,11 +2,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::process::Command;
-use std::time::Duration;
 
+use common::nbd::RawClient;
 use common::*;
 
 fn have_tools() -> bool {
@@ -185,63 +184,6 @@ fn thirty_two_clients_at_once() {
     }
     assert!(agent.metric("tessera_nbd_connections_total") >= 32.0);
     assert_eq!(agent.metric("tessera_origin_requests_shed_total"), 0.0);
-}
-
-/// Speaks just enough NBD by hand to send what a real client never would.
-struct RawClient(UnixStream);
-
-impl RawClient {
-    fn connect(socket: &std::path::Path) -> RawClient {
-        let s = UnixStream::connect(socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut c = RawClient(s);
-        let mut hello = [0u8; 18];
-        c.0.read_exact(&mut hello).unwrap();
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        c.0.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
-        c
-    }
-
-    fn option(&mut self, opt: u32, data: &[u8]) {
-        let mut m = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec();
-        m.extend_from_slice(&opt.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        m.extend_from_slice(data);
-        self.0.write_all(&m).unwrap();
-    }
-
-    /// EXPORT_NAME: straight into transmission.
-    fn open(socket: &std::path::Path, export: &str) -> RawClient {
-        let mut c = RawClient::connect(socket);
-        c.option(1, export.as_bytes());
-        let mut info = [0u8; 10];
-        c.0.read_exact(&mut info).unwrap();
-        c
-    }
-
-    fn request(&mut self, kind: u16, offset: u64, len: u32) {
-        let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
-        m.extend_from_slice(&0u16.to_be_bytes());
-        m.extend_from_slice(&kind.to_be_bytes());
-        m.extend_from_slice(&7u64.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
-        self.0.write_all(&m).unwrap();
-    }
-
-    /// The error of a simple reply.
-    fn simple_error(&mut self) -> u32 {
-        let mut r = [0u8; 16];
-        self.0.read_exact(&mut r).unwrap();
-        assert_eq!(u32::from_be_bytes(r[..4].try_into().unwrap()), 0x6744_6698);
-        u32::from_be_bytes(r[4..8].try_into().unwrap())
-    }
-
-    /// Whether the server closed the connection.
-    fn closed(&mut self) -> bool {
-        let mut b = [0u8; 64];
-        matches!(self.0.read(&mut b), Ok(0) | Err(_))
-    }
 }
 
 #[test]

@@ -24,7 +24,7 @@ use serde::Serialize;
 use tessera_chunk::{ChunkRef, Geometry, ImageConfig, KeyProvider, LayerRegion, LayerSource, Manifest, Source, CHUNK_SIZE, MANIFEST_FORMAT};
 use tessera_flatten::{Flattener, Options as FlattenOptions};
 use tessera_oci::{Progress, PullOptions, Reference};
-use tessera_store::{check_name, ChunkStore, Home, ImageRef};
+use tessera_store::{check_name, ChunkStore, Home, ImageRef, Release};
 
 pub use bench::{seal_file, SealBench};
 pub use seal_pool::{seal_while, PoolSink, Sealed};
@@ -229,8 +229,14 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     // is a warning, never a failed import.
     let mut warnings = flat.warnings;
     if let Some(prev) = previous.filter(|p| p.manifest != id.to_hex()) {
-        if let Err(e) = home.catalog.release_manifest(&prev.manifest) {
-            warnings.push(format!("the manifest {name} pointed at before ({}) was kept: {e}", prev.manifest));
+        match home.catalog.release_manifest(&prev.manifest) {
+            Ok(Release::Removed | Release::InUse) => {}
+            Ok(Release::Unsure(bad)) => warnings.push(format!(
+                "the manifest {name} pointed at before ({}) was kept: the name files of {} cannot be read, and might use it",
+                prev.manifest,
+                bad.join(", ")
+            )),
+            Err(e) => warnings.push(format!("the manifest {name} pointed at before ({}) was kept: {e}", prev.manifest)),
         }
     }
     let holes = manifest.chunks.iter().filter(|c| c.is_none()).count() as u64;

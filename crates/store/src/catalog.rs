@@ -29,6 +29,17 @@ pub struct Catalog {
     images: PathBuf,
 }
 
+/// What [`Catalog::release_manifest`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Release {
+    /// No name used the manifest: it is gone.
+    Removed,
+    /// Another name uses it: it stays.
+    InUse,
+    /// These names could not be read and might use it: it stays.
+    Unsure(Vec<String>),
+}
+
 /// Every name of the catalog: those that read, and those that did not.
 #[derive(Debug, Default)]
 pub struct Listing {
@@ -149,14 +160,18 @@ impl Catalog {
         Ok(r)
     }
 
-    /// Removes manifest `id` unless a name still uses it (or a name that
-    /// cannot be read might); returns whether it was removed.
-    pub fn release_manifest(&self, id: &str) -> Result<bool> {
-        if self.list()?.may_use(id) {
-            return Ok(false);
+    /// Removes manifest `id` unless a name still uses it, or a name that
+    /// cannot be read might.
+    pub fn release_manifest(&self, id: &str) -> Result<Release> {
+        let listing = self.list()?;
+        if listing.images.iter().any(|(_, r)| r.manifest == id) {
+            return Ok(Release::InUse);
+        }
+        if !listing.bad.is_empty() {
+            return Ok(Release::Unsure(listing.bad.into_iter().map(|(n, _)| n).collect()));
         }
         self.remove_manifest(id)?;
-        Ok(true)
+        Ok(Release::Removed)
     }
 
     /// Every name, sorted, and the names whose files are bad.
@@ -257,6 +272,7 @@ mod tests {
         assert_eq!(catalog.remove("bad").unwrap(), None);
         assert!(catalog.list().unwrap().bad.is_empty());
         assert!(!catalog.list().unwrap().may_use(&"cd".repeat(32)));
+        assert_eq!(catalog.release_manifest(&"ab".repeat(32)).unwrap(), Release::InUse);
         assert!(matches!(catalog.remove("bad"), Err(Error::NoSuchImage(_))));
     }
 }

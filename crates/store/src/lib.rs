@@ -32,7 +32,7 @@ mod memory;
 pub mod readback;
 mod throttle;
 
-pub use catalog::{check_name, Catalog, ImageRef, Listing};
+pub use catalog::{check_name, Catalog, ImageRef, Listing, Release};
 pub use error::{Error, Result};
 pub use home::Home;
 pub use local::LocalDirStore;

@@ -340,11 +340,24 @@ impl Shared {
         req.body(Full::new(body)).expect("the request's parts are valid")
     }
 
-    /// Sends `req` to `node`; the status and body of the answer, or why
-    /// there is none within `limit`. Marks the node failed or well.
-    async fn exchange(&self, node: usize, req: Request<Full<Bytes>>, limit: Duration) -> Result<(StatusCode, Bytes), ()> {
+    /// Sends `METHOD /v1/stripes/CHUNK` with `body` to `node`; the status
+    /// and body of the answer, or why there is none within `limit`. Marks
+    /// the node failed or well.
+    async fn exchange(&self, node: usize, method: Method, chunk: &ChunkId, body: Bytes, limit: Duration) -> Result<(StatusCode, Bytes), ()> {
         let attempt = async {
-            let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
+            let mut tries = 0;
+            let resp = loop {
+                tries += 1;
+                match self.client.request(self.request(method.clone(), node, chunk, body.clone())).await {
+                    Ok(r) => break r,
+                    // Requests to a node share its connection while it is
+                    // made; when the request that started it is cancelled
+                    // (k other stripes came first), the others are told
+                    // "canceled". That is ours, not the node's: try again.
+                    Err(e) if tries < 3 && e.is_connect() && error_chain(&e).contains("canceled") => continue,
+                    Err(e) => return Err(error_chain(&e)),
+                }
+            };
             let status = resp.status();
             // A node cannot make us hold more than a stripe can be.
             let body = Limited::new(resp.into_body(), wire::MAX_STRIPE).collect().await.map_err(|e| error_chain(&*e))?.to_bytes();
@@ -369,8 +382,7 @@ impl Shared {
 
     /// The stripe `node` holds of `chunk`.
     async fn get(self: Arc<Self>, node: usize, chunk: ChunkId) -> (usize, Reply) {
-        let req = self.request(Method::GET, node, &chunk, Bytes::new());
-        let reply = match self.exchange(node, req, STRIPE_TIMEOUT).await {
+        let reply = match self.exchange(node, Method::GET, &chunk, Bytes::new(), STRIPE_TIMEOUT).await {
             Ok((StatusCode::NOT_FOUND, _)) => Reply::Missing,
             Ok((_, body)) => Reply::Stripe(body),
             Err(()) => Reply::Failed,
@@ -380,9 +392,8 @@ impl Shared {
 
     /// Stores `stripe` of `chunk` on `node`; whether it was kept.
     async fn put(self: Arc<Self>, node: usize, chunk: ChunkId, stripe: Bytes) -> bool {
-        let req = self.request(Method::PUT, node, &chunk, stripe);
         // Stores run in the background: a slow node gets more time than a read.
-        match self.exchange(node, req, STRIPE_TIMEOUT * 10).await {
+        match self.exchange(node, Method::PUT, &chunk, stripe, STRIPE_TIMEOUT * 10).await {
             // A 404 to a PUT: whatever answers there does not keep stripes.
             Ok((StatusCode::NOT_FOUND, _)) => {
                 self.nodes[node].failed("404 Not Found for a stripe store");

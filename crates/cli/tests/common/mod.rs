@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod nbd;
 pub mod oci;
 pub mod tree;
 
@@ -352,6 +353,21 @@ impl Served {
         Served { child, socket, metrics_addr, nbd }
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the agent, bytes.
+    pub fn rss(&self) -> u64 {
+        rss(self.pid())
+    }
+
+    /// Descriptors the agent holds open.
+    pub fn descriptors(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+
     /// `nbd+unix:///EXPORT?socket=…`
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
@@ -456,6 +472,36 @@ pub fn http_get(addr: &str, path: &str, headers: &str) -> String {
     let mut body = Vec::new();
     s.read_to_end(&mut body).unwrap();
     String::from_utf8_lossy(&body).into_owned()
+}
+
+/// `METHOD PATH` with `body` over HTTP/1.1; the status code.
+pub fn http_send(addr: &str, method: &str, path: &str, headers: &str, body: &[u8]) -> u16 {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n", body.len()).as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// The body of `GET PATH` if it answers 200.
+pub fn http_get_body(addr: &str, path: &str) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    let end = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
+    answer.starts_with(b"HTTP/1.1 200").then(|| answer[end + 4..].to_vec())
+}
+
+/// Resident memory of process `pid`, bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0) * 1024
 }
 
 /// The value of one series at `http://ADDR/metrics`.
