@@ -24,6 +24,14 @@ sudo_cmd=""
 [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
 $sudo_cmd systemctl disable --now docker-registry >/dev/null 2>&1 || true
 
+# The declared checks are enforced: formatting, and clippy (which denies
+# undocumented unsafe blocks) with every warning an error.
+if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
+    rustup component add clippy rustfmt
+fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
 if [ -n "$soak" ]; then
     exec cargo test --release -p tessera-cli --test hardening -- --ignored --exact soak --nocapture "$@"
 fi

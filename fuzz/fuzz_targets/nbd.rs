@@ -6,7 +6,8 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use tessera_agent::nbd::{serve_connection, Device, Exports, NbdStats};
+use tessera_agent::device::{Device, ExportError, Exports};
+use tessera_agent::nbd::{serve_connection, Limits, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Memory(Mutex<Vec<u8>>);
@@ -45,11 +46,11 @@ impl Exports for One {
     fn names(&self) -> Vec<String> {
         vec!["disk".into()]
     }
-    fn open(&self, name: &str) -> Result<Arc<dyn Device>, String> {
+    fn open(&self, name: &str) -> Result<Arc<dyn Device>, ExportError> {
         if name == "disk" {
             Ok(self.0.clone())
         } else {
-            Err("no such export".into())
+            Err(ExportError::Image(tessera_store::Error::NoSuchImage(name.into())))
         }
     }
 }
@@ -59,7 +60,10 @@ fuzz_target!(|data: &[u8]| {
     rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let exports = Arc::new(One(Arc::new(Memory(Mutex::new(vec![0u8; 1 << 20])))));
-        let task = tokio::spawn(serve_connection(server, exports, Arc::new(NbdStats::default()), "fuzz".into()));
+        let limits = Limits { client_timeout: std::time::Duration::from_secs(2), ..Limits::default() };
+        let nbd = Arc::new(Server::new(exports, limits));
+        let place = nbd.admit("fuzz").expect("room for one client");
+        let task = tokio::spawn(serve_connection(server, nbd, place, "fuzz".into()));
         let _ = client.write_all(data).await;
         let _ = client.shutdown().await;
         let mut sink = Vec::new();

@@ -10,7 +10,7 @@ use tessera_cache::Loader;
 use tessera_chunk::CHUNK_SIZE;
 use tessera_store::{check_name, Home};
 
-use crate::nbd::{Device, Exports};
+use crate::device::{Device, ExportError, Exports};
 use crate::overlay::{Overlay, BLOCK};
 use crate::vdisk::VirtualDisk;
 
@@ -26,20 +26,21 @@ pub struct CatalogExports {
     open_overlays: Mutex<HashMap<String, Weak<Overlay>>>,
     /// The most overlays open at once.
     max_overlays: usize,
+    /// Prefetch a disk's start-up profile when it is first opened.
+    prefetch: bool,
 }
 
 impl CatalogExports {
     /// Exports of `home`, reading through `loader`, with overlays under
     /// `overlays`, at most `max_overlays` of them open at once.
     pub fn new(home: Arc<Home>, loader: Arc<Loader>, overlays: PathBuf, max_overlays: usize) -> CatalogExports {
-        CatalogExports {
-            home,
-            loader,
-            overlays,
-            disks: Mutex::new(HashMap::new()),
-            open_overlays: Mutex::new(HashMap::new()),
-            max_overlays,
-        }
+        CatalogExports { home, loader, overlays, disks: Mutex::new(HashMap::new()), open_overlays: Mutex::new(HashMap::new()), max_overlays, prefetch: false }
+    }
+
+    /// Whether each image's start-up profile is prefetched when its disk is
+    /// first opened.
+    pub fn prefetch_profiles(&mut self, on: bool) {
+        self.prefetch = on;
     }
 
     /// Overlays open now.
@@ -48,30 +49,33 @@ impl CatalogExports {
     }
 
     /// The current disk of image `name`.
-    pub fn disk(&self, name: &str) -> Result<Arc<VirtualDisk>, String> {
-        let r = self.home.catalog.get(name).map_err(|e| e.to_string())?;
+    pub fn disk(&self, name: &str) -> Result<Arc<VirtualDisk>, ExportError> {
+        let r = self.home.catalog.get(name)?;
         let mut disks = self.disks.lock().expect("no panics while holding the lock");
         if let Some(d) = disks.get(name).filter(|d| d.manifest_id() == r.manifest) {
             return Ok(Arc::clone(d));
         }
-        let (r, manifest) = self.home.manifest(name).map_err(|e| e.to_string())?;
+        let (r, manifest) = self.home.manifest(name)?;
         let disk = Arc::new(VirtualDisk::new(name, &r.manifest, manifest, Arc::clone(&self.loader)));
         disks.insert(name.to_owned(), Arc::clone(&disk));
+        if self.prefetch {
+            match crate::profile::load(&self.home, &r) {
+                // Runs to its end in the background.
+                Ok(Some(p)) => drop(crate::profile::Prefetcher::start(Arc::clone(&disk), p.chunks, crate::profile::PREFETCH_THREADS)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("{name}: cannot read its start-up profile: {e}"),
+            }
+        }
         Ok(disk)
     }
 
     /// Flushes every open overlay (on shutdown).
     pub fn flush_all(&self) {
-        let open: Vec<(String, Arc<Overlay>)> = self
-            .open_overlays
-            .lock()
-            .expect("no panics while holding the lock")
-            .iter()
-            .filter_map(|(name, o)| Some((name.clone(), o.upgrade()?)))
-            .collect();
+        let open: Vec<(String, Arc<Overlay>)> =
+            self.open_overlays.lock().expect("no panics while holding the lock").iter().filter_map(|(name, o)| Some((name.clone(), o.upgrade()?))).collect();
         for (name, o) in open {
             if let Err(e) = o.flush() {
-                eprintln!("tessera: overlay {name}: {e}");
+                tracing::error!("overlay {name}: {e}");
             }
         }
     }
@@ -82,25 +86,25 @@ impl Exports for CatalogExports {
         match self.home.catalog.list() {
             Ok(listing) => {
                 for (name, e) in &listing.bad {
-                    eprintln!("tessera: warning: not exporting image {name}: {e}");
+                    tracing::warn!("not exporting image {name}: {e}");
                 }
                 listing.images.into_iter().map(|(n, _)| n).collect()
             }
             Err(e) => {
-                eprintln!("tessera: cannot list images: {e}");
+                tracing::error!("cannot list images: {e}");
                 Vec::new()
             }
         }
     }
 
-    fn open(&self, export: &str) -> Result<Arc<dyn Device>, String> {
+    fn open(&self, export: &str) -> Result<Arc<dyn Device>, ExportError> {
         let (name, label) = match export.split_once('@') {
             Some((n, l)) => (n, Some(l)),
             None => (export, None),
         };
         let disk = self.disk(name)?;
         let Some(label) = label else { return Ok(Arc::new(ImageDevice(disk))) };
-        check_name(label).map_err(|_| format!("invalid overlay label {label:?} (use A-Z a-z 0-9 . _ -)"))?;
+        check_name(label).map_err(|_| ExportError::BadLabel(label.to_owned()))?;
         let mut open = self.open_overlays.lock().expect("no panics while holding the lock");
         open.retain(|_, o| o.strong_count() > 0);
         // An overlay opened over an older version of the image is not reused:
@@ -109,11 +113,11 @@ impl Exports for CatalogExports {
             Some(o) => o,
             None => {
                 if open.len() >= self.max_overlays && !open.contains_key(export) {
-                    return Err(format!("{} overlays are open, the most allowed at once: close some NAME@LABEL connections", self.max_overlays));
+                    return Err(ExportError::TooManyOverlays(self.max_overlays));
                 }
                 open.remove(export);
                 let dir = self.overlays.join(format!("{name}@{label}"));
-                let o = Arc::new(Overlay::open(&dir, disk.manifest_id(), disk.size()).map_err(|e| e.to_string())?);
+                let o = Arc::new(Overlay::open(&dir, disk.manifest_id(), disk.size()).map_err(ExportError::Overlay)?);
                 open.insert(export.to_owned(), Arc::downgrade(&o));
                 o
             }

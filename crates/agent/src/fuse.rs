@@ -1,5 +1,5 @@
 //! An export as a file on a FUSE filesystem, so `mount -o loop` works where
-//! there is no nbd kernel module.
+//! there is no nbd kernel module ([`LoopMount`] does that mount).
 //!
 //! The filesystem holds one file, named after the export, whose bytes are the
 //! disk. Requests are answered from a pool of threads, so the kernel can
@@ -11,12 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{unbounded, Sender};
-use fuser::{
-    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite,
-    Request,
-};
+use fuser::{FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request};
 
-use crate::nbd::Device;
+use crate::device::Device;
 
 const ROOT: u64 = 1;
 const DISK: u64 = 2;
@@ -140,7 +137,7 @@ impl Filesystem for DiskFs {
             match device.read(offset, &mut buf) {
                 Ok(()) => reply.data(&buf),
                 Err(e) => {
-                    eprintln!("tessera: fuse: read of {len} bytes at {offset}: {e}");
+                    tracing::error!("fuse: read of {len} bytes at {offset}: {e}");
                     reply.error(errno(&e))
                 }
             }
@@ -198,4 +195,38 @@ pub fn mount(fs: DiskFs, dir: &Path) -> std::io::Result<fuser::BackgroundSession
     let mut options = vec![MountOption::FSName("tessera".into()), MountOption::Subtype("tessera".into()), MountOption::NoDev, MountOption::NoSuid];
     options.push(if writable { MountOption::RW } else { MountOption::RO });
     fuser::spawn_mount2(fs, dir, &options)
+}
+
+/// The filesystem on a disk file, loop-mounted; unmounted on drop (lazily,
+/// if it is busy).
+pub struct LoopMount {
+    mountpoint: std::path::PathBuf,
+}
+
+impl LoopMount {
+    /// Loop-mounts the filesystem in `file` on `mountpoint` (read-only
+    /// unless `writable`). Needs root.
+    pub fn mount(file: &Path, mountpoint: &Path, writable: bool) -> std::io::Result<LoopMount> {
+        let opts = if writable { "loop" } else { "loop,ro" };
+        let out = std::process::Command::new("mount").args(["-o", opts]).arg(file).arg(mountpoint).output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "loop-mounting {} on {}: {}",
+                file.display(),
+                mountpoint.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(LoopMount { mountpoint: mountpoint.to_owned() })
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let ok = std::process::Command::new("umount").arg(&self.mountpoint).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            tracing::warn!("could not unmount {}; unmounting lazily", self.mountpoint.display());
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        }
+    }
 }

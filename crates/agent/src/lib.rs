@@ -1,35 +1,95 @@
-//! The worker agent: every imported image, served as a lazy block device.
+//! The worker agent: every image of a store, served as a lazy block device.
 //!
-//! An [`Agent`] exports each image of a `TESSERA_HOME` over NBD (TCP or unix
-//! sockets): `NAME` read-only, `NAME@LABEL` a copy-on-write view whose
-//! writes land in an [`overlay::Overlay`] of its own. Reads map to 512 KiB
-//! chunks ([`vdisk::VirtualDisk`]), fetched on first touch through a
-//! [`tessera_cache::Loader`] (memory, disk, the shared cache tier when one
-//! is configured, origin) and checked before they
-//! are served. Metrics are served in Prometheus text at `/metrics`.
+//! An [`Agent`] serves each image through its frontends ([`Frontend`]):
+//! NBD over TCP or unix sockets ([`nbd`]), and one image at a time as a
+//! FUSE file ([`fuse`]). Export `NAME` is read-only; `NAME@LABEL` is a
+//! copy-on-write view whose writes land in an [`overlay::Overlay`] of its
+//! own. Every frontend serves the same [`device::Device`] seam, looked up in
+//! [`device::Exports`] ([`exports::CatalogExports`]: the store's catalog).
+//!
+//! Reads map to 512 KiB chunks ([`vdisk::VirtualDisk`]), fetched on first
+//! touch through a [`tessera_cache::Loader`] whose sources are, in order,
+//! the disk cache, the shared cache tier (when configured) and the origin
+//! store, and checked before they are served. [`profile`] records and
+//! prefetches start-up profiles. Metrics are served in Prometheus text at
+//! `/metrics`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tessera_agent::Error> {
+//! use std::sync::Arc;
+//! use tessera_agent::{Agent, AgentOptions, Frontend, Listen};
+//! let home = tessera_store::Home::open("/var/lib/tessera".as_ref())?;
+//! let mut options = AgentOptions::new(home.root().join("cache"));
+//! options.frontends.push(Frontend::Nbd(Listen::parse("unix:/run/tessera.sock")?));
+//! let agent = Arc::new(Agent::new(home, options)?);
+//! agent.run(|bound| println!("serving on {:?}", bound.nbd), std::future::pending()).await
+//! # }
+//! ```
 #![deny(missing_docs)]
 
-pub mod client;
+mod background;
+pub mod device;
 pub mod exports;
 pub mod fuse;
 pub mod nbd;
 pub mod overlay;
+pub mod profile;
 pub mod vdisk;
 
 use std::fmt::Write;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tessera_cache::metrics::header;
-use tessera_cache::tier::{CacheTier, TierOptions};
+use tessera_cache::tier::{CacheTier, TierError, TierOptions};
 use tessera_cache::{ChunkSource, DiskCache, Loader, LoaderOptions, Origin};
-use tessera_store::{Home, LocalDirStore, ThrottledStore};
+use tessera_store::{Home, ThrottledStore};
 use tokio::net::{TcpListener, UnixListener};
 
+pub use crate::background::Background;
+use crate::device::Exports;
 use crate::exports::CatalogExports;
-use crate::nbd::{Exports, Limits, Server};
+use crate::nbd::{Limits, Server};
+
+/// Errors of starting and running an agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The cache directory cannot be used.
+    #[error("--cache-dir {dir}: {reason}; give a directory of its own")]
+    CacheDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why not.
+        reason: String,
+    },
+    /// The disk cache could not be opened.
+    #[error("disk cache {dir}: {source}")]
+    DiskCache {
+        /// Its directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The cache tier could not be set up.
+    #[error(transparent)]
+    Tier(#[from] TierError),
+    /// A listener could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not a listen address.
+    #[error("{0:?}: use unix:PATH or HOST:PORT")]
+    BadAddress(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] tessera_store::Error),
+}
 
 /// Where the NBD server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,16 +102,16 @@ pub enum Listen {
 
 impl Listen {
     /// Parses `unix:PATH` or `HOST:PORT`.
-    pub fn parse(s: &str) -> Result<Listen, String> {
+    pub fn parse(s: &str) -> Result<Listen, Error> {
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
-                return Err("unix: needs a path".into());
+                return Err(Error::BadAddress(s.to_owned()));
             }
             return Ok(Listen::Unix(p.into()));
         }
         match s.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(Listen::Tcp(s.to_owned())),
-            _ => Err(format!("{s:?}: use unix:PATH or HOST:PORT")),
+            _ => Err(Error::BadAddress(s.to_owned())),
         }
     }
 }
@@ -65,11 +125,18 @@ impl std::fmt::Display for Listen {
     }
 }
 
+/// A way the agent serves its exports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frontend {
+    /// NBD on a listener.
+    Nbd(Listen),
+}
+
 /// How to run an agent.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    /// NBD listeners.
-    pub nbd: Vec<Listen>,
+    /// The frontends to serve.
+    pub frontends: Vec<Frontend>,
     /// Where to serve `/metrics`.
     pub metrics: Option<String>,
     /// Disk cache and overlays live here.
@@ -92,6 +159,30 @@ pub struct AgentOptions {
     pub limits: Limits,
     /// `NAME@LABEL` overlays open at once.
     pub max_overlays: usize,
+    /// Prefetch an image's start-up profile when it is first opened.
+    pub prefetch: bool,
+}
+
+impl AgentOptions {
+    /// The defaults (those of `tessera serve`), caching in `cache_dir`, with
+    /// no frontend.
+    pub fn new(cache_dir: PathBuf) -> AgentOptions {
+        AgentOptions {
+            frontends: Vec::new(),
+            metrics: None,
+            cache_dir,
+            cache_mem: 512 << 20,
+            cache_disk: 10 << 30,
+            origin_concurrency: 16,
+            origin_queue: 256,
+            origin_latency: std::time::Duration::ZERO,
+            origin_bandwidth: None,
+            tier: None,
+            limits: Limits::default(),
+            max_overlays: 1024,
+            prefetch: false,
+        }
+    }
 }
 
 /// Where a running agent listens (TCP ports as bound: port 0 in the
@@ -111,51 +202,50 @@ pub struct Agent {
     pub exports: Arc<CatalogExports>,
     /// The tier chain.
     pub loader: Arc<Loader>,
-    origin: Arc<Origin>,
     /// The NBD server (its bounds and counters).
     pub nbd: Arc<Server>,
 }
 
 impl Agent {
-    /// Opens the caches and the origin of `home`.
-    pub fn new(home: Home, options: AgentOptions) -> std::io::Result<Agent> {
+    /// Opens the caches and the origin of `home`'s store, and builds the
+    /// chain of chunk sources: disk cache, cache tier, origin.
+    pub fn new(home: Home, options: AgentOptions) -> Result<Agent, Error> {
         check_cache_dir(home.root(), &options.cache_dir)?;
+        // Say at once what cannot be served, rather than at each client's LIST.
+        let listing = home.catalog.list()?;
+        for (name, e) in &listing.bad {
+            tracing::warn!("not exporting image {name}: {e}");
+        }
+        if !listing.images.is_empty() {
+            home.keyring()?;
+        }
         let chunk_cache = options.cache_dir.join("chunks");
-        if options.cache_dir == home.root().join("cache") && DiskCache::adopt_unmarked(&chunk_cache)? {
-            eprintln!("tessera: adopted the disk cache of an earlier release in {}", chunk_cache.display());
+        let disk_err = |source| Error::DiskCache { dir: chunk_cache.clone(), source };
+        if options.cache_dir == home.root().join("cache") && DiskCache::adopt_unmarked(&chunk_cache).map_err(disk_err)? {
+            tracing::info!("adopted the disk cache of an earlier release in {}", chunk_cache.display());
         }
-        let disk = Arc::new(DiskCache::open(&chunk_cache, options.cache_disk)?);
-        let store: Arc<dyn tessera_store::ChunkStore> =
-            Arc::new(LocalDirStore::open(&home.root().join("chunks")).map_err(std::io::Error::other)?);
-        let store: Arc<dyn tessera_store::ChunkStore> = if options.origin_latency.is_zero() && options.origin_bandwidth.is_none() {
-            store
-        } else {
-            Arc::new(ThrottledStore::new(store, options.origin_latency, options.origin_bandwidth))
-        };
-        let origin = Arc::new(Origin::new(store, options.origin_concurrency, options.origin_queue));
-        let mut lower: Vec<Arc<dyn ChunkSource>> = Vec::new();
+        let mut sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(DiskCache::open(&chunk_cache, options.cache_disk).map_err(disk_err)?)];
         if let Some(t) = &options.tier {
-            lower.push(Arc::new(CacheTier::new(t.clone()).map_err(std::io::Error::other)?));
+            sources.push(Arc::new(CacheTier::new(t.clone())?));
         }
-        lower.push(Arc::clone(&origin) as Arc<dyn ChunkSource>);
-        let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: options.cache_mem }, Some(disk), lower));
-        let exports = Arc::new(CatalogExports::new(Arc::new(home), Arc::clone(&loader), options.cache_dir.join("overlays"), options.max_overlays));
+        let store = if options.origin_latency.is_zero() && options.origin_bandwidth.is_none() {
+            home.chunks.clone()
+        } else {
+            Arc::new(ThrottledStore::new(home.chunks.clone(), options.origin_latency, options.origin_bandwidth))
+        };
+        sources.push(Arc::new(Origin::new(store, options.origin_concurrency, options.origin_queue)));
+        let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: options.cache_mem }, sources));
+        let mut exports = CatalogExports::new(Arc::new(home), Arc::clone(&loader), options.cache_dir.join("overlays"), options.max_overlays);
+        exports.prefetch_profiles(options.prefetch);
+        let exports = Arc::new(exports);
         let nbd = Arc::new(Server::new(exports.clone() as Arc<dyn Exports>, options.limits.clone()));
-        Ok(Agent { options, exports, loader, origin, nbd })
+        Ok(Agent { options, exports, loader, nbd })
     }
 
     /// All metrics, in Prometheus text.
     pub fn render_metrics(&self) -> String {
         let mut out = String::new();
         self.loader.render(&mut out);
-        header(&mut out, "tessera_origin_requests_in_flight", "gauge", "Requests to the origin store in flight now.");
-        let _ = writeln!(out, "tessera_origin_requests_in_flight {}", self.origin.in_flight.load(Ordering::Relaxed));
-        header(&mut out, "tessera_origin_requests_in_flight_peak", "gauge", "The most requests to the origin store ever in flight at once.");
-        let _ = writeln!(out, "tessera_origin_requests_in_flight_peak {}", self.origin.peak_in_flight.load(Ordering::Relaxed));
-        header(&mut out, "tessera_origin_requests_total", "counter", "Requests to the origin store.");
-        let _ = writeln!(out, "tessera_origin_requests_total {}", self.origin.requests.load(Ordering::Relaxed));
-        header(&mut out, "tessera_origin_requests_shed_total", "counter", "Origin requests refused because the queue was full.");
-        let _ = writeln!(out, "tessera_origin_requests_shed_total {}", self.origin.shed.load(Ordering::Relaxed));
         self.nbd.render(&mut out);
         header(&mut out, "tessera_overlays_open", "gauge", "NAME@LABEL overlays open now.");
         let _ = writeln!(out, "tessera_overlays_open {}", self.exports.open_overlay_count());
@@ -165,21 +255,23 @@ impl Agent {
     /// Listens, calls `ready` with the addresses bound, and serves until
     /// `shutdown` completes; then flushes overlays and removes its unix
     /// sockets.
-    pub async fn run(self: Arc<Self>, ready: impl FnOnce(&Bound), shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    pub async fn run(self: Arc<Self>, ready: impl FnOnce(&Bound), shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let mut tasks = Vec::new();
         let mut sockets = Vec::new();
         let mut bound = Bound::default();
-        for l in &self.options.nbd {
+        let listen_err = |addr: String| move |source| Error::Listen { addr, source };
+        for frontend in &self.options.frontends {
+            let Frontend::Nbd(l) = frontend;
             match l {
                 Listen::Unix(path) => {
                     if let Some(dir) = path.parent() {
-                        std::fs::create_dir_all(dir)?;
+                        std::fs::create_dir_all(dir).map_err(listen_err(l.to_string()))?;
                     }
                     // A socket left by an agent that died is in the way.
                     if std::os::unix::net::UnixStream::connect(path).is_err() {
                         let _ = std::fs::remove_file(path);
                     }
-                    let listener = UnixListener::bind(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+                    let listener = UnixListener::bind(path).map_err(listen_err(l.to_string()))?;
                     sockets.push(path.clone());
                     bound.nbd.push(l.to_string());
                     let server = self.nbd.clone();
@@ -197,8 +289,8 @@ impl Agent {
                     }));
                 }
                 Listen::Tcp(addr) => {
-                    let listener = TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("{addr}: {e}")))?;
-                    bound.nbd.push(listener.local_addr()?.to_string());
+                    let listener = TcpListener::bind(addr).await.map_err(listen_err(addr.clone()))?;
+                    bound.nbd.push(listener.local_addr().map_err(listen_err(addr.clone()))?.to_string());
                     let server = self.nbd.clone();
                     tasks.push(tokio::spawn(async move {
                         loop {
@@ -218,8 +310,8 @@ impl Agent {
             }
         }
         if let Some(addr) = &self.options.metrics {
-            let listener = TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("metrics {addr}: {e}")))?;
-            bound.metrics = Some(listener.local_addr()?.to_string());
+            let listener = TcpListener::bind(addr).await.map_err(listen_err(format!("metrics {addr}")))?;
+            bound.metrics = Some(listener.local_addr().map_err(listen_err(addr.clone()))?.to_string());
             let me = Arc::clone(&self);
             tasks.push(tokio::spawn(tessera_cache::metrics::serve(listener, Arc::new(move || me.render_metrics()))));
         }
@@ -242,16 +334,16 @@ impl Agent {
 /// After a failed accept (out of descriptors, say): log, and wait a little
 /// rather than spin.
 async fn accept_failed(e: &std::io::Error) {
-    eprintln!("tessera: nbd: accept: {e}");
+    tracing::warn!("nbd: accept: {e}");
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
 /// Refuses a cache directory that is, contains or lies inside a store: the
 /// disk cache deletes what it evicts, and overlays are removed with their
 /// runs, so the cache must never share a directory with the images.
-pub fn check_cache_dir(home: &Path, cache: &Path) -> std::io::Result<()> {
+pub fn check_cache_dir(home: &Path, cache: &Path) -> Result<(), Error> {
     let (home, cache) = (absolute(home), absolute(cache));
-    let refuse = |why: &str| Err(std::io::Error::other(format!("--cache-dir {}: {why}; give a directory of its own", cache.display())));
+    let refuse = |why: &str| Err(Error::CacheDir { dir: cache.clone(), reason: why.to_owned() });
     if home.starts_with(&cache) {
         return refuse(&format!("is or contains the store {}", home.display()));
     }

@@ -17,8 +17,8 @@
 //! stalls in the handshake, is disconnected after a timeout.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore};
 
 use tessera_cache::metrics::{header, Histogram};
+
+use crate::device::{Device, Exports};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -100,39 +102,6 @@ const MAX_OPTION: u32 = 64 << 10;
 /// Requests of one connection that may run at once.
 const MAX_IN_FLIGHT: usize = 64;
 
-/// A block device behind an export. Calls may block: the server makes them
-/// from blocking threads.
-pub trait Device: Send + Sync {
-    /// Bytes of the device.
-    fn size(&self) -> u64;
-    /// Whether writes are allowed.
-    fn writable(&self) -> bool;
-    /// Fills `buf` from `offset`.
-    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// Fills `buf` without blocking when it can (everything in memory);
-    /// `None` when [`Device::read`] is needed.
-    fn read_cached(&self, _offset: u64, _buf: &mut [u8]) -> Option<io::Result<()>> {
-        None
-    }
-    /// Writes `data` at `offset`.
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
-    /// Makes completed writes durable.
-    fn flush(&self) -> io::Result<()>;
-    /// Writes zeros over `[offset, offset + len)` (also used for trim).
-    fn zero(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// Allocation of `[offset, offset + len)`: runs of (length, is a hole).
-    fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)>;
-}
-
-/// The exports a server offers; looked up at each handshake, so exports
-/// added while the server runs are offered at once.
-pub trait Exports: Send + Sync {
-    /// Names to list.
-    fn names(&self) -> Vec<String>;
-    /// Opens export `name`, or says why not.
-    fn open(&self, name: &str) -> Result<Arc<dyn Device>, String>;
-}
-
 /// What a server lets its clients make it hold.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -187,8 +156,8 @@ impl Server {
         match Arc::clone(&self.connections).try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
-                if self.stats.refused.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
-                    eprintln!("tessera: nbd: {} connections are open, the most allowed (--max-connections): closing {peer}", self.limits.max_connections);
+                if self.stats.refused.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
+                    tracing::warn!("nbd: {} connections are open, the most allowed (--max-connections): closing {peer}", self.limits.max_connections);
                 }
                 None
             }
@@ -212,7 +181,12 @@ impl Server {
         self.stats.render(out);
         header(out, "tessera_nbd_connections_refused_total", "counter", "NBD connections closed at once because --max-connections were open.");
         let _ = writeln!(out, "tessera_nbd_connections_refused_total {}", self.stats.refused.load(Ordering::Relaxed));
-        header(out, "tessera_nbd_clients_timed_out_total", "counter", "NBD clients disconnected for not taking a reply, or not finishing the handshake, in time.");
+        header(
+            out,
+            "tessera_nbd_clients_timed_out_total",
+            "counter",
+            "NBD clients disconnected for not taking a reply, or not finishing the handshake, in time.",
+        );
         let _ = writeln!(out, "tessera_nbd_clients_timed_out_total {}", self.stats.timed_out.load(Ordering::Relaxed));
         header(out, "tessera_nbd_buffer_bytes", "gauge", "Bytes of request and reply buffers held by all NBD connections.");
         let _ = writeln!(out, "tessera_nbd_buffer_bytes {}", self.buffer_bytes_used());
@@ -305,7 +279,7 @@ where
     if let Err(Violation(msg)) = result {
         if !msg.contains("early eof") && !msg.contains("reset by peer") && !msg.contains("Broken pipe") {
             stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            eprintln!("tessera: nbd: closing connection from {peer}: {msg}");
+            tracing::warn!("nbd: closing connection from {peer}: {msg}");
         }
     }
     if !conn.broken.load(Ordering::Relaxed) {
@@ -388,10 +362,15 @@ fn take_string(data: &[u8], at: &mut usize) -> Result<String, Violation> {
     String::from_utf8(s.to_vec()).or_else(|_| violation("option string is not UTF-8"))
 }
 
-/// Opens an export on a blocking thread (it may read and decrypt a manifest).
+/// Opens an export on a blocking thread (it may read and decrypt a
+/// manifest); the reason it cannot be opened, to tell the client.
 async fn open_export(exports: &Arc<dyn Exports>, name: &str) -> Result<Arc<dyn Device>, String> {
     let (exports, name) = (Arc::clone(exports), name.to_owned());
-    tokio::task::spawn_blocking(move || exports.open(&name)).await.unwrap_or_else(|e| Err(e.to_string()))
+    match tokio::task::spawn_blocking(move || exports.open(&name)).await {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Parses a meta context request: export name, then queries, nothing after.
@@ -684,17 +663,13 @@ async fn answer(session: &Arc<Session>, req: Request) -> Reply {
     let size = session.device.size();
     let in_range = req.offset.checked_add(req.length as u64).is_some_and(|end| end <= size);
     match req.kind {
-        CMD_WRITE | CMD_WRITE_ZEROES if !in_range && session.device.writable() => {
-            error_reply(session, &req, ENOSPC, "write past the end of the export")
-        }
+        CMD_WRITE | CMD_WRITE_ZEROES if !in_range && session.device.writable() => error_reply(session, &req, ENOSPC, "write past the end of the export"),
         CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS | CMD_CACHE if !in_range => {
             error_reply(session, &req, EINVAL, "request past the end of the export")
         }
         CMD_BLOCK_STATUS if req.length == 0 => error_reply(session, &req, EINVAL, "block status of zero bytes"),
         CMD_READ | CMD_CACHE if req.length > MAX_REQUEST => error_reply(session, &req, EINVAL, "request too large"),
-        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !session.device.writable() => {
-            error_reply(session, &req, EPERM, "export is read-only")
-        }
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !session.device.writable() => error_reply(session, &req, EPERM, "export is read-only"),
         CMD_READ | CMD_CACHE => {
             let (offset, len) = (req.offset, req.length as usize);
             // The reply is built around the data: the device reads straight
@@ -713,7 +688,7 @@ async fn answer(session: &Arc<Session>, req: Request) -> Reply {
             };
             match read {
                 Err(e) => {
-                    eprintln!("tessera: nbd: read of {len} bytes at {offset}: {e}");
+                    tracing::error!("nbd: read of {len} bytes at {offset}: {e}");
                     error_reply(session, &req, errno_of(&e), &e.to_string())
                 }
                 Ok(_) if req.kind == CMD_CACHE => simple(req.cookie, 0, &[]),
@@ -762,7 +737,7 @@ async fn answer(session: &Arc<Session>, req: Request) -> Reply {
             match done {
                 Ok(()) => simple(req.cookie, 0, &[]),
                 Err(e) => {
-                    eprintln!("tessera: nbd: {} at {offset}: {e}", OP_NAMES[kind as usize]);
+                    tracing::error!("nbd: {} at {offset}: {e}", OP_NAMES[kind as usize]);
                     simple(req.cookie, errno_of(&e), &[])
                 }
             }

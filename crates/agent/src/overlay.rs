@@ -232,12 +232,7 @@ impl Overlay {
         let _w = self.writing.lock().expect("no panics while holding the lock");
         // SAFETY: fallocate takes a valid descriptor owned by `data_file` and plain integers.
         let r = unsafe {
-            libc::fallocate(
-                data_file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                inner_start as i64,
-                (inner_end - inner_start) as i64,
-            )
+            libc::fallocate(data_file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, inner_start as i64, (inner_end - inner_start) as i64)
         };
         if r != 0 {
             drop(_w);
@@ -308,7 +303,9 @@ impl CloneRange for Vec<u64> {
 /// Reads the bitmap saved by [`Overlay::flush`] (or by a release before
 /// checksums: bare bits of the right length); a damaged one is an error.
 fn load_map(dir: &Path, size: u64, words: usize) -> io::Result<Vec<u64>> {
-    let corrupt = |why: &str| io::Error::other(format!("overlay {}: its map is {why}; its writes cannot be trusted (remove the directory to start afresh)", dir.display()));
+    let corrupt = |why: &str| {
+        io::Error::other(format!("overlay {}: its map is {why}; its writes cannot be trusted (remove the directory to start afresh)", dir.display()))
+    };
     let bytes = match fs::read(dir.join("map")) {
         Ok(b) => b,
         // Written blocks only count once a flush saved them.
@@ -321,8 +318,7 @@ fn load_map(dir: &Path, size: u64, words: usize) -> io::Result<Vec<u64>> {
         if bytes.len() != MAP_HEADER + words * 8 || &bytes[..4] != MAP_MAGIC {
             return Err(corrupt("not the size the disk needs"));
         }
-        if u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")) != MAP_VERSION
-            || u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) != size
+        if u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")) != MAP_VERSION || u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) != size
         {
             return Err(corrupt("of another version or disk size"));
         }

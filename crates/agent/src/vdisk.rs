@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tessera_cache::{Loader, Plain};
+use tessera_cache::{FetchContext, Loader, Plain};
 use tessera_chunk::{ChunkRef, Manifest, CHUNK_SIZE};
 
 /// Why a read failed.
@@ -31,13 +31,14 @@ pub enum ReadError {
         /// Chunk index.
         index: u64,
         /// Why.
-        source: tessera_cache::Error,
+        source: Box<tessera_cache::Error>,
     },
 }
 
 /// The read-only disk of one image version.
 pub struct VirtualDisk {
     name: String,
+    ctx: FetchContext,
     manifest_id: String,
     manifest: Manifest,
     loader: Arc<Loader>,
@@ -53,7 +54,23 @@ struct Recording {
 impl VirtualDisk {
     /// The disk of `manifest` (named `name`, stored as `manifest_id`).
     pub fn new(name: &str, manifest_id: &str, manifest: Manifest, loader: Arc<Loader>) -> VirtualDisk {
-        VirtualDisk { name: name.to_owned(), manifest_id: manifest_id.to_owned(), manifest, loader, recording: Mutex::new(None) }
+        VirtualDisk {
+            name: name.to_owned(),
+            ctx: FetchContext::image(name),
+            manifest_id: manifest_id.to_owned(),
+            manifest,
+            loader,
+            recording: Mutex::new(None),
+        }
+    }
+
+    /// Fetches chunk `index` into the caches (a no-op for a hole), as a
+    /// read would; for prefetching.
+    pub fn warm(&self, index: u64) -> Result<(), tessera_cache::Error> {
+        match self.manifest.chunks.get(index as usize) {
+            Some(Some(r)) => self.loader.read(r, &self.ctx).map(|_| ()),
+            _ => Ok(()),
+        }
     }
 
     /// The loader this disk reads through.
@@ -127,9 +144,9 @@ impl VirtualDisk {
         if !self.in_range(buf, offset) {
             return Err(ReadError::OutOfRange { image: self.name.clone(), offset, len: buf.len(), size: self.size() });
         }
-        self.fill(buf, offset, |index, r| match self.loader.read(r) {
+        self.fill(buf, offset, |index, r| match self.loader.read(r, &self.ctx) {
             Ok((plain, _)) => Ok(Some(plain)),
-            Err(source) => Err(ReadError::Chunk { image: self.name.clone(), index, source }),
+            Err(source) => Err(ReadError::Chunk { image: self.name.clone(), index, source: Box::new(source) }),
         })
         .map(|_| ())
     }
@@ -141,12 +158,7 @@ impl VirtualDisk {
     /// Copies each chunk's part of `[offset, offset + buf.len())` into
     /// `buf`: zeros for holes, else what `plain_of` returns; stops with
     /// `Ok(false)` when it returns `None`.
-    fn fill<E>(
-        &self,
-        buf: &mut [u8],
-        offset: u64,
-        mut plain_of: impl FnMut(u64, &ChunkRef) -> Result<Option<Plain>, E>,
-    ) -> Result<bool, E> {
+    fn fill<E>(&self, buf: &mut [u8], offset: u64, mut plain_of: impl FnMut(u64, &ChunkRef) -> Result<Option<Plain>, E>) -> Result<bool, E> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -155,7 +167,11 @@ impl VirtualDisk {
             let n = (CHUNK_SIZE - within).min(buf.len() - done);
             match &self.manifest.chunks[index as usize] {
                 None => buf[done..done + n].fill(0),
-                Some(r) => match plain_of(index, r).inspect(|p| if p.is_some() { self.note(index) })? {
+                Some(r) => match plain_of(index, r).inspect(|p| {
+                    if p.is_some() {
+                        self.note(index)
+                    }
+                })? {
                     Some(plain) => buf[done..done + n].copy_from_slice(&plain[within..within + n]),
                     None => return Ok(false),
                 },
@@ -164,5 +180,4 @@ impl VirtualDisk {
         }
         Ok(true)
     }
-
 }

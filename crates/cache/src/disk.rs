@@ -12,7 +12,7 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 
 use tessera_chunk::ChunkId;
 
-use crate::{ChunkSource, Error, Lru2, Tier, CORRELATED};
+use crate::{Bytes, CacheGauges, ChunkSource, Error, FetchContext, Lru2, Tier, CORRELATED};
 
 /// Sealed chunks as files `DIR/ab/ID`, at most `capacity` bytes.
 ///
@@ -39,7 +39,7 @@ struct Inner {
 }
 
 /// A chunk waiting to be written.
-type Pending = (ChunkId, Vec<u8>);
+type Pending = (ChunkId, Bytes);
 
 /// Chunks that may wait for the writer; past that, new ones are not cached.
 const WRITE_BEHIND: usize = 64;
@@ -91,12 +91,12 @@ impl DiskCache {
         for (_, id, len) in found {
             inner.admit(id, len);
         }
-        let (tx, rx) = bounded::<(ChunkId, Vec<u8>)>(WRITE_BEHIND);
+        let (tx, rx) = bounded::<Pending>(WRITE_BEHIND);
         let w = Arc::clone(&inner);
         let writer = std::thread::spawn(move || {
             for (id, bytes) in rx {
                 if let Err(e) = w.insert(&id, &bytes) {
-                    eprintln!("tessera: disk cache: cannot keep chunk {id}: {e}");
+                    tracing::warn!("disk cache: cannot keep chunk {id}: {e}");
                 }
                 w.pending.fetch_sub(1, Ordering::Relaxed);
             }
@@ -132,7 +132,7 @@ impl DiskCache {
 
     /// Keeps sealed `bytes` of `id` soon, on the writer thread; if the
     /// writer is too far behind, the chunk is not cached.
-    pub fn insert_later(&self, id: ChunkId, bytes: Vec<u8>) {
+    pub fn insert_later(&self, id: ChunkId, bytes: Bytes) {
         let behind = self.behind.lock().expect("no panics while holding the lock");
         let Some(tx) = behind.as_ref() else { return };
         self.inner.pending.fetch_add(1, Ordering::Relaxed);
@@ -162,7 +162,7 @@ impl DiskCache {
     }
 
     /// The bytes kept under `id`, if any (counted as an access).
-    pub fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
+    pub fn get(&self, id: &ChunkId) -> Result<Option<Bytes>, Error> {
         self.inner.fetch(id)
     }
 
@@ -248,17 +248,17 @@ impl Inner {
         let _ = fs::remove_file(self.path_of(id));
     }
 
-    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
+    fn fetch(&self, id: &ChunkId) -> Result<Option<Bytes>, Error> {
         if self.index.lock().expect("no panics while holding the lock").get(id).is_none() {
             return Ok(None);
         }
         match fs::read(self.path_of(id)) {
-            Ok(b) => Ok(Some(b)),
+            Ok(b) => Ok(Some(Bytes::from(b))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.remove(id);
                 Ok(None)
             }
-            Err(e) => Err(Error::Source { id: *id, tier: "disk", reason: e.to_string() }),
+            Err(e) => Err(Error::Source { id: *id, tier: Tier::Disk, source: Box::new(e) }),
         }
     }
 }
@@ -309,11 +309,33 @@ impl ChunkSource for DiskCache {
         Tier::Disk
     }
 
-    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
+    fn fetch(&self, id: &ChunkId, _ctx: &FetchContext) -> Result<Option<Bytes>, Error> {
         self.inner.fetch(id)
     }
-}
 
+    fn offer(&self, id: &ChunkId, sealed: &Bytes, _ctx: &FetchContext) {
+        self.insert_later(*id, sealed.clone());
+    }
+
+    fn forget(&self, id: &ChunkId) {
+        self.remove(id);
+    }
+
+    fn drain(&self) {
+        DiskCache::drain(self, Duration::from_secs(30));
+    }
+
+    fn cache_gauges(&self) -> Option<CacheGauges> {
+        let index = self.inner.index.lock().expect("no panics while holding the lock");
+        Some(CacheGauges { cache: "disk", bytes: index.used(), chunks: index.len() as u64, capacity: index.capacity(), evictions: self.evictions() })
+    }
+
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        crate::metrics::header(out, "tessera_cache_write_behind_dropped_total", "counter", "Chunks not kept on the cache disk because its writer was behind.");
+        let _ = writeln!(out, "tessera_cache_write_behind_dropped_total {}", self.dropped());
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -326,15 +348,31 @@ mod tests {
         (ChunkId::of(&b), b)
     }
 
+    struct Fixture(Arc<DiskCache>);
+
+    impl crate::conformance::Fixture for Fixture {
+        fn source(&self) -> Arc<dyn ChunkSource> {
+            self.0.clone()
+        }
+        fn hold(&self, id: &ChunkId, sealed: &[u8]) {
+            self.0.insert(id, sealed).unwrap();
+        }
+        fn damage(&self, id: &ChunkId) -> bool {
+            let path = self.0.inner.path_of(id);
+            let mut b = fs::read(&path).unwrap();
+            b[3] ^= 0x40;
+            fs::write(path, b).unwrap();
+            true
+        }
+        fn keeps_offers(&self) -> bool {
+            true
+        }
+    }
+
     #[test]
     fn conformance() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(dir.path(), 10_000).unwrap();
-        let present: Vec<_> = (0..4).map(chunk).collect();
-        for (id, b) in &present {
-            cache.insert(id, b).unwrap();
-        }
-        crate::conformance::run(Arc::new(cache), &present, chunk(99).0);
+        crate::conformance::run(&Fixture(Arc::new(DiskCache::open(dir.path(), 10 << 20).unwrap())));
     }
 
     #[test]
@@ -352,13 +390,8 @@ mod tests {
         let again = DiskCache::open(dir.path(), 350).unwrap();
         assert_eq!(again.len(), 3);
         let (id, b) = chunk(9);
-        assert_eq!(again.fetch(&id).unwrap(), Some(b));
-        let files: usize = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|d| d.unwrap().path())
-            .filter(|p| p.is_dir())
-            .map(|p| fs::read_dir(p).unwrap().count())
-            .sum();
+        assert_eq!(again.get(&id).unwrap().as_deref(), Some(&b[..]));
+        let files: usize = fs::read_dir(dir.path()).unwrap().map(|d| d.unwrap().path()).filter(|p| p.is_dir()).map(|p| fs::read_dir(p).unwrap().count()).sum();
         assert_eq!(files, 3, "evicted chunks' files are deleted");
     }
 

@@ -1,4 +1,4 @@
-//! The tier chain: memory, disk, then the lower sources, with coalescing.
+//! The tier chain: memory, then the sources in order, with coalescing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,7 +8,7 @@ use std::time::Instant;
 use tessera_chunk::{check_id, decrypt_in_place, ChunkId, ChunkRef, CHUNK_SIZE};
 
 use crate::metrics::{header, Histogram};
-use crate::{ChunkSource, DiskCache, Error, Lru2, Tier};
+use crate::{CacheGauges, ChunkSource, Error, FetchContext, Lru2, Tier};
 
 /// Plaintext of one chunk, shared by the memory cache and its readers.
 pub type Plain = Arc<Vec<u8>>;
@@ -24,8 +24,7 @@ pub struct LoaderOptions {
 pub struct Loader {
     memory: Mutex<Lru2<ChunkId, Plain>>,
     memory_capacity: u64,
-    disk: Option<Arc<DiskCache>>,
-    lower: Vec<Arc<dyn ChunkSource>>,
+    sources: Vec<Arc<dyn ChunkSource>>,
     inflight: Mutex<HashMap<ChunkId, Arc<Flight>>>,
     /// What was served from where.
     pub stats: Stats,
@@ -58,10 +57,12 @@ impl Stats {
     }
 }
 
+type Landed = Result<(Plain, Tier), Arc<Error>>;
+
 /// A fetch in progress that other readers of the same chunk wait for.
 #[derive(Default)]
 struct Flight {
-    result: Mutex<Option<Result<(Plain, Tier), String>>>,
+    result: Mutex<Option<Landed>>,
     done: Condvar,
 }
 
@@ -74,7 +75,7 @@ struct Landing<'a> {
 }
 
 impl Landing<'_> {
-    fn land(self, result: Result<(Plain, Tier), String>) {
+    fn land(self, result: Landed) {
         *self.flight.result.lock().expect("no panics while holding the lock") = Some(result);
     }
 }
@@ -82,7 +83,7 @@ impl Landing<'_> {
 impl Drop for Landing<'_> {
     fn drop(&mut self) {
         if let Ok(mut r) = self.flight.result.lock() {
-            r.get_or_insert_with(|| Err("the fetch failed unexpectedly".into()));
+            r.get_or_insert_with(|| Err(Arc::new(Error::Source { id: self.id, tier: Tier::Memory, source: "the fetch failed unexpectedly".into() })));
         }
         self.flight.done.notify_all();
         if let Ok(mut m) = self.loader.inflight.lock() {
@@ -92,13 +93,13 @@ impl Drop for Landing<'_> {
 }
 
 impl Loader {
-    /// A loader over `disk` (if any) and `lower` sources, tried in order.
-    pub fn new(options: LoaderOptions, disk: Option<Arc<DiskCache>>, lower: Vec<Arc<dyn ChunkSource>>) -> Loader {
+    /// A loader over `sources`, asked in order (typically the disk cache,
+    /// a peer tree, the cache tier, the origin).
+    pub fn new(options: LoaderOptions, sources: Vec<Arc<dyn ChunkSource>>) -> Loader {
         Loader {
             memory: Mutex::new(Lru2::new(options.memory_bytes, 4096, crate::CORRELATED)),
             memory_capacity: options.memory_bytes,
-            disk,
-            lower,
+            sources,
             inflight: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         }
@@ -120,7 +121,7 @@ impl Loader {
 
     /// The plaintext of chunk `r` and the tier it came from. Blocks: call it
     /// from a thread that may wait on I/O.
-    pub fn read(&self, r: &ChunkRef) -> Result<(Plain, Tier), Error> {
+    pub fn read(&self, r: &ChunkRef, ctx: &FetchContext) -> Result<(Plain, Tier), Error> {
         let started = Instant::now();
         if let Some(p) = self.cached(r) {
             return Ok((p, Tier::Memory));
@@ -155,59 +156,58 @@ impl Loader {
                     self.stats.count(Tier::Memory, started);
                     Ok((Arc::clone(p), Tier::Memory))
                 }
-                Err(reason) => Err(Error::Source { id: r.id, tier: "coalesced fetch", reason: reason.clone() }),
+                Err(e) => Err(Error::Coalesced(Arc::clone(e))),
             };
         }
         // Whatever happens below (even a panic), the waiters are released.
         let landing = Landing { loader: self, id: r.id, flight: &flight };
-        let result = self.fetch_below(r);
-        if let Ok((p, tier)) = &result {
-            self.stats.count(*tier, started);
-            let evicted = self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(p), CHUNK_SIZE as u64);
-            self.stats.memory_evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        match self.fetch_below(r, ctx) {
+            Ok((p, tier)) => {
+                self.stats.count(tier, started);
+                let evicted = self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(&p), CHUNK_SIZE as u64);
+                self.stats.memory_evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+                landing.land(Ok((Arc::clone(&p), tier)));
+                Ok((p, tier))
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                landing.land(Err(Arc::clone(&e)));
+                Err(Arc::try_unwrap(e).unwrap_or_else(Error::Coalesced))
+            }
         }
-        landing.land(result.as_ref().map(|(p, t)| (Arc::clone(p), *t)).map_err(|e| e.to_string()));
-        result
     }
 
-    /// Waits for chunks being written behind to the disk cache and tiers.
+    /// Waits for chunks being kept behind by the sources.
     pub fn drain(&self) {
-        if let Some(d) = &self.disk {
-            d.drain(std::time::Duration::from_secs(30));
-        }
-        for source in &self.lower {
+        for source in &self.sources {
             source.drain();
         }
     }
 
-    fn fetch_below(&self, r: &ChunkRef) -> Result<(Plain, Tier), Error> {
-        if let Some(disk) = &self.disk {
-            if let Some(mut sealed) = disk.fetch(&r.id)? {
-                match check_id(&r.id, &sealed).and_then(|()| decrypt_in_place(&r.id, &r.key, &mut sealed)) {
-                    Ok(()) => return Ok((Arc::new(sealed), Tier::Disk)),
-                    Err(e) => {
-                        // A damaged cached copy: drop it and fetch again below.
-                        eprintln!("tessera: disk cache: dropping chunk {}: {e}", r.id);
-                        self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-                        disk.remove(&r.id);
-                    }
-                }
-            }
-        }
-        for (i, source) in self.lower.iter().enumerate() {
+    fn fetch_below(&self, r: &ChunkRef, ctx: &FetchContext) -> Result<(Plain, Tier), Error> {
+        let last = self.sources.len().saturating_sub(1);
+        for (i, source) in self.sources.iter().enumerate() {
             let tier = source.tier();
-            let Some(mut sealed) = source.fetch(&r.id)? else { continue };
-            check_id(&r.id, &sealed).map_err(|e| Error::Corrupt { id: r.id, tier: tier.label(), reason: e.to_string() })?;
+            let Some(sealed) = source.fetch(&r.id, ctx)? else { continue };
+            if let Err(e) = check_id(&r.id, &sealed) {
+                if i == last {
+                    return Err(Error::Corrupt { id: r.id, tier, source: e });
+                }
+                // A damaged copy in a cache: drop it there, ask below.
+                tracing::warn!("{tier}: dropping chunk {}: {e}", r.id);
+                self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                source.forget(&r.id);
+                continue;
+            }
             // Kept behind: the reader does not wait for the cache disk or tier.
-            for above in &self.lower[..i] {
-                above.offer(&r.id, &sealed);
+            for above in &self.sources[..i] {
+                above.offer(&r.id, &sealed, ctx);
             }
-            if let Some(disk) = &self.disk {
-                disk.insert_later(r.id, sealed.clone());
-            }
-            decrypt_in_place(&r.id, &r.key, &mut sealed)
-                .map_err(|e| Error::Corrupt { id: r.id, tier: tier.label(), reason: e.to_string() })?;
-            return Ok((Arc::new(sealed), tier));
+            // The sealed bytes may be shared with the caches above: the
+            // plaintext is opened in a copy of its own (the only copy).
+            let mut plain = sealed.to_vec();
+            decrypt_in_place(&r.id, &r.key, &mut plain).map_err(|e| Error::Corrupt { id: r.id, tier, source: e })?;
+            return Ok((Arc::new(plain), tier));
         }
         Err(Error::Missing(r.id))
     }
@@ -227,30 +227,35 @@ impl Loader {
         for t in Tier::ALL {
             self.stats.latency[t.index()].render(out, "tessera_chunk_read_seconds", &format!("source=\"{}\"", t.label()));
         }
-        let (mem_used, mem_len) = {
+        let memory = {
             let m = self.memory.lock().expect("no panics while holding the lock");
-            (m.used(), m.len())
+            CacheGauges {
+                cache: "memory",
+                bytes: m.used(),
+                chunks: m.len() as u64,
+                capacity: self.memory_capacity,
+                evictions: self.stats.memory_evictions.load(Ordering::Relaxed),
+            }
         };
-        header(out, "tessera_cache_bytes", "gauge", "Bytes held by each cache.");
-        let _ = writeln!(out, "tessera_cache_bytes{{cache=\"memory\"}} {mem_used}");
-        header(out, "tessera_cache_capacity_bytes", "gauge", "Bound of each cache.");
-        let _ = writeln!(out, "tessera_cache_capacity_bytes{{cache=\"memory\"}} {}", self.memory_capacity);
-        header(out, "tessera_cache_chunks", "gauge", "Chunks held by each cache.");
-        let _ = writeln!(out, "tessera_cache_chunks{{cache=\"memory\"}} {mem_len}");
-        header(out, "tessera_cache_evictions_total", "counter", "Chunks evicted from each cache.");
-        let _ = writeln!(out, "tessera_cache_evictions_total{{cache=\"memory\"}} {}", self.stats.memory_evictions.load(Ordering::Relaxed));
-        if let Some(d) = &self.disk {
-            let _ = writeln!(out, "tessera_cache_evictions_total{{cache=\"disk\"}} {}", d.evictions());
-            let _ = writeln!(out, "tessera_cache_bytes{{cache=\"disk\"}} {}", d.used());
-            let _ = writeln!(out, "tessera_cache_chunks{{cache=\"disk\"}} {}", d.len());
-            header(out, "tessera_cache_write_behind_dropped_total", "counter", "Chunks not kept on the cache disk because its writer was behind.");
-            let _ = writeln!(out, "tessera_cache_write_behind_dropped_total {}", d.dropped());
+        let caches: Vec<CacheGauges> = std::iter::once(memory).chain(self.sources.iter().filter_map(|s| s.cache_gauges())).collect();
+        type Family = (&'static str, &'static str, &'static str, fn(&CacheGauges) -> u64);
+        let families: [Family; 4] = [
+            ("tessera_cache_bytes", "gauge", "Bytes held by each cache.", |c| c.bytes),
+            ("tessera_cache_capacity_bytes", "gauge", "Bound of each cache.", |c| c.capacity),
+            ("tessera_cache_chunks", "gauge", "Chunks held by each cache.", |c| c.chunks),
+            ("tessera_cache_evictions_total", "counter", "Chunks evicted from each cache.", |c| c.evictions),
+        ];
+        for (name, kind, help, value) in families {
+            header(out, name, kind, help);
+            for c in &caches {
+                let _ = writeln!(out, "{name}{{cache=\"{}\"}} {}", c.cache, value(c));
+            }
         }
         header(out, "tessera_cache_corrupt_total", "counter", "Cached chunks found corrupt, dropped and fetched again.");
         let _ = writeln!(out, "tessera_cache_corrupt_total {}", self.stats.corrupt.load(Ordering::Relaxed));
         header(out, "tessera_chunk_reads_coalesced_total", "counter", "Reads that waited for another reader's fetch of the same chunk.");
         let _ = writeln!(out, "tessera_chunk_reads_coalesced_total {}", self.stats.coalesced.load(Ordering::Relaxed));
-        for source in &self.lower {
+        for source in &self.sources {
             source.render(out);
         }
     }
@@ -259,9 +264,13 @@ impl Loader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Origin;
+    use crate::{DiskCache, Origin};
     use tessera_chunk::{seal, Salt};
     use tessera_store::{ChunkStore, MemoryStore};
+
+    fn ctx() -> FetchContext {
+        FetchContext::image("test")
+    }
 
     fn setup(n: u8) -> (Arc<MemoryStore>, Vec<(ChunkRef, Vec<u8>)>) {
         let store = Arc::new(MemoryStore::default());
@@ -284,29 +293,29 @@ mod tests {
         let origin: Arc<dyn ChunkSource> = Arc::new(Origin::new(store.clone(), 4, 16));
         let opts = LoaderOptions { memory_bytes: 64 << 20 };
         let disk = Arc::new(DiskCache::open(dir.path(), 64 << 20).unwrap());
-        let loader = Loader::new(opts.clone(), Some(disk), vec![origin.clone()]);
+        let loader = Loader::new(opts.clone(), vec![disk, origin.clone()]);
         for (r, plain) in &chunks {
-            assert_eq!(*loader.read(r).unwrap().0, *plain);
-            assert_eq!(loader.read(r).unwrap().1, Tier::Memory);
+            assert_eq!(*loader.read(r, &ctx()).unwrap().0, *plain);
+            assert_eq!(loader.read(r, &ctx()).unwrap().1, Tier::Memory);
         }
         assert_eq!(loader.stats.reads(Tier::Origin), 3);
         loader.drain();
         drop(loader);
         // A restarted agent: memory is empty, the disk cache serves.
         let disk = Arc::new(DiskCache::open(dir.path(), 64 << 20).unwrap());
-        let loader = Loader::new(opts, Some(disk.clone()), vec![origin]);
+        let loader = Loader::new(opts, vec![disk.clone(), origin]);
         for (r, plain) in &chunks {
-            let (p, tier) = loader.read(r).unwrap();
+            let (p, tier) = loader.read(r, &ctx()).unwrap();
             assert_eq!((&*p, tier), (plain, Tier::Disk));
         }
         // A corrupted cached copy is dropped and fetched again from the origin.
         drop(loader);
-        let victim = disk.fetch(&chunks[0].0.id).unwrap().unwrap();
-        let mut bad = victim.clone();
+        let victim = disk.get(&chunks[0].0.id).unwrap().unwrap();
+        let mut bad = victim.to_vec();
         bad[100] ^= 1;
         disk.insert(&chunks[0].0.id, &bad).unwrap();
-        let loader = Loader::new(LoaderOptions { memory_bytes: 64 << 20 }, Some(disk), vec![Arc::new(Origin::new(store, 4, 16))]);
-        let (p, tier) = loader.read(&chunks[0].0).unwrap();
+        let loader = Loader::new(LoaderOptions { memory_bytes: 64 << 20 }, vec![disk, Arc::new(Origin::new(store, 4, 16))]);
+        let (p, tier) = loader.read(&chunks[0].0, &ctx()).unwrap();
         assert_eq!((&*p, tier), (&chunks[0].1, Tier::Origin));
         assert_eq!(loader.stats.corrupt.load(Ordering::Relaxed), 1);
     }
@@ -315,12 +324,12 @@ mod tests {
     fn a_corrupt_origin_chunk_is_an_error_naming_it() {
         let (store, chunks) = setup(1);
         let id = chunks[0].0.id;
-        let mut bytes = store.get(&id).unwrap();
+        let mut bytes = store.get(&id).unwrap().to_vec();
         bytes[7] ^= 1;
         store.delete(&id).unwrap();
         store.put(&id, &bytes).unwrap();
-        let loader = Loader::new(LoaderOptions { memory_bytes: 1 << 20 }, None, vec![Arc::new(Origin::new(store, 4, 16))]);
-        let err = loader.read(&chunks[0].0).unwrap_err().to_string();
+        let loader = Loader::new(LoaderOptions { memory_bytes: 1 << 20 }, vec![Arc::new(Origin::new(store, 4, 16))]);
+        let err = loader.read(&chunks[0].0, &ctx()).unwrap_err().to_string();
         assert!(err.contains(&id.to_hex()) && err.contains("origin"), "{err}");
     }
 
@@ -328,12 +337,14 @@ mod tests {
     fn concurrent_misses_fetch_once() {
         let (store, chunks) = setup(1);
         let origin = Arc::new(Origin::new(store, 4, 64));
-        let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: 64 << 20 }, None, vec![origin.clone() as Arc<dyn ChunkSource>]));
+        let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: 64 << 20 }, vec![origin.clone() as Arc<dyn ChunkSource>]));
         let r = chunks[0].0;
-        let threads: Vec<_> = (0..16).map(|_| {
-            let l = Arc::clone(&loader);
-            std::thread::spawn(move || l.read(&r).unwrap().0)
-        }).collect();
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let l = Arc::clone(&loader);
+                std::thread::spawn(move || l.read(&r, &ctx()).unwrap().0)
+            })
+            .collect();
         for t in threads {
             assert_eq!(*t.join().unwrap(), chunks[0].1);
         }

@@ -217,7 +217,11 @@ mod tests {
                 // Largest backward 2-distance: seen once (oldest last access) before seen twice (oldest second access).
                 let rank = |c: &(u32, u64)| {
                     let a = &self.accesses[&c.0];
-                    if a.len() < 2 { (0, a[a.len() - 1]) } else { (1, a[a.len() - 2]) }
+                    if a.len() < 2 {
+                        (0, a[a.len() - 1])
+                    } else {
+                        (1, a[a.len() - 2])
+                    }
                 };
                 let victim = *self.cached.iter().min_by_key(|c| rank(c)).unwrap();
                 self.cached.retain(|c| c.0 != victim.0);

@@ -11,8 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
-pub const LATENCY_BUCKETS: [f64; 14] =
-    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+pub const LATENCY_BUCKETS: [f64; 14] = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
 /// A latency histogram with fixed buckets.
 #[derive(Default)]
@@ -88,15 +87,10 @@ pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send 
                 return;
             }
             let line = String::from_utf8_lossy(&req).lines().next().unwrap_or("").to_owned();
-            let (status, body) = if line.starts_with("GET /metrics ") || line == "GET /metrics" {
-                ("200 OK", render())
-            } else {
-                ("404 Not Found", "see /metrics\n".to_owned())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
+            let (status, body) =
+                if line.starts_with("GET /metrics ") || line == "GET /metrics" { ("200 OK", render()) } else { ("404 Not Found", "see /metrics\n".to_owned()) };
+            let resp =
+                format!("HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
             let _ = sock.write_all(resp.as_bytes()).await;
             let _ = sock.shutdown().await;
         });

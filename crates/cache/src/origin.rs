@@ -7,7 +7,8 @@ use std::time::Duration;
 use tessera_chunk::ChunkId;
 use tessera_store::ChunkStore;
 
-use crate::{ChunkSource, Error, Tier};
+use crate::metrics::header;
+use crate::{Bytes, ChunkSource, Error, FetchContext, Tier};
 
 /// The origin store, admitting at most `limit` requests at once and queueing
 /// at most `queue` more; past that a request is refused at once, so a cold
@@ -61,10 +62,7 @@ impl Origin {
                 return Err(Error::Overloaded(*id, s.running));
             }
             s.waiting += 1;
-            let (mut guard, timeout) = self
-                .freed
-                .wait_timeout_while(s, QUEUE_TIMEOUT, |s| s.running >= self.limit)
-                .expect("no panics while holding the lock");
+            let (mut guard, timeout) = self.freed.wait_timeout_while(s, QUEUE_TIMEOUT, |s| s.running >= self.limit).expect("no panics while holding the lock");
             guard.waiting -= 1;
             if timeout.timed_out() {
                 self.shed.fetch_add(1, Ordering::Relaxed);
@@ -95,14 +93,27 @@ impl ChunkSource for Origin {
         Tier::Origin
     }
 
-    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
+    fn fetch(&self, id: &ChunkId, _ctx: &FetchContext) -> Result<Option<Bytes>, Error> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let _slot = self.admit(id)?;
         match self.store.get(id) {
             Ok(b) => Ok(Some(b)),
             Err(tessera_store::Error::NotFound(_)) => Ok(None),
-            Err(e) => Err(Error::Source { id: *id, tier: "origin", reason: e.to_string() }),
+            Err(e) => Err(Error::Source { id: *id, tier: Tier::Origin, source: Box::new(e) }),
         }
+    }
+
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        header(out, "tessera_origin_requests_in_flight", "gauge", "Requests to the origin store in flight now.");
+        let _ = writeln!(out, "tessera_origin_requests_in_flight {}", load(&self.in_flight));
+        header(out, "tessera_origin_requests_in_flight_peak", "gauge", "The most requests to the origin store ever in flight at once.");
+        let _ = writeln!(out, "tessera_origin_requests_in_flight_peak {}", load(&self.peak_in_flight));
+        header(out, "tessera_origin_requests_total", "counter", "Requests to the origin store.");
+        let _ = writeln!(out, "tessera_origin_requests_total {}", load(&self.requests));
+        header(out, "tessera_origin_requests_shed_total", "counter", "Origin requests refused because the queue was full.");
+        let _ = writeln!(out, "tessera_origin_requests_shed_total {}", load(&self.shed));
     }
 }
 
@@ -111,18 +122,36 @@ mod tests {
     use super::*;
     use tessera_store::MemoryStore;
 
+    struct Fixture(Arc<MemoryStore>, Arc<Origin>);
+
+    impl crate::conformance::Fixture for Fixture {
+        fn source(&self) -> Arc<dyn ChunkSource> {
+            self.1.clone()
+        }
+        fn hold(&self, id: &ChunkId, sealed: &[u8]) {
+            self.0.put(id, sealed).unwrap();
+        }
+        fn damage(&self, id: &ChunkId) -> bool {
+            let mut b = self.0.get(id).unwrap().to_vec();
+            b[0] ^= 1;
+            self.0.delete(id).unwrap();
+            self.0.put(id, &b).unwrap();
+            true
+        }
+        fn keeps_offers(&self) -> bool {
+            false
+        }
+        fn slow(&self, delay: Duration) -> Option<Arc<dyn ChunkSource>> {
+            let slow = tessera_store::ThrottledStore::new(self.0.clone(), delay, None);
+            Some(Arc::new(Origin::new(Arc::new(slow), 8, 16)))
+        }
+    }
+
     #[test]
     fn conformance() {
-        let store = MemoryStore::default();
-        let present: Vec<(ChunkId, Vec<u8>)> = (0..4u8)
-            .map(|i| {
-                let b = vec![i; 1000];
-                let id = ChunkId::of(&b);
-                store.put(&id, &b).unwrap();
-                (id, b)
-            })
-            .collect();
-        crate::conformance::run(Arc::new(Origin::new(Arc::new(store), 2, 16)), &present, ChunkId([9; 32]));
+        let store = Arc::new(MemoryStore::default());
+        let origin = Arc::new(Origin::new(store.clone(), 4, 64));
+        crate::conformance::run(&Fixture(store, origin));
     }
 
     /// A store whose gets take a while, to pile requests up.
@@ -132,7 +161,7 @@ mod tests {
         fn put(&self, id: &ChunkId, b: &[u8]) -> tessera_store::Result<tessera_store::Put> {
             self.0.put(id, b)
         }
-        fn get(&self, id: &ChunkId) -> tessera_store::Result<Vec<u8>> {
+        fn get(&self, id: &ChunkId) -> tessera_store::Result<Bytes> {
             std::thread::sleep(Duration::from_millis(20));
             self.0.get(id)
         }
@@ -151,6 +180,9 @@ mod tests {
         fn batch(&self) -> Box<dyn tessera_store::PutBatch + '_> {
             Box::new(tessera_store::ImmediateBatch(self))
         }
+        fn describe(&self) -> String {
+            "slow".into()
+        }
     }
 
     #[test]
@@ -162,7 +194,7 @@ mod tests {
         let threads: Vec<_> = (0..32)
             .map(|_| {
                 let o = Arc::clone(&origin);
-                std::thread::spawn(move || o.fetch(&id))
+                std::thread::spawn(move || o.fetch(&id, &FetchContext::default()))
             })
             .collect();
         let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();

@@ -51,6 +51,28 @@ pub const MAX_PUTS: usize = 64;
 /// How long a client may take to send a stripe, or a request's headers.
 const SLOW_CLIENT: Duration = Duration::from_secs(30);
 
+/// Errors of a cache node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Its directory cannot be used.
+    #[error("cache directory {dir}: {source}")]
+    Dir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A stripe could not be kept on disk.
+    #[error("cannot keep the stripe of chunk {chunk} on disk: {source}")]
+    Store {
+        /// The chunk.
+        chunk: ChunkId,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 /// Bounds and secrets of a node.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -90,8 +112,9 @@ struct NodeStats {
 
 impl CacheNode {
     /// Opens the node's disk cache in `dir` (finding what a previous run kept).
-    pub fn open(dir: &Path, options: NodeOptions) -> std::io::Result<CacheNode> {
-        let disk = DiskCache::open(&dir.join("stripes"), options.disk_bytes)?;
+    pub fn open(dir: &Path, options: NodeOptions) -> Result<CacheNode, Error> {
+        let stripes = dir.join("stripes");
+        let disk = DiskCache::open(&stripes, options.disk_bytes).map_err(|source| Error::Dir { dir: stripes, source })?;
         Ok(CacheNode {
             memory: Mutex::new(Lru2::new(options.memory_bytes, 4096, CORRELATED)),
             disk,
@@ -144,24 +167,24 @@ impl CacheNode {
             Ok(None) => return None,
             Err(e) => {
                 self.stats.disk_errors.fetch_add(1, Ordering::Relaxed);
-                eprintln!("tessera cachenode: {e}");
+                tracing::error!("{e}");
                 return None;
             }
         };
         if bytes.len() < SUM_LEN || digest(&SHA256, &bytes[SUM_LEN..]).as_ref() != &bytes[..SUM_LEN] {
             self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-            eprintln!("tessera cachenode: the stripe of chunk {key} is corrupt on disk; dropped");
+            tracing::warn!("the stripe of chunk {key} is corrupt on disk; dropped");
             self.disk.remove(&key);
             return None;
         }
         // The stripe without its checksum, without a copy.
-        Some(Bytes::from(bytes).slice(SUM_LEN..))
+        Some(bytes.slice(SUM_LEN..))
     }
 
     /// Keeps `stripe` as chunk `key`'s, on disk and then in memory. A
     /// stripe that cannot be kept on disk is not kept at all (and an older
     /// one is dropped), so the node says one thing: stored, or not.
-    pub async fn put(self: &Arc<Self>, key: ChunkId, stripe: Bytes) -> std::io::Result<()> {
+    pub async fn put(self: &Arc<Self>, key: ChunkId, stripe: Bytes) -> Result<(), Error> {
         let me = Arc::clone(self);
         let on_disk = stripe.clone();
         let written = tokio::task::spawn_blocking(move || {
@@ -173,11 +196,11 @@ impl CacheNode {
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r);
-        if let Err(e) = written {
+        if let Err(source) = written {
             self.stats.disk_errors.fetch_add(1, Ordering::Relaxed);
             self.memory.lock().expect("no panics while holding the lock").remove(&key);
             self.disk.remove(&key);
-            return Err(e);
+            return Err(Error::Store { chunk: key, source });
         }
         self.remember(key, stripe);
         self.stats.stores.fetch_add(1, Ordering::Relaxed);
@@ -244,7 +267,7 @@ impl CacheNode {
                 }
                 let r = match self.put(key, body).await {
                     Ok(()) => text(StatusCode::NO_CONTENT, ""),
-                    Err(e) => text(StatusCode::INSUFFICIENT_STORAGE, &format!("cannot keep the stripe of chunk {key} on disk: {e}\n")),
+                    Err(e) => text(StatusCode::INSUFFICIENT_STORAGE, &format!("{e}\n")),
                 };
                 self.stats.put_latency.observe(started.elapsed());
                 r
@@ -266,14 +289,17 @@ impl CacheNode {
         header(&mut out, "tessera_cachenode_hits_total", "counter", "Stripes served, by the cache that had them.");
         let _ = writeln!(out, "tessera_cachenode_hits_total{{cache=\"memory\"}} {}", load(&s.memory_hits));
         let _ = writeln!(out, "tessera_cachenode_hits_total{{cache=\"disk\"}} {}", load(&s.disk_hits));
-        counters(&mut out, &[
-            ("tessera_cachenode_misses_total", "Stripes asked for and not held.", &s.misses),
-            ("tessera_cachenode_stores_total", "Stripes stored.", &s.stores),
-            ("tessera_cachenode_unauthorized_total", "Requests refused for a missing or wrong token.", &s.unauthorized),
-            ("tessera_cachenode_bad_requests_total", "Requests for an unknown path or method, or with a bad body.", &s.bad_requests),
-            ("tessera_cachenode_corrupt_total", "Stripes found corrupt on disk and dropped.", &s.corrupt),
-            ("tessera_cachenode_disk_errors_total", "Stripes that could not be read from or written to disk.", &s.disk_errors),
-        ]);
+        counters(
+            &mut out,
+            &[
+                ("tessera_cachenode_misses_total", "Stripes asked for and not held.", &s.misses),
+                ("tessera_cachenode_stores_total", "Stripes stored.", &s.stores),
+                ("tessera_cachenode_unauthorized_total", "Requests refused for a missing or wrong token.", &s.unauthorized),
+                ("tessera_cachenode_bad_requests_total", "Requests for an unknown path or method, or with a bad body.", &s.bad_requests),
+                ("tessera_cachenode_corrupt_total", "Stripes found corrupt on disk and dropped.", &s.corrupt),
+                ("tessera_cachenode_disk_errors_total", "Stripes that could not be read from or written to disk.", &s.disk_errors),
+            ],
+        );
         header(&mut out, "tessera_cachenode_bytes_total", "counter", "Stripe bytes sent and received.");
         let _ = writeln!(out, "tessera_cachenode_bytes_total{{direction=\"out\"}} {}", load(&s.bytes_out));
         let _ = writeln!(out, "tessera_cachenode_bytes_total{{direction=\"in\"}} {}", load(&s.bytes_in));
@@ -333,7 +359,7 @@ pub async fn serve(node: Arc<CacheNode>, listener: TcpListener, shutdown: impl F
                 Ok(s) => s,
                 Err(e) => {
                     // Out of descriptors and the like: wait, do not spin.
-                    eprintln!("tessera cachenode: accept: {e}");
+                    tracing::warn!("accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -39,6 +39,16 @@ impl DataKey {
     pub fn generate() -> DataKey {
         DataKey(random32())
     }
+
+    /// A key from its bytes (as a key service hands a data key back).
+    pub fn from_bytes(bytes: [u8; 32]) -> DataKey {
+        DataKey(bytes)
+    }
+
+    /// The key's bytes (for a key service to wrap).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
 }
 
 pub(crate) fn random32() -> [u8; 32] {
@@ -58,8 +68,7 @@ pub(crate) fn aead_seal(key: &[u8; 32], aad: &[u8], plain: &[u8]) -> Vec<u8> {
     let nonce = random_nonce();
     let k = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte key"));
     let mut buf = plain.to_vec();
-    k.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
-        .expect("AES-GCM sealing only fails for inputs over 64 GiB");
+    k.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf).expect("AES-GCM sealing only fails for inputs over 64 GiB");
     let mut out = nonce.to_vec();
     out.extend_from_slice(&buf);
     out
@@ -168,8 +177,7 @@ impl KeyProvider for LocalKeyring {
 
     fn unwrap(&self, tenant: &str, wrapped: &WrappedKey) -> Result<DataKey> {
         let master = self.master(tenant)?;
-        let plain = aead_open(&master, tenant.as_bytes(), &wrapped.0)
-            .ok_or_else(|| Error::ManifestOpen { tenant: tenant.to_owned() })?;
+        let plain = aead_open(&master, tenant.as_bytes(), &wrapped.0).ok_or_else(|| Error::ManifestOpen { tenant: tenant.to_owned() })?;
         let key: [u8; 32] = plain.try_into().map_err(|_| Error::ManifestOpen { tenant: tenant.to_owned() })?;
         Ok(DataKey(key))
     }

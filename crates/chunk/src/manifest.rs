@@ -138,10 +138,7 @@ impl<'de> Deserialize<'de> for ChunkRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         let (id, key) = s.split_once(':').ok_or_else(|| serde::de::Error::custom("chunk ref is not ID:KEY"))?;
-        Ok(ChunkRef {
-            id: id.parse().map_err(serde::de::Error::custom)?,
-            key: key.parse().map_err(serde::de::Error::custom)?,
-        })
+        Ok(ChunkRef { id: id.parse().map_err(serde::de::Error::custom)?, key: key.parse().map_err(serde::de::Error::custom)? })
     }
 }
 
@@ -241,11 +238,7 @@ impl SealedManifest {
             return Err(Error::MalformedManifest(format!("envelope format {}", env.format)));
         }
         let b64 = |s: &str, what: &str| B64.decode(s).map_err(|e| Error::MalformedManifest(format!("{what}: {e}")));
-        Ok(SealedManifest {
-            wrapped_key: WrappedKey(b64(&env.wrapped_key, "wrapped_key")?),
-            sealed: b64(&env.sealed, "sealed")?,
-            tenant: env.tenant,
-        })
+        Ok(SealedManifest { wrapped_key: WrappedKey(b64(&env.wrapped_key, "wrapped_key")?), sealed: b64(&env.sealed, "sealed")?, tenant: env.tenant })
     }
 
     fn seal_json(plain: &[u8], tenant: &str, keys: &dyn KeyProvider) -> Result<SealedManifest> {
@@ -283,12 +276,7 @@ mod tests {
             format: MANIFEST_FORMAT,
             source: Source { reference: "oci:x:y".into(), ..Default::default() },
             config: ImageConfig { entrypoint: vec!["/bin/sh".into()], ..Default::default() },
-            geometry: Geometry {
-                disk_bytes: 2 * CHUNK_SIZE as u64,
-                chunk_size: CHUNK_SIZE as u64,
-                block_size: 4096,
-                ..Default::default()
-            },
+            geometry: Geometry { disk_bytes: 2 * CHUNK_SIZE as u64, chunk_size: CHUNK_SIZE as u64, block_size: 4096, ..Default::default() },
             salt_id: salt.id().into(),
             imported_at: 0,
             chunks: vec![Some(ChunkRef { id: c.id, key: c.key }), None],

@@ -86,8 +86,7 @@ pub fn seal_in_place(salt: &Salt, buf: &mut Vec<u8>) -> (ChunkId, ChunkKey) {
     let aead = aead_key(&key);
     // The key is unique per plaintext (it is derived from it), so a fixed
     // nonce never encrypts two different messages under one key.
-    aead.seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), buf)
-        .expect("AES-GCM sealing only fails for inputs over 64 GiB");
+    aead.seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), buf).expect("AES-GCM sealing only fails for inputs over 64 GiB");
     (ChunkId::of(buf), ChunkKey(key))
 }
 
@@ -119,10 +118,7 @@ pub fn check_id(id: &ChunkId, buf: &[u8]) -> Result<()> {
 /// still checked): on success `buf` holds the plaintext.
 pub fn decrypt_in_place(id: &ChunkId, key: &ChunkKey, buf: &mut Vec<u8>) -> Result<()> {
     let aead = aead_key(&key.0);
-    let plain_len = aead
-        .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), buf)
-        .map_err(|_| Error::OpenFailed { id: *id })?
-        .len();
+    let plain_len = aead.open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), buf).map_err(|_| Error::OpenFailed { id: *id })?.len();
     buf.truncate(plain_len);
     Ok(())
 }

@@ -150,6 +150,10 @@ pub struct ServeArgs {
     /// to FILE as JSON: {"nbd": [...], "metrics": ...}.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Fetch an image's start-up profile (recorded by `tessera run`) into
+    /// the caches when a client first opens the image.
+    #[arg(long)]
+    pub prefetch: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -396,6 +400,42 @@ pub enum BenchCommand {
         /// One-shot chunks read between two hot invocations.
         #[arg(long, default_value_t = 60)]
         cron_chunks: u32,
+    },
+    /// RSS of an NBD server while CLIENTS connections each send 64 reads of
+    /// 32 MiB and never read a reply, and the latency a well-behaved client
+    /// sees meanwhile. Prints JSON.
+    NbdFlood {
+        /// The server's unix socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Export name.
+        #[arg(long)]
+        export: String,
+        /// Flooding clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// How long to hold the flood.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        seconds: std::time::Duration,
+        /// The server's process id (its RSS is sampled).
+        #[arg(long)]
+        pid: u32,
+    },
+    /// Descriptors and RSS of an NBD server before and after CONNECTIONS
+    /// short connections, each to a label of its own. Prints JSON.
+    NbdLabels {
+        /// The server's unix socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Export name (labels are EXPORT@labelN).
+        #[arg(long)]
+        export: String,
+        /// Connections to make.
+        #[arg(long, default_value_t = 10000)]
+        connections: usize,
+        /// The server's process id.
+        #[arg(long)]
+        pid: u32,
     },
     /// Latency of random reads from an NBD export, one at a time, through
     /// the same minimal client whatever the server. Prints JSON.

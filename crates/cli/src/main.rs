@@ -3,10 +3,9 @@
 
 mod commands;
 mod flags;
+mod log;
 mod progress;
 mod ready;
-mod run;
-mod tier;
 
 use std::process::ExitCode;
 
@@ -19,6 +18,7 @@ fn main() -> ExitCode {
     if !matches!(cli.command, flags::Command::Serve(_) | flags::Command::Mount(_) | flags::Command::Run(_) | flags::Command::Cachenode(_)) {
         clean_up_on_signals();
     }
+    log::init(matches!(&cli.command, flags::Command::Run(r) if r.verbose));
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn have_tools() -> bool {
-    require("umoci", "umoci") && require("busybox", "busybox-static") && require("setfattr", "attr") && require("nbdcopy", "libnbd-bin") && require("qemu-io", "qemu-utils")
+    require("umoci", "umoci")
+        && require("busybox", "busybox-static")
+        && require("setfattr", "attr")
+        && require("nbdcopy", "libnbd-bin")
+        && require("qemu-io", "qemu-utils")
 }
 
 /// Cache nodes, each with its own directory; killed on drop.
@@ -514,7 +518,7 @@ fn a_node_late_beyond_the_timeout_in_its_own_namespace_is_never_waited_for() {
         nodes.children.push(None);
         nodes.netns.push(Some(spaces.0[i].clone()));
         // Node 4 listens behind a relay that answers 1.5 s late (reads give a
-    // node 1 s).
+        // node 1 s).
         nodes.listen.push(if i == 4 { "10.78.4.2:7072".into() } else { nodes.addrs[i].clone() });
     }
     for i in 0..5 {

@@ -64,7 +64,8 @@ fn a_cache_dir_that_shares_the_store_is_refused_and_the_store_is_kept() {
     let before = chunk_files(&home);
     assert!(before > 0);
     for dir in [home.clone(), home.join("chunks"), home.join("chunks/.."), env.dir.path().to_path_buf()] {
-        let err = fails(&env, &["serve", "--nbd", &format!("unix:{}", env.path("x.sock").display()), "--cache-dir", dir.to_str().unwrap(), "--cache-disk", "4MiB"]);
+        let err =
+            fails(&env, &["serve", "--nbd", &format!("unix:{}", env.path("x.sock").display()), "--cache-dir", dir.to_str().unwrap(), "--cache-disk", "4MiB"]);
         assert!(err.contains("store") && err.contains("--cache-dir"), "{err}");
     }
     // A directory of someone else's files is refused too, and left alone.
@@ -491,11 +492,7 @@ fn cache_nodes_refuse_malformed_stripes_and_repair_poisoned_ones_without_benchin
     }
 
     // Off loopback, a node needs a token.
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["cachenode", "--listen", "0.0.0.0:0", "--dir"])
-        .arg(env.path("open-node"))
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["cachenode", "--listen", "0.0.0.0:0", "--dir"]).arg(env.path("open-node")).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--token-file"), "{}", text(&out));
     drop(nodes);
@@ -575,6 +572,10 @@ fn soak() {
     for w in workers {
         w.join().unwrap();
     }
-    eprintln!("soak: {seconds} s, peak RSS {} MiB, peak descriptors {peak_fds}, client errors {}", peak_rss >> 20, errors.load(std::sync::atomic::Ordering::Relaxed));
+    eprintln!(
+        "soak: {seconds} s, peak RSS {} MiB, peak descriptors {peak_fds}, client errors {}",
+        peak_rss >> 20,
+        errors.load(std::sync::atomic::Ordering::Relaxed)
+    );
     assert!(RawClient::go(&socket, "bb").is_some(), "the agent still serves");
 }

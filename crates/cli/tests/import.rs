@@ -117,11 +117,7 @@ fn an_added_layer_costs_little_more_than_itself() {
     let disk = plus["disk_bytes"].as_u64().unwrap();
     let layer_chunks = (s as u64).div_ceil(chunk);
     let allowance = (disk / 50).div_ceil(chunk);
-    assert!(
-        new <= layer_chunks + allowance,
-        "added {new} chunks for a {s}-byte layer (allowed {layer_chunks} + {allowance}); base had {}",
-        base["new_chunks"]
-    );
+    assert!(new <= layer_chunks + allowance, "added {new} chunks for a {s}-byte layer (allowed {layer_chunks} + {allowance}); base had {}", base["new_chunks"]);
 }
 
 #[test]
@@ -145,7 +141,10 @@ fn registry_and_docker_archive() {
 
     // docker-archive, written by skopeo.
     let archive = env.path("bb.tar");
-    run(Command::new("skopeo").args(["copy", "--quiet"]).arg(format!("oci:{}:bb", layout.display())).arg(format!("docker-archive:{}:team/app:bb", archive.display())));
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(format!("oci:{}:bb", layout.display()))
+        .arg(format!("docker-archive:{}:team/app:bb", archive.display())));
     let from_archive = env.import(&format!("docker-archive:{}", archive.display()), "arch", &[]);
     assert_eq!(from_archive["new_chunks"], 0, "the same layers give the same chunks whatever the transport");
     let (a, b) = (env.path("reg.img"), env.path("arch.img"));
@@ -252,7 +251,19 @@ fn debian_minbase_with_python() {
     // And it boots: a python entrypoint in a microVM, reading a little of the disk.
     if require("qemu-system-x86_64", "qemu-system-x86") {
         let image = format!("{}:minbase", layout.display());
-        run(Command::new("umoci").args(["config", "--image", &image, "--tag", "py", "--config.entrypoint", "python3", "--config.cmd", "-c", "--config.cmd", "import sys; print(sum(range(10))); sys.exit(4)"]));
+        run(Command::new("umoci").args([
+            "config",
+            "--image",
+            &image,
+            "--tag",
+            "py",
+            "--config.entrypoint",
+            "python3",
+            "--config.cmd",
+            "-c",
+            "--config.cmd",
+            "import sys; print(sum(range(10))); sys.exit(4)",
+        ]));
         env.import(&format!("oci:{}:py", layout.display()), "py", &[]);
         let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
             .args(["run", "py", "--accel", "tcg", "--json"])

@@ -66,7 +66,11 @@ fn exports_read_as_the_exported_image() {
 
     // Reads of a read-only export succeed; writes are refused.
     let out = Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 0 4096"]).arg(agent.uri("bb")).output().unwrap();
-    assert!(!out.status.success() || String::from_utf8_lossy(&out.stderr).contains("ermission") || String::from_utf8_lossy(&out.stdout).contains("ermission"), "{}", text(&out));
+    assert!(
+        !out.status.success() || String::from_utf8_lossy(&out.stderr).contains("ermission") || String::from_utf8_lossy(&out.stdout).contains("ermission"),
+        "{}",
+        text(&out)
+    );
 }
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
@@ -148,12 +152,7 @@ fn a_restarted_agent_serves_from_its_disk_cache_and_drops_corrupt_copies() {
 
     // Corrupt one cached chunk: it is detected, dropped and fetched again.
     let cache = env.home().join("cache/chunks");
-    let victim = std::fs::read_dir(&cache)
-        .unwrap()
-        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
-        .map(|e| e.unwrap().path())
-        .next()
-        .unwrap();
+    let victim = std::fs::read_dir(&cache).unwrap().flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap()).map(|e| e.unwrap().path()).next().unwrap();
     let mut bytes = std::fs::read(&victim).unwrap();
     bytes[4242] ^= 0x10;
     std::fs::write(&victim, bytes).unwrap();

@@ -275,10 +275,7 @@ pub(crate) fn build(tree: &Tree, data_end: u64, headroom_blocks: u64, seed: &[u8
         free_inodes_total += free_i;
     }
     let mut head = vec![0u8; BS * (1 + gdt_blocks as usize)];
-    encode_superblock(
-        &mut head[1024..2048],
-        &Super { total_blocks, free_blocks_total, inodes_total, free_inodes_total, ipg, seed },
-    );
+    encode_superblock(&mut head[1024..2048], &Super { total_blocks, free_blocks_total, inodes_total, free_inodes_total, ipg, seed });
     head[BS..].copy_from_slice(&gdt);
     for (j, block) in head.chunks(BS).enumerate() {
         put_block(&mut out, j as u64, block);
@@ -653,7 +650,7 @@ fn encode_superblock(sb: &mut [u8], s: &Super<'_>) {
     put_u16(sb, 0x15E, EXTRA_ISIZE);
     put_u32(sb, 0x160, 1); // signed directory hash
     sb[0x174] = 4; // 16 groups per flex group
-    // s_backup_bgs (0x24C) stay 0: sparse_super2 with no backup superblocks.
+                   // s_backup_bgs (0x24C) stay 0: sparse_super2 with no backup superblocks.
 }
 
 fn put_block(out: &mut BTreeMap<u64, Vec<u8>>, block: u64, bytes: &[u8]) {

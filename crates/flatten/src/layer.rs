@@ -88,14 +88,17 @@ pub(crate) fn apply(f: &mut Flattener<'_>, layer: &str, index: u32, tar: impl Re
             EntryType::Link => {
                 let target = entry.link_name_bytes().ok_or_else(|| entry_err("hard link without a target".into()))?;
                 let target = clean_path(&target);
-                let (tname, tparents) =
-                    target.split_last().ok_or_else(|| entry_err("hard link to the root directory".into()))?;
-                let tdir = f.tree.walk_dirs(tparents, None).map_err(|e| {
-                    entry_err(format!("hard link target {:?}: {}", String::from_utf8_lossy(&target.join(&b'/')), resolve_reason(e)))
-                })?;
-                let linked = f.tree.children(tdir).and_then(|c| c.get(tname)).map(|c| c.node).ok_or_else(|| {
-                    entry_err(format!("hard link target {:?} does not exist", String::from_utf8_lossy(&target.join(&b'/'))))
-                })?;
+                let (tname, tparents) = target.split_last().ok_or_else(|| entry_err("hard link to the root directory".into()))?;
+                let tdir = f
+                    .tree
+                    .walk_dirs(tparents, None)
+                    .map_err(|e| entry_err(format!("hard link target {:?}: {}", String::from_utf8_lossy(&target.join(&b'/')), resolve_reason(e))))?;
+                let linked = f
+                    .tree
+                    .children(tdir)
+                    .and_then(|c| c.get(tname))
+                    .map(|c| c.node)
+                    .ok_or_else(|| entry_err(format!("hard link target {:?} does not exist", String::from_utf8_lossy(&target.join(&b'/')))))?;
                 if f.tree.is_dir(linked) {
                     return Err(entry_err("hard link to a directory".into()));
                 }
@@ -105,11 +108,7 @@ pub(crate) fn apply(f: &mut Flattener<'_>, layer: &str, index: u32, tar: impl Re
                 let h = entry.header();
                 let major = h.device_major().ok().flatten().unwrap_or(0);
                 let minor = h.device_minor().ok().flatten().unwrap_or(0);
-                let kind = if kind_of_entry == EntryType::Char {
-                    Kind::CharDev { major, minor }
-                } else {
-                    Kind::BlockDev { major, minor }
-                };
+                let kind = if kind_of_entry == EntryType::Char { Kind::CharDev { major, minor } } else { Kind::BlockDev { major, minor } };
                 f.tree.add(Node { meta, kind })
             }
             EntryType::Fifo => f.tree.add(Node { meta, kind: Kind::Fifo }),

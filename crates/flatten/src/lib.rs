@@ -226,10 +226,7 @@ impl<'s> Flattener<'s> {
         }
         let meta = tree::Meta { perm: 0o700, ..tree::Meta::implied_dir() };
         let id = self.tree.add(tree::Node { meta, kind: tree::Kind::Dir(Default::default()) });
-        self.tree
-            .children_mut(tree::ROOT)
-            .expect("root is a directory")
-            .insert(b"lost+found".to_vec(), tree::Child { node: id, layer: 0 });
+        self.tree.children_mut(tree::ROOT).expect("root is a directory").insert(b"lost+found".to_vec(), tree::Child { node: id, layer: 0 });
     }
 
     fn put(&mut self, index: u64, data: Vec<u8>) -> Result<(), Error> {

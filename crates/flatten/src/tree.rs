@@ -34,10 +34,19 @@ impl Meta {
 pub(crate) enum Kind {
     Dir(BTreeMap<Vec<u8>, Child>),
     /// File data lives at `start_block` (in its layer's region), contiguous.
-    File { start_block: u64, size: u64 },
+    File {
+        start_block: u64,
+        size: u64,
+    },
     Symlink(Vec<u8>),
-    CharDev { major: u32, minor: u32 },
-    BlockDev { major: u32, minor: u32 },
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
+    BlockDev {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
@@ -131,9 +140,7 @@ impl Tree {
                 None => match create {
                     Some(layer) => {
                         let id = self.add(Node { meta: Meta::implied_dir(), kind: Kind::Dir(BTreeMap::new()) });
-                        self.children_mut(cur)
-                            .expect("cur is a directory")
-                            .insert(name.clone(), Child { node: id, layer });
+                        self.children_mut(cur).expect("cur is a directory").insert(name.clone(), Child { node: id, layer });
                         id
                     }
                     None => return Err(ResolveError::Missing),
@@ -152,14 +159,12 @@ impl Tree {
                     }
                     let target = target.clone();
                     let parts = split_path(&target);
-                    let (base, mut base_stack) =
-                        if target.first() == Some(&b'/') { (ROOT, Vec::new()) } else { (cur, stack.clone()) };
+                    let (base, mut base_stack) = if target.first() == Some(&b'/') { (ROOT, Vec::new()) } else { (cur, stack.clone()) };
                     cur = self.walk_from(base, &mut base_stack, &parts, create, hops)?;
                     *stack = base_stack;
                 }
                 _ => {
-                    let shown: Vec<String> =
-                        components[..=i].iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+                    let shown: Vec<String> = components[..=i].iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
                     return Err(ResolveError::NotADirectory(shown.join("/")));
                 }
             }

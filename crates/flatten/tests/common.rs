@@ -137,11 +137,7 @@ impl Layer {
 
 /// Runs `e2fsck -fn` and returns (exit code, output).
 pub fn e2fsck(image: &Path) -> (i32, String) {
-    let out = std::process::Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(image)
-        .output()
-        .expect("e2fsck runs (apt-get install e2fsprogs)");
+    let out = std::process::Command::new("e2fsck").args(["-fn"]).arg(image).output().expect("e2fsck runs (apt-get install e2fsprogs)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
 }

@@ -85,8 +85,7 @@ fn content(size: u32, seed: u8) -> Vec<u8> {
 }
 
 fn path() -> impl Strategy<Value = Vec<u8>> {
-    proptest::collection::vec(prop_oneof!["a", "b", "c", "long-name-for-a-directory-entry"], 1..4)
-        .prop_map(|v| v.join("/").into_bytes())
+    proptest::collection::vec(prop_oneof!["a", "b", "c", "long-name-for-a-directory-entry"], 1..4).prop_map(|v| v.join("/").into_bytes())
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -125,7 +124,8 @@ fn layer_tar(model: &mut Model, ops: &[Op], layer: u32) -> Vec<u8> {
                     }
                     Op::File(_, size, seed) => {
                         let data = content(*size, *seed);
-                        b.append_data(&mut header(tar::EntryType::Regular, 0o640, data.len() as u64), std::str::from_utf8(p).unwrap(), data.as_slice()).unwrap();
+                        b.append_data(&mut header(tar::EntryType::Regular, 0o640, data.len() as u64), std::str::from_utf8(p).unwrap(), data.as_slice())
+                            .unwrap();
                         model.put(&sp, Want::File(data), layer);
                     }
                     Op::Symlink(_, t) => {

@@ -40,16 +40,10 @@ impl tessera_flatten::ChunkSink for DirtySink {
 
 #[test]
 fn recycled_buffers_do_not_leak_into_the_disk() {
-    let layers = [
-        Layer::new().file("a", &[1u8; 5000]).file("b", &[2u8; 700_000]).file("c", b"x").build(),
-        Layer::new().file("d", &[3u8; 10]).build(),
-    ];
+    let layers = [Layer::new().file("a", &[1u8; 5000]).file("b", &[2u8; 700_000]).file("c", b"x").build(), Layer::new().file("d", &[3u8; 10]).build()];
     let run = |dirty: bool| {
-        let mut sink: Box<dyn tessera_flatten::ChunkSink> = if dirty {
-            Box::new(DirtySink(Vec::new()))
-        } else {
-            Box::new(common::FileSink { file: tempfile::tempfile().unwrap(), seen: Vec::new() })
-        };
+        let mut sink: Box<dyn tessera_flatten::ChunkSink> =
+            if dirty { Box::new(DirtySink(Vec::new())) } else { Box::new(common::FileSink { file: tempfile::tempfile().unwrap(), seen: Vec::new() }) };
         let mut out = Vec::new();
         {
             struct Tee<'a>(&'a mut dyn tessera_flatten::ChunkSink, &'a mut Vec<(u64, Vec<u8>)>);

@@ -184,7 +184,12 @@ fn lookup_uid_gid(uid: u32) -> Option<u32> {
 fn spawn(spec: &Spec, uid: u32, gid: u32, out: i32, err: i32) -> Result<i32, String> {
     let argv: Vec<CString> = spec.argv.iter().map(|a| cstr(a)).collect();
     let env: Vec<CString> = spec.env.iter().map(|e| cstr(e)).collect();
-    let path_var = spec.env.iter().find_map(|e| e.strip_prefix(b"PATH=")).map(<[u8]>::to_vec).unwrap_or_else(|| b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec());
+    let path_var = spec
+        .env
+        .iter()
+        .find_map(|e| e.strip_prefix(b"PATH="))
+        .map(<[u8]>::to_vec)
+        .unwrap_or_else(|| b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec());
     let workdir = if spec.workdir.is_empty() { cstr(b"/") } else { cstr(&spec.workdir) };
     // Candidates for the program, resolved the way execvp does, inside the root.
     let program = &spec.argv[0];

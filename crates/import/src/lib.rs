@@ -15,7 +15,6 @@
 //! names are durable. A failure leaves nothing behind in the local store.
 #![deny(missing_docs)]
 
-mod bench;
 mod seal_pool;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -24,9 +23,8 @@ use serde::Serialize;
 use tessera_chunk::{ChunkRef, Geometry, ImageConfig, KeyProvider, LayerRegion, LayerSource, Manifest, Source, CHUNK_SIZE, MANIFEST_FORMAT};
 use tessera_flatten::{Flattener, Options as FlattenOptions};
 use tessera_oci::{Progress, PullOptions, Reference};
-use tessera_store::{check_name, ChunkStore, Home, ImageRef, Release};
+use tessera_store::{check_name, Home, ImageRef, Release};
 
-pub use bench::{seal_file, SealBench};
 pub use seal_pool::{seal_while, PoolSink, Sealed};
 
 const _: () = assert!(CHUNK_SIZE == tessera_flatten::CHUNK_BYTES, "flatten and seal agree on the chunk size");
@@ -125,13 +123,15 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     let name = options.name.clone().unwrap_or_else(|| reference.default_name());
     check_name(&name).map_err(store_err)?;
     home.remove_stale_temporaries().map_err(store_err)?;
-    home.chunks.remove_legacy_temporaries().map_err(store_err)?;
+    if let Some(local) = &home.store().local {
+        local.remove_legacy_temporaries().map_err(store_err)?;
+    }
     let _spools = home.clean_spools_on_interrupt();
     let mut keyring = home.keyring_for_import().map_err(store_err)?;
     keyring.ensure_tenant(&options.tenant)?;
 
-    let image = tessera_oci::resolve(&reference, &options.pull, &home.tmp_dir(), progress)
-        .map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
+    let image =
+        tessera_oci::resolve(&reference, &options.pull, &home.tmp_dir(), progress).map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
 
     // Same layers in, same bytes out: the filesystem's UUID and hash seed
     // come from the layers' diff ids.
@@ -142,11 +142,7 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     let mut seed = [0u8; 32];
     seed.copy_from_slice(seed_ctx.finish().as_ref());
 
-    let threads = if options.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
-    } else {
-        options.threads
-    };
+    let threads = if options.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { options.threads };
     progress.start("flattening and sealing", image.layers.iter().map(|l| l.size).sum());
     let batch = home.chunks.batch();
     let (flat, sealed) = seal_while(keyring.salt(), batch.as_ref(), threads, |sink| {
@@ -186,12 +182,7 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
             layers: image
                 .layers
                 .iter()
-                .map(|l| LayerSource {
-                    digest: l.digest.to_string(),
-                    diff_id: l.diff_id.to_string(),
-                    media_type: l.media_type.clone(),
-                    size: l.size,
-                })
+                .map(|l| LayerSource { digest: l.digest.to_string(), diff_id: l.diff_id.to_string(), media_type: l.media_type.clone(), size: l.size })
                 .collect(),
         },
         config: ImageConfig {
@@ -222,9 +213,7 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     let sealed_manifest = manifest.seal(&options.tenant, &keyring as &dyn KeyProvider)?;
     let id = home.catalog.put_manifest(&sealed_manifest).map_err(store_err)?;
     let previous = home.catalog.get(&name).ok();
-    home.catalog
-        .set(&name, &ImageRef { manifest: id.to_hex(), tenant: options.tenant.clone() })
-        .map_err(store_err)?;
+    home.catalog.set(&name, &ImageRef { manifest: id.to_hex(), tenant: options.tenant.clone() }).map_err(store_err)?;
     // The image is imported: what follows is tidying, and a failure there
     // is a warning, never a failed import.
     let mut warnings = flat.warnings;

@@ -31,12 +31,7 @@ pub struct PoolSink<'p> {
 /// to its sink and stage it in `batch`. The queue is bounded, so memory stays
 /// at a few chunks per thread however large the image is. Returns what
 /// `produce` returned and what was sealed (or the first store error).
-pub fn seal_while<T>(
-    salt: &Salt,
-    batch: &dyn PutBatch,
-    threads: usize,
-    produce: impl FnOnce(&mut PoolSink<'_>) -> T,
-) -> (T, Result<Sealed, Error>) {
+pub fn seal_while<T>(salt: &Salt, batch: &dyn PutBatch, threads: usize, produce: impl FnOnce(&mut PoolSink<'_>) -> T) -> (T, Result<Sealed, Error>) {
     let failure = Mutex::new(None);
     let (tx, rx) = bounded::<(u64, Vec<u8>)>(threads.max(1) * 2);
     let (spent_tx, spent_rx) = bounded::<Vec<u8>>(threads.max(1) * 3);
@@ -68,13 +63,7 @@ pub fn seal_while<T>(
     })
 }
 
-fn seal_worker(
-    rx: Receiver<(u64, Vec<u8>)>,
-    spent: Sender<Vec<u8>>,
-    salt: &Salt,
-    batch: &dyn PutBatch,
-    failure: &Mutex<Option<Error>>,
-) -> Sealed {
+fn seal_worker(rx: Receiver<(u64, Vec<u8>)>, spent: Sender<Vec<u8>>, salt: &Salt, batch: &dyn PutBatch, failure: &Mutex<Option<Error>>) -> Sealed {
     let mut tally = Sealed::default();
     for (index, mut buf) in rx {
         let sealed = seal_one(&mut buf, salt, batch, failure, &mut tally);
@@ -87,13 +76,7 @@ fn seal_worker(
 }
 
 /// Seals and stages one chunk; `None` for a hole or a failure (recorded).
-fn seal_one(
-    buf: &mut Vec<u8>,
-    salt: &Salt,
-    batch: &dyn PutBatch,
-    failure: &Mutex<Option<Error>>,
-    tally: &mut Sealed,
-) -> Option<ChunkRef> {
+fn seal_one(buf: &mut Vec<u8>, salt: &Salt, batch: &dyn PutBatch, failure: &Mutex<Option<Error>>, tally: &mut Sealed) -> Option<ChunkRef> {
     if failure.lock().expect("no panics while holding the lock").is_some() || is_zero(buf) {
         return None; // failing: just drain the queue; or a hole: stored nowhere
     }

@@ -51,18 +51,12 @@ pub(crate) fn resolve(reference: &Reference, file: &Path, tag: Option<&str>, pro
     };
     let manifest_loc = region("manifest.json")?;
     let manifest_bytes = read_limited(manifest_loc.open()?, spec::MAX_MANIFEST, "manifest.json")?;
-    let entries: Vec<ArchiveEntry> = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| Error::BadDocument(format!("{}: manifest.json: {e}", file.display())))?;
+    let entries: Vec<ArchiveEntry> =
+        serde_json::from_slice(&manifest_bytes).map_err(|e| Error::BadDocument(format!("{}: manifest.json: {e}", file.display())))?;
     let entry = match tag {
         Some(t) => entries.iter().find(|e| e.repo_tags.iter().flatten().any(|rt| rt == t)),
         None if entries.len() == 1 => entries.first(),
-        None => {
-            return Err(Error::NotFound(format!(
-                "{} holds {} images: name one with docker-archive:FILE:REPO:TAG",
-                file.display(),
-                entries.len()
-            )))
-        }
+        None => return Err(Error::NotFound(format!("{} holds {} images: name one with docker-archive:FILE:REPO:TAG", file.display(), entries.len()))),
     }
     .ok_or_else(|| Error::NotFound(format!("{}: no image tagged {:?}", file.display(), tag.unwrap_or(""))))?;
 
@@ -102,19 +96,12 @@ pub(crate) fn resolve(reference: &Reference, file: &Path, tag: Option<&str>, pro
             progress.start(&what, loc.len);
             let (d, _) = crate::digest_of(loc.open()?, diff_id).map_err(|e| Error::io(file, e))?;
             progress.advance(loc.len);
-            let mt = if compression == Compression::Gzip {
-                "application/vnd.oci.image.layer.v1.tar+gzip"
-            } else {
-                "application/vnd.oci.image.layer.v1.tar+zstd"
-            };
+            let mt =
+                if compression == Compression::Gzip { "application/vnd.oci.image.layer.v1.tar+gzip" } else { "application/vnd.oci.image.layer.v1.tar+zstd" };
             (d, mt)
         };
         let size = loc.len;
-        layers.push((
-            Descriptor { media_type: media_type.into(), digest, size, platform: None, annotations: Default::default() },
-            compression,
-            loc,
-        ));
+        layers.push((Descriptor { media_type: media_type.into(), digest, size, platform: None, annotations: Default::default() }, compression, loc));
     }
     assemble(reference, Digest::sha256(&manifest_bytes), config_digest, &config_bytes, layers, None, false)
 }

@@ -135,10 +135,7 @@ impl<R: Read> Read for VerifyingReader<R> {
             if let Some(h) = self.hasher.take() {
                 let got = h.finish();
                 if got != self.expected {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{}: digest mismatch: expected {}, got {got}", self.what, self.expected),
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{}: digest mismatch: expected {}, got {got}", self.what, self.expected)));
                 }
             }
         }

@@ -6,15 +6,9 @@ use std::path::{Path, PathBuf};
 use crate::spec::{self, Document};
 use crate::{assemble, check_document, BlobLocation, Digest, Error, PullOptions, Reference, ResolvedImage};
 
-
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
-pub(crate) fn resolve(
-    reference: &Reference,
-    dir: &Path,
-    tag: Option<&str>,
-    options: &PullOptions,
-) -> Result<ResolvedImage, Error> {
+pub(crate) fn resolve(reference: &Reference, dir: &Path, tag: Option<&str>, options: &PullOptions) -> Result<ResolvedImage, Error> {
     let layout_file = dir.join("oci-layout");
     if !layout_file.exists() {
         return Err(Error::NotFound(format!("{}: not an OCI image layout (no oci-layout file)", dir.display())));

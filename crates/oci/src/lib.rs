@@ -308,12 +308,7 @@ impl Drop for Spool {
 
 /// Finds the image, fetches what must be fetched into `spool_dir`, and
 /// verifies the manifest, config and every layer blob against their digests.
-pub fn resolve(
-    reference: &Reference,
-    options: &PullOptions,
-    spool_dir: &Path,
-    progress: &dyn Progress,
-) -> Result<ResolvedImage, Error> {
+pub fn resolve(reference: &Reference, options: &PullOptions, spool_dir: &Path, progress: &dyn Progress) -> Result<ResolvedImage, Error> {
     match reference {
         Reference::Layout { dir, tag } => layout::resolve(reference, dir, tag.as_deref(), options),
         Reference::Archive { file, tag } => archive::resolve(reference, file, tag.as_deref(), progress),
@@ -331,14 +326,9 @@ pub(crate) fn assemble(
     spool: Option<Spool>,
     check_blobs: bool,
 ) -> Result<ResolvedImage, Error> {
-    let config: spec::ConfigFile = serde_json::from_slice(config_bytes)
-        .map_err(|e| Error::BadDocument(format!("image config {config_digest}: {e}")))?;
+    let config: spec::ConfigFile = serde_json::from_slice(config_bytes).map_err(|e| Error::BadDocument(format!("image config {config_digest}: {e}")))?;
     if config.rootfs.diff_ids.len() != layers.len() {
-        return Err(Error::BadDocument(format!(
-            "image config {config_digest} lists {} diff ids for {} layers",
-            config.rootfs.diff_ids.len(),
-            layers.len()
-        )));
+        return Err(Error::BadDocument(format!("image config {config_digest} lists {} diff ids for {} layers", config.rootfs.diff_ids.len(), layers.len())));
     }
     let n = layers.len();
     for (i, ((d, compression, blob), diff_id)) in layers.iter().zip(&config.rootfs.diff_ids).enumerate() {
@@ -347,11 +337,7 @@ pub(crate) fn assemble(
             return Err(Error::DigestMismatch { what: format!("{what} (uncompressed)"), expected: diff_id.to_string(), actual: d.digest.to_string() });
         }
         if blob.len != d.size {
-            return Err(Error::DigestMismatch {
-                what,
-                expected: format!("{} bytes", d.size),
-                actual: format!("{} bytes", blob.len),
-            });
+            return Err(Error::DigestMismatch { what, expected: format!("{} bytes", d.size), actual: format!("{} bytes", blob.len) });
         }
     }
     let layers = layers

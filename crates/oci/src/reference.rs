@@ -76,10 +76,9 @@ impl Reference {
     /// component of the repository or directory, plus the tag.
     pub fn default_name(&self) -> String {
         let (base, tag) = match self {
-            Reference::Layout { dir, tag } | Reference::Archive { file: dir, tag } => (
-                dir.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into()),
-                tag.clone(),
-            ),
+            Reference::Layout { dir, tag } | Reference::Archive { file: dir, tag } => {
+                (dir.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into()), tag.clone())
+            }
             Reference::Registry { repo, target, .. } => (
                 repo.rsplit('/').next().unwrap_or(repo).to_owned(),
                 match target {
@@ -92,8 +91,7 @@ impl Reference {
             Some(t) => format!("{base}-{}", t.rsplit(':').next().unwrap_or(&t)),
             None => base,
         };
-        let cleaned: String =
-            raw.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' }).collect();
+        let cleaned: String = raw.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' }).collect();
         cleaned.trim_start_matches(['.', '_', '-']).chars().take(128).collect()
     }
 }
@@ -111,8 +109,8 @@ fn parse_registry(rest: &str) -> Result<Reference, String> {
         Some((r, t)) if !t.contains('/') => (r, Some(t)),
         _ => (path, None),
     };
-    let repo_ok = !repo.is_empty()
-        && repo.split('/').all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)));
+    let repo_ok =
+        !repo.is_empty() && repo.split('/').all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)));
     if !repo_ok {
         return Err(format!("invalid repository name {repo:?} (lower-case letters, digits, . _ - and /)"));
     }
@@ -148,20 +146,11 @@ mod tests {
 
     #[test]
     fn transports() {
-        assert_eq!(
-            Reference::parse("oci:./layout:py").unwrap(),
-            Reference::Layout { dir: "./layout".into(), tag: Some("py".into()) }
-        );
+        assert_eq!(Reference::parse("oci:./layout:py").unwrap(), Reference::Layout { dir: "./layout".into(), tag: Some("py".into()) });
         assert_eq!(Reference::parse("oci:/x").unwrap(), Reference::Layout { dir: "/x".into(), tag: None });
-        assert_eq!(
-            Reference::parse("docker-archive:img.tar").unwrap(),
-            Reference::Archive { file: "img.tar".into(), tag: None }
-        );
+        assert_eq!(Reference::parse("docker-archive:img.tar").unwrap(), Reference::Archive { file: "img.tar".into(), tag: None });
         let r = Reference::parse("docker://127.0.0.1:5000/team/app:v1").unwrap();
-        assert_eq!(
-            r,
-            Reference::Registry { host: "127.0.0.1:5000".into(), repo: "team/app".into(), target: Target::Tag("v1".into()) }
-        );
+        assert_eq!(r, Reference::Registry { host: "127.0.0.1:5000".into(), repo: "team/app".into(), target: Target::Tag("v1".into()) });
         assert_eq!(r.default_name(), "app-v1");
         assert_eq!(r.to_string(), "docker://127.0.0.1:5000/team/app:v1");
         let d = format!("docker://localhost/app@{}", Digest::sha256(b"x"));

@@ -26,28 +26,15 @@ struct Client {
     auth: Mutex<Option<String>>,
 }
 
-pub(crate) fn resolve(
-    reference: &Reference,
-    options: &PullOptions,
-    spool_dir: &Path,
-    progress: &dyn Progress,
-) -> Result<ResolvedImage, Error> {
+pub(crate) fn resolve(reference: &Reference, options: &PullOptions, spool_dir: &Path, progress: &dyn Progress) -> Result<ResolvedImage, Error> {
     let Reference::Registry { host, repo, target } = reference else { unreachable!("called for registry references") };
     let creds = match &options.creds {
-        Some(c) => Some(
-            c.split_once(':')
-                .map(|(u, p)| (u.to_owned(), p.to_owned()))
-                .ok_or_else(|| Error::Auth("--creds must be USER:PASSWORD".into()))?,
-        ),
+        Some(c) => Some(c.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())).ok_or_else(|| Error::Auth("--creds must be USER:PASSWORD".into()))?),
         None => creds_from_config(host),
     };
     let scheme = if options.insecure { "http" } else { "https" };
     let client = Client {
-        agent: ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(15))
-            .timeout_read(Duration::from_secs(120))
-            .redirects(0)
-            .build(),
+        agent: ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(15)).timeout_read(Duration::from_secs(120)).redirects(0).build(),
         base: format!("{scheme}://{host}/v2/{repo}"),
         repo: repo.clone(),
         creds,
@@ -226,29 +213,29 @@ impl Client {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(Error::Auth(format!("registry {url}: unsupported auth scheme {scheme:?}")));
         }
-        let realm = params.iter().find(|(k, _)| k == "realm").map(|(_, v)| v.clone())
+        let realm = params
+            .iter()
+            .find(|(k, _)| k == "realm")
+            .map(|(_, v)| v.clone())
             .ok_or_else(|| Error::Auth(format!("registry {url}: bearer challenge without a realm")))?;
         let mut req = self.agent.get(&realm);
         if let Some(service) = params.iter().find(|(k, _)| k == "service") {
             req = req.query("service", &service.1);
         }
-        let scope = params.iter().find(|(k, _)| k == "scope").map(|(_, v)| v.clone())
-            .unwrap_or_else(|| format!("repository:{}:pull", self.repo));
+        let scope = params.iter().find(|(k, _)| k == "scope").map(|(_, v)| v.clone()).unwrap_or_else(|| format!("repository:{}:pull", self.repo));
         req = req.query("scope", &scope);
         if let Some(b) = basic() {
             req = req.set("Authorization", &b);
         }
         let resp = match req.call() {
             Ok(r) => r,
-            Err(ureq::Error::Status(s, _)) if s == 401 || s == 403 => {
-                return Err(Error::Auth(format!("token service {realm} refused the credentials")))
-            }
+            Err(ureq::Error::Status(s, _)) if s == 401 || s == 403 => return Err(Error::Auth(format!("token service {realm} refused the credentials"))),
             Err(e) => return Err(Error::Network { url: realm, reason: e.to_string() }),
         };
         let body = read_limited(resp.into_reader(), 1 << 20, "token response")?;
         let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| Error::Auth(format!("token response: {e}")))?;
-        let token = v.get("token").or_else(|| v.get("access_token")).and_then(|t| t.as_str())
-            .ok_or_else(|| Error::Auth("token response has no token".into()))?;
+        let token =
+            v.get("token").or_else(|| v.get("access_token")).and_then(|t| t.as_str()).ok_or_else(|| Error::Auth("token response has no token".into()))?;
         Ok(format!("Bearer {token}"))
     }
 }
@@ -323,7 +310,9 @@ fn creds_from_config(host: &str) -> Option<(String, String)> {
                 continue;
             }
             if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()) {
-                if let Some((u, p)) = B64.decode(auth).ok().and_then(|d| String::from_utf8(d).ok()).and_then(|s| s.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned()))) {
+                if let Some((u, p)) =
+                    B64.decode(auth).ok().and_then(|d| String::from_utf8(d).ok()).and_then(|s| s.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())))
+                {
                     return Some((u, p));
                 }
             }

@@ -65,8 +65,7 @@ pub(crate) enum Document {
 impl Document {
     /// Parses by the declared media type, or by shape when none is declared.
     pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Document, Error> {
-        let v: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| Error::BadDocument(format!("manifest is not JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::BadDocument(format!("manifest is not JSON: {e}")))?;
         let declared = v.get("mediaType").and_then(|m| m.as_str()).or(content_type).unwrap_or("");
         let declared = declared.split(';').next().unwrap_or("").trim();
         let is_index = match declared {
@@ -81,9 +80,7 @@ impl Document {
         if is_index {
             Ok(Document::Index(serde_json::from_value(v).map_err(|e| Error::BadDocument(format!("image index: {e}")))?))
         } else {
-            Ok(Document::Manifest(
-                serde_json::from_value(v).map_err(|e| Error::BadDocument(format!("image manifest: {e}")))?,
-            ))
+            Ok(Document::Manifest(serde_json::from_value(v).map_err(|e| Error::BadDocument(format!("image manifest: {e}")))?))
         }
     }
 }
@@ -92,11 +89,7 @@ impl Document {
 pub(crate) fn pick_platform<'a>(index: &'a ImageIndex, want: &str) -> Result<&'a Descriptor, Error> {
     let mut parts = want.split('/');
     let (os, arch, variant) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next());
-    let candidates: Vec<&Descriptor> = index
-        .manifests
-        .iter()
-        .filter(|d| d.media_type != OCI_INDEX && d.media_type != DOCKER_LIST)
-        .collect();
+    let candidates: Vec<&Descriptor> = index.manifests.iter().filter(|d| d.media_type != OCI_INDEX && d.media_type != DOCKER_LIST).collect();
     let found = candidates.iter().find(|d| match &d.platform {
         Some(p) => p.os == os && p.architecture == arch && (variant.is_none() || p.variant.as_deref() == variant),
         None => false,
@@ -158,16 +151,12 @@ pub enum Compression {
 /// Maps a layer media type to its compression; unknown types are refused.
 pub(crate) fn layer_compression(media_type: &str) -> Result<Compression, Error> {
     let c = match media_type {
-        "application/vnd.oci.image.layer.v1.tar" | "application/vnd.oci.image.layer.nondistributable.v1.tar" => {
-            Compression::None
-        }
+        "application/vnd.oci.image.layer.v1.tar" | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Compression::None,
         "application/vnd.oci.image.layer.v1.tar+gzip"
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip"
         | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Compression::Gzip,
-        "application/vnd.oci.image.layer.v1.tar+zstd" | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
-            Compression::Zstd
-        }
+        "application/vnd.oci.image.layer.v1.tar+zstd" | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Compression::Zstd,
         other => return Err(Error::UnsupportedMediaType { what: "layer".into(), media_type: other.to_owned() }),
     };
     Ok(c)
@@ -193,7 +182,9 @@ mod tests {
         let d = Digest::sha256(b"x");
         let m = format!(r#"{{"schemaVersion":2,"config":{{"mediaType":"a","digest":"{d}","size":1}},"layers":[]}}"#);
         assert!(matches!(Document::parse(m.as_bytes(), None).unwrap(), Document::Manifest(_)));
-        let i = format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":1,"platform":{{"os":"linux","architecture":"arm64"}}}}]}}"#);
+        let i = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":1,"platform":{{"os":"linux","architecture":"arm64"}}}}]}}"#
+        );
         let Document::Index(idx) = Document::parse(i.as_bytes(), None).unwrap() else { panic!("an index") };
         let err = pick_platform(&idx, "linux/amd64").unwrap_err().to_string();
         assert!(err.contains("linux/arm64"), "{err}");

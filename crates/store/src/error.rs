@@ -41,16 +41,24 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A store URL that cannot be used.
+    #[error("store {url:?}: {reason}")]
+    BadStoreUrl {
+        /// The URL as given.
+        url: String,
+        /// Why.
+        reason: String,
+    },
     /// The process is being interrupted: no new temporaries are written.
     #[error("interrupted")]
     Interrupted,
     /// The keyring that opens this store's manifests is not there.
-    #[error("{}", keyring_missing(path, *images))]
+    #[error("{}", keyring_missing(path, *needed))]
     KeyringMissing {
         /// Where it was expected.
         path: PathBuf,
-        /// Images in the store that need it.
-        images: usize,
+        /// Whether the store holds manifests that need it.
+        needed: bool,
     },
     /// Sealing, opening or manifest error.
     #[error(transparent)]
@@ -60,12 +68,12 @@ pub enum Error {
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn keyring_missing(path: &std::path::Path, images: usize) -> String {
-    if images == 0 {
+fn keyring_missing(path: &std::path::Path, needed: bool) -> String {
+    if !needed {
         format!("the keyring {} is missing (the first import makes one, or `tessera keyring init`)", path.display())
     } else {
         format!(
-            "the keyring {} is missing, and the {images} image(s) in this store cannot be opened without it: restore it from a backup \
+            "the keyring {} is missing, and the images in this store cannot be opened without it: restore it from a backup \
              (a new keyring would not open them; `tessera keyring init` makes one only where none is)",
             path.display()
         )

@@ -1,34 +1,44 @@
 //! `TESSERA_HOME`: the embedded default store on one machine.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tessera_chunk::{LocalKeyring, Manifest};
 
-use crate::{Catalog, Error, ImageRef, LocalDirStore, Result};
+use crate::{Catalog, ChunkStore, Error, ImageRef, Result, Store};
 
-/// The layout of `TESSERA_HOME`:
+/// `TESSERA_HOME`: a host's local state, and the store it uses (by
+/// default the embedded one, in the same directory):
 ///
 /// ```text
 /// chunks/ab/abcd…      sealed chunks (LocalDirStore)
-/// manifests/ID         sealed manifests
+/// chunks/.staging/     chunks being written (PID-…; removed if PID is gone)
+/// manifests/ID         sealed manifests (ID.profile: start-up profiles)
 /// images/NAME.json     names → manifest id and tenant
 /// keyring.json         salt and tenant master keys (mode 0600)
-/// tmp/                 spooled downloads; safe to empty when idle
+/// tmp/                 spooled downloads (pull-PID-…)
 /// ```
+#[derive(Clone)]
 pub struct Home {
     root: PathBuf,
+    store: Store,
     /// The chunk store.
-    pub chunks: LocalDirStore,
+    pub chunks: Arc<dyn ChunkStore>,
     /// Manifests and names.
-    pub catalog: Catalog,
+    pub catalog: Arc<dyn Catalog>,
 }
 
 impl Home {
-    /// Opens a home directory, which need not exist yet: nothing is written
-    /// until something is stored. Removes what processes that died
-    /// mid-import left (staged chunks, download spools).
+    /// Opens a home directory with its embedded store; it need not exist
+    /// yet: nothing is written until something is stored. Removes what
+    /// processes that died mid-import left (staged chunks, download spools).
     pub fn open(root: &Path) -> Result<Home> {
-        let home = Home { root: root.to_owned(), chunks: LocalDirStore::open(&root.join("chunks"))?, catalog: Catalog::open(root)? };
+        Home::with_store(root, Store::local(root))
+    }
+
+    /// Opens a home directory that uses `store`.
+    pub fn with_store(root: &Path, store: Store) -> Result<Home> {
+        let home = Home { root: root.to_owned(), chunks: store.chunks.clone(), catalog: store.catalog.clone(), store };
         // Best effort: a store this process may not write is left as it is.
         let _ = home.remove_stale_temporaries();
         Ok(home)
@@ -37,6 +47,11 @@ impl Home {
     /// The home directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Where spooled downloads go.
@@ -50,12 +65,10 @@ impl Home {
     }
 
     /// Opens the keyring; never creates one. Missing, it is an error that
-    /// says where it was expected and how many images need it.
+    /// says where it was expected and whether images need it.
     pub fn keyring(&self) -> Result<LocalKeyring> {
         match LocalKeyring::open(&self.keyring_path()) {
-            Err(tessera_chunk::Error::KeyringMissing { .. }) => {
-                Err(Error::KeyringMissing { path: self.keyring_path(), images: self.catalog.manifest_count()? })
-            }
+            Err(tessera_chunk::Error::KeyringMissing { .. }) => Err(Error::KeyringMissing { path: self.keyring_path(), needed: self.catalog.has_manifests()? }),
             other => Ok(other?),
         }
     }
@@ -65,7 +78,7 @@ impl Home {
     /// keyring is an error: a new keyring would not open them.
     pub fn keyring_for_import(&self) -> Result<LocalKeyring> {
         match self.keyring() {
-            Err(Error::KeyringMissing { images: 0, .. }) => Ok(LocalKeyring::create(&self.keyring_path()).or_else(|e| match e {
+            Err(Error::KeyringMissing { needed: false, .. }) => Ok(LocalKeyring::create(&self.keyring_path()).or_else(|e| match e {
                 // Another import made it meanwhile.
                 tessera_chunk::Error::Keyring { .. } if self.keyring_path().exists() => LocalKeyring::open(&self.keyring_path()),
                 e => Err(e),
@@ -82,7 +95,7 @@ impl Home {
     /// Removes what imports killed mid-way left behind: chunk temporaries
     /// and download spools of processes that no longer run.
     pub fn remove_stale_temporaries(&self) -> Result<usize> {
-        let mut n = self.chunks.remove_stale_temporaries()?;
+        let mut n = self.chunks.tidy()?;
         if let Ok(entries) = std::fs::read_dir(self.tmp_dir()) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();

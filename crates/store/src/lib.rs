@@ -1,16 +1,20 @@
 //! Where sealed chunks and manifests live.
 //!
-//! [`ChunkStore`] is the seam every backend implements: put-if-absent, get,
-//! exists, list, delete and sync, over chunks addressed by [`ChunkId`]. Its
-//! contract (stated on the trait) is checked by one shared suite,
-//! [`conformance::run`], which every backend's tests call:
-//! [`LocalDirStore`] (the embedded default) and [`MemoryStore`]. An S3
-//! backend (through `object_store`) maps the same calls onto `PutMode::Create`,
-//! `get`, `head`, `list` and `delete`.
+//! Two seams, each a trait whose contract is stated on it and checked by
+//! one shared suite that every implementation's tests run
+//! ([`conformance`], behind the `testing` feature):
 //!
-//! [`Catalog`] keeps sealed manifests and the names that point at them under
-//! `TESSERA_HOME`, and [`readback`] rebuilds or checks an image from its
-//! manifest.
+//! - [`ChunkStore`]: put-if-absent, get, exists, list, delete and sync over
+//!   sealed chunks addressed by [`ChunkId`]. [`LocalDirStore`] is the
+//!   embedded default, [`MemoryStore`] serves tests and caches, and
+//!   [`ThrottledStore`] wraps any store to behave like a remote one.
+//! - [`Catalog`]: sealed manifests, start-up profiles, and the image names
+//!   that point at them. [`LocalCatalog`] keeps them in files.
+//!
+//! [`Store`] pairs the two, opened from a URL ([`Store::open`]); [`Home`] is
+//! `TESSERA_HOME`, a host's local state plus its store; [`readback`]
+//! rebuilds or checks an image from its manifest; [`interrupt`] removes an
+//! interrupted command's temporaries.
 //!
 //! ```
 //! use tessera_store::{ChunkStore, MemoryStore, Put};
@@ -19,26 +23,33 @@
 //! let id = ChunkId::of(b"sealed bytes");
 //! assert_eq!(store.put(&id, b"sealed bytes").unwrap(), Put::Created);
 //! assert_eq!(store.put(&id, b"sealed bytes").unwrap(), Put::AlreadyPresent);
+//! assert_eq!(&store.get(&id).unwrap()[..], b"sealed bytes");
 //! ```
 #![deny(missing_docs)]
 
 mod catalog;
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 mod error;
 mod home;
 pub mod interrupt;
 mod local;
+mod local_catalog;
 mod memory;
 pub mod readback;
 mod throttle;
+mod url;
 
+pub use bytes::Bytes;
 pub use catalog::{check_name, Catalog, ImageRef, Listing, Release};
 pub use error::{Error, Result};
 pub use home::Home;
 pub use local::LocalDirStore;
+pub use local_catalog::LocalCatalog;
 pub use memory::MemoryStore;
-pub use throttle::ThrottledStore;
 use tessera_chunk::ChunkId;
+pub use throttle::ThrottledStore;
+pub use url::{Store, StoreUrl};
 
 /// What a put did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +62,14 @@ pub enum Put {
 
 /// A content-addressed store of sealed chunks.
 ///
-/// Contract, checked by [`conformance::run`]:
+/// The trait is synchronous on purpose: its callers (the import's sealing
+/// threads, the agent's fetch threads, export and verify) are threads that
+/// may block, and their concurrency is bounded above the store (the
+/// agent's origin bound and queue). A network backend owns an async runtime
+/// and blocks on it inside each call, so a call is one request with its own
+/// timeout, and no async runtime leaks into the callers.
+///
+/// Contract, checked by `conformance::run`:
 /// - `put` is atomic: a reader sees the whole chunk or nothing, never a
 ///   prefix, even if the writer dies mid-way;
 /// - `put` of an id that is present writes nothing and reports
@@ -68,7 +86,7 @@ pub trait ChunkStore: Send + Sync {
     /// Stores `bytes` under `id` unless it is already there.
     fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<Put>;
     /// Returns the bytes stored under `id`.
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>>;
+    fn get(&self, id: &ChunkId) -> Result<Bytes>;
     /// Whether `id` is stored.
     fn exists(&self, id: &ChunkId) -> Result<bool>;
     /// Every stored id, in no particular order.
@@ -79,6 +97,13 @@ pub trait ChunkStore: Send + Sync {
     fn sync(&self) -> Result<()>;
     /// Starts a batch of puts that become visible and durable together.
     fn batch(&self) -> Box<dyn PutBatch + '_>;
+    /// Removes what writers that died (`kill -9`, power loss) left behind;
+    /// returns how many. Safe while other processes put.
+    fn tidy(&self) -> Result<usize> {
+        Ok(0)
+    }
+    /// Where the store is, for messages.
+    fn describe(&self) -> String;
 }
 
 /// Puts that become visible and durable together, at [`PutBatch::commit`]:

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use tessera_chunk::ChunkId;
 
-use crate::{ChunkStore, Error, Put, PutBatch, Result};
+use crate::{Bytes, ChunkStore, Error, Put, PutBatch, Result};
 
 /// Chunks as files `ROOT/ab/abcdef…` (the first byte of the id fans out).
 ///
@@ -33,25 +33,18 @@ const STAGING: &str = ".staging";
 
 impl LocalDirStore {
     /// Opens a store rooted at `root` (which need not exist yet).
-    pub fn open(root: &Path) -> Result<LocalDirStore> {
+    pub fn open(root: &Path) -> LocalDirStore {
         let staging = root.join(STAGING);
         let cleanup = crate::interrupt::on_interrupt(move || {
             let _ = remove_temporaries(&staging, |pid| pid == std::process::id());
         });
-        Ok(LocalDirStore { root: root.to_owned(), counter: AtomicU64::new(0), _cleanup: cleanup })
+        LocalDirStore { root: root.to_owned(), counter: AtomicU64::new(0), _cleanup: cleanup }
     }
 
     /// Where chunk `id` lives.
     pub fn path_of(&self, id: &ChunkId) -> PathBuf {
         let hex = id.to_hex();
         self.root.join(&hex[..2]).join(hex)
-    }
-
-    /// Removes temporary files left by puts whose process died (kill -9,
-    /// power loss); returns how many. Safe while other processes put, and
-    /// cheap: temporaries live in one directory.
-    pub fn remove_stale_temporaries(&self) -> Result<usize> {
-        remove_temporaries(&self.root.join(STAGING), |pid| !crate::pid_alive(pid))
     }
 
     /// Removes temporaries of dead processes that releases before the
@@ -78,12 +71,7 @@ impl LocalDirStore {
     /// `sync` is set.
     fn write_temporary(&self, id: &ChunkId, bytes: &[u8], sync: bool) -> Result<PathBuf> {
         let staging = self.root.join(STAGING);
-        let tmp = staging.join(format!(
-            "{}-{}-{}",
-            std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed),
-            &id.to_hex()[..16]
-        ));
+        let tmp = staging.join(format!("{}-{}-{}", std::process::id(), self.counter.fetch_add(1, Ordering::Relaxed), &id.to_hex()[..16]));
         let Some(_writing) = crate::interrupt::writing() else {
             return Err(Error::Interrupted);
         };
@@ -162,9 +150,9 @@ impl ChunkStore for LocalDirStore {
         Ok(Put::Created)
     }
 
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+    fn get(&self, id: &ChunkId) -> Result<Bytes> {
         let path = self.path_of(id);
-        fs::read(&path).map_err(|e| match e.kind() {
+        fs::read(&path).map(Bytes::from).map_err(|e| match e.kind() {
             ErrorKind::NotFound => Error::NotFound(*id),
             _ => Error::io("read chunk", &path, e),
         })
@@ -217,6 +205,15 @@ impl ChunkStore for LocalDirStore {
 
     fn batch(&self) -> Box<dyn PutBatch + '_> {
         Box::new(LocalBatch { store: self, staged: Mutex::new(Vec::new()), seen: Mutex::new(HashSet::new()) })
+    }
+
+    /// Cheap: temporaries live in one directory.
+    fn tidy(&self) -> Result<usize> {
+        remove_temporaries(&self.root.join(STAGING), |pid| !crate::pid_alive(pid))
+    }
+
+    fn describe(&self) -> String {
+        self.root.display().to_string()
     }
 }
 
@@ -283,33 +280,33 @@ mod tests {
     #[test]
     fn conformance() {
         let dir = tempfile::tempdir().unwrap();
-        crate::conformance::run(&LocalDirStore::open(dir.path()).unwrap());
+        crate::conformance::run(&LocalDirStore::open(dir.path()));
     }
 
     #[test]
     fn concurrent_puts() {
         let dir = tempfile::tempdir().unwrap();
-        crate::conformance::run_concurrent(Arc::new(LocalDirStore::open(dir.path()).unwrap()));
+        crate::conformance::run_concurrent(Arc::new(LocalDirStore::open(dir.path())));
         crate::conformance::run_concurrent(Arc::new(crate::MemoryStore::default()));
     }
 
     #[test]
     fn a_dropped_batch_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalDirStore::open(dir.path()).unwrap();
+        let store = LocalDirStore::open(dir.path());
         let id = ChunkId::of(b"staged");
         let batch = store.batch();
         batch.put(&id, b"staged").unwrap();
         assert!(!store.exists(&id).unwrap(), "staged chunks are invisible until commit");
         drop(batch);
         assert!(store.list().unwrap().is_empty());
-        assert_eq!(store.remove_stale_temporaries().unwrap(), 0, "the batch removed its temporaries");
+        assert_eq!(store.tidy().unwrap(), 0, "the batch removed its temporaries");
     }
 
     #[test]
     fn temporaries_are_invisible_and_removable() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalDirStore::open(dir.path()).unwrap();
+        let store = LocalDirStore::open(dir.path());
         let id = ChunkId::of(b"x");
         store.put(&id, b"x").unwrap();
         let staging = dir.path().join(STAGING);
@@ -321,7 +318,7 @@ mod tests {
             fs::write(f, b"half").unwrap();
         }
         assert_eq!(store.list().unwrap(), vec![id]);
-        assert_eq!(store.remove_stale_temporaries().unwrap(), 1);
+        assert_eq!(store.tidy().unwrap(), 1);
         assert!(live.exists(), "a running process's temporary is left alone");
         assert_eq!(store.remove_legacy_temporaries().unwrap(), 1);
         assert!(!legacy.exists());
@@ -331,7 +328,7 @@ mod tests {
     fn opening_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("chunks");
-        let store = LocalDirStore::open(&root).unwrap();
+        let store = LocalDirStore::open(&root);
         assert!(store.list().unwrap().is_empty());
         assert!(!store.exists(&ChunkId::of(b"x")).unwrap());
         store.sync().unwrap();

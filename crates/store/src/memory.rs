@@ -5,12 +5,12 @@ use std::sync::{Arc, RwLock};
 
 use tessera_chunk::ChunkId;
 
-use crate::{ChunkStore, Error, ImmediateBatch, Put, PutBatch, Result};
+use crate::{Bytes, ChunkStore, Error, ImmediateBatch, Put, PutBatch, Result};
 
 /// Chunks in a hash map; clones share one map.
 #[derive(Default, Clone)]
 pub struct MemoryStore {
-    chunks: Arc<RwLock<HashMap<ChunkId, Arc<[u8]>>>>,
+    chunks: Arc<RwLock<HashMap<ChunkId, Bytes>>>,
 }
 
 impl ChunkStore for MemoryStore {
@@ -19,13 +19,13 @@ impl ChunkStore for MemoryStore {
         if map.contains_key(id) {
             return Ok(Put::AlreadyPresent);
         }
-        map.insert(*id, bytes.into());
+        map.insert(*id, Bytes::copy_from_slice(bytes));
         Ok(Put::Created)
     }
 
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+    fn get(&self, id: &ChunkId) -> Result<Bytes> {
         let map = self.chunks.read().expect("no panics while holding the lock");
-        map.get(id).map(|b| b.to_vec()).ok_or(Error::NotFound(*id))
+        map.get(id).cloned().ok_or(Error::NotFound(*id))
     }
 
     fn exists(&self, id: &ChunkId) -> Result<bool> {
@@ -46,6 +46,10 @@ impl ChunkStore for MemoryStore {
 
     fn batch(&self) -> Box<dyn PutBatch + '_> {
         Box::new(ImmediateBatch(self))
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
     }
 }
 

@@ -24,7 +24,8 @@ pub struct BadChunk {
 
 /// Fetches, checks and opens one chunk.
 pub fn read_chunk(store: &dyn ChunkStore, r: &ChunkRef) -> Result<Vec<u8>> {
-    let mut buf = store.get(&r.id)?;
+    // Opened in place: one copy out of the store's buffer (shared or not).
+    let mut buf = store.get(&r.id)?.to_vec();
     open_in_place(&r.id, &r.key, &mut buf)?;
     Ok(buf)
 }
@@ -35,8 +36,7 @@ fn for_each_chunk<F>(manifest: &Manifest, threads: usize, f: F) -> Result<()>
 where
     F: Fn(u64, &ChunkRef) -> Result<()> + Sync,
 {
-    let stored: Vec<(u64, &ChunkRef)> =
-        manifest.chunks.iter().enumerate().filter_map(|(i, c)| c.as_ref().map(|c| (i as u64, c))).collect();
+    let stored: Vec<(u64, &ChunkRef)> = manifest.chunks.iter().enumerate().filter_map(|(i, c)| c.as_ref().map(|c| (i as u64, c))).collect();
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
@@ -60,19 +60,9 @@ where
 
 /// Writes the plain disk image to `out` (sparse where the image has holes).
 /// The file appears only when complete; on any error nothing is left behind.
-pub fn export(
-    manifest: &Manifest,
-    store: &dyn ChunkStore,
-    out: &Path,
-    threads: usize,
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<()> {
+pub fn export(manifest: &Manifest, store: &dyn ChunkStore, out: &Path, threads: usize, progress: &(dyn Fn(u64) + Sync)) -> Result<()> {
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        std::process::id()
-    ));
+    let tmp = dir.join(format!(".{}.tmp-{}", out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id()));
     let _cleanup = {
         let tmp = tmp.clone();
         crate::interrupt::on_interrupt(move || {

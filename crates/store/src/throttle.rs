@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tessera_chunk::ChunkId;
 
-use crate::{ChunkStore, ImmediateBatch, Put, PutBatch, Result};
+use crate::{Bytes, ChunkStore, ImmediateBatch, Put, PutBatch, Result};
 
 /// Wraps a store with per-request latency and a shared bandwidth cap on gets.
 pub struct ThrottledStore {
@@ -44,7 +44,7 @@ impl ChunkStore for ThrottledStore {
         self.inner.put(id, bytes)
     }
 
-    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+    fn get(&self, id: &ChunkId) -> Result<Bytes> {
         std::thread::sleep(self.latency);
         let bytes = self.inner.get(id)?;
         self.transfer(bytes.len());
@@ -71,6 +71,14 @@ impl ChunkStore for ThrottledStore {
     fn batch(&self) -> Box<dyn PutBatch + '_> {
         Box::new(ImmediateBatch(self))
     }
+
+    fn tidy(&self) -> Result<usize> {
+        self.inner.tidy()
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (throttled)", self.inner.describe())
+    }
 }
 
 #[cfg(test)]
@@ -96,8 +104,14 @@ mod tests {
         // Two concurrent gets share the link: ~200 ms, not ~100 ms.
         let store = Arc::new(store);
         let t = Instant::now();
-        let a = { let s = store.clone(); std::thread::spawn(move || s.get(&id).unwrap()) };
-        let b = { let s = store.clone(); std::thread::spawn(move || s.get(&id).unwrap()) };
+        let a = {
+            let s = store.clone();
+            std::thread::spawn(move || s.get(&id).unwrap())
+        };
+        let b = {
+            let s = store.clone();
+            std::thread::spawn(move || s.get(&id).unwrap())
+        };
         a.join().unwrap();
         b.join().unwrap();
         assert!(t.elapsed() >= Duration::from_millis(210), "{:?}", t.elapsed());

@@ -72,7 +72,7 @@ impl Cpio {
 
 /// The shared libraries `binary` links, by absolute path (from `ldd`).
 fn libraries(binary: &Path) -> Result<Vec<String>, Error> {
-    let out = Command::new("ldd").arg(binary).output().map_err(|e| Error::Initramfs(format!("ldd: {e}")))?;
+    let out = Command::new("ldd").arg(binary).output().map_err(|e| Error::Tool { command: "ldd".into(), reason: e.to_string() })?;
     let text = String::from_utf8_lossy(&out.stdout);
     if text.contains("not a dynamic executable") || !out.status.success() {
         return Ok(Vec::new());
@@ -89,7 +89,7 @@ fn libraries(binary: &Path) -> Result<Vec<String>, Error> {
 
 /// Builds the initramfs for one run.
 pub fn build(guest: &Path, kernel: &Kernel, spec: &RunSpec) -> Result<Vec<u8>, Error> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::Initramfs(format!("{}: {e}", p.display())));
+    let read = |p: &Path| std::fs::read(p).map_err(Error::io("reading for the initramfs", p));
     let mut c = Cpio { out: Vec::new(), ino: 0, dirs: BTreeSet::new() };
     for d in ["proc", "sys", "dev", "newroot", "tessera", "lib/modules"] {
         c.dir(d);
@@ -114,6 +114,7 @@ pub fn build(guest: &Path, kernel: &Kernel, spec: &RunSpec) -> Result<Vec<u8>, E
     c.file("tessera/spec", 0o644, text.as_bytes());
     c.entry("TRAILER!!!", 0, &[]);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&c.out).map_err(|e| Error::Initramfs(e.to_string()))?;
-    gz.finish().map_err(|e| Error::Initramfs(e.to_string()))
+    // Writing to memory does not fail.
+    gz.write_all(&c.out).expect("gzip into memory");
+    Ok(gz.finish().expect("gzip into memory"))
 }

@@ -22,9 +22,10 @@ pub struct Kernel {
 }
 
 fn run(cmd: &mut Command) -> Result<String, Error> {
-    let out = cmd.output().map_err(|e| Error::Kernel(format!("{cmd:?}: {e}")))?;
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| Error::Tool { command: command.clone(), reason: e.to_string() })?;
     if !out.status.success() {
-        return Err(Error::Kernel(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(Error::Tool { command, reason: format!("failed: {}", String::from_utf8_lossy(&out.stderr).trim()) });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -33,8 +34,8 @@ impl Kernel {
     /// The kernel unpacked under `dir`, fetching it the first time (one
     /// process at a time: a lock file guards the download).
     pub fn ensure(dir: &Path) -> Result<Kernel, Error> {
-        fs::create_dir_all(dir).map_err(|e| Error::Kernel(format!("{}: {e}", dir.display())))?;
-        let lock = File::create(dir.join("lock")).map_err(|e| Error::Kernel(e.to_string()))?;
+        fs::create_dir_all(dir).map_err(Error::io("creating the kernel directory", dir))?;
+        let lock = File::create(dir.join("lock")).map_err(Error::io("locking", dir.join("lock")))?;
         // SAFETY: flock takes a valid open descriptor owned by `lock`.
         unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
         let unpacked = dir.join("kernel");
@@ -49,10 +50,10 @@ impl Kernel {
             .to_owned();
         let download = dir.join("download");
         let _ = fs::remove_dir_all(&download);
-        fs::create_dir_all(&download).map_err(|e| Error::Kernel(e.to_string()))?;
+        fs::create_dir_all(&download).map_err(Error::io("creating", &download))?;
         run(Command::new("apt-get").arg("download").arg(&package).current_dir(&download))?;
         let deb = fs::read_dir(&download)
-            .map_err(|e| Error::Kernel(e.to_string()))?
+            .map_err(Error::io("listing", &download))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "deb"))
             .ok_or_else(|| Error::Kernel(format!("apt-get download {package} left no .deb")))?;
@@ -61,7 +62,7 @@ impl Kernel {
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&staging))?;
         Kernel::find(&staging)?;
         let _ = fs::remove_dir_all(&unpacked);
-        fs::rename(&staging, &unpacked).map_err(|e| Error::Kernel(e.to_string()))?;
+        fs::rename(&staging, &unpacked).map_err(Error::io("renaming into place", &unpacked))?;
         let _ = fs::remove_dir_all(&download);
         Kernel::find(&unpacked)
     }

@@ -1,25 +1,34 @@
-//! Starting QEMU on the agent's NBD export.
+//! Starting QEMU on the agent's lazy disk.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use crate::Error;
 
-/// How the VM's CPU is provided.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accel {
-    /// Hardware virtualisation (/dev/kvm).
-    Kvm,
-    /// QEMU's software emulation.
-    Tcg,
+use crate::Accel;
+
+/// Where the VM's root disk comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootDisk {
+    /// An NBD export on a unix socket.
+    Nbd {
+        /// The agent's socket.
+        socket: PathBuf,
+        /// The export (`NAME@LABEL`).
+        export: String,
+    },
 }
 
-impl Accel {
-    /// `kvm` or `tcg`.
-    pub fn name(self) -> &'static str {
+impl RootDisk {
+    /// QEMU's `-drive` and `-device` arguments for it.
+    fn args(&self) -> Vec<String> {
         match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
+            RootDisk::Nbd { socket, export } => vec![
+                "-drive".into(),
+                format!("file=nbd+unix:///{export}?socket={},format=raw,if=none,id=root,cache=none", socket.display()),
+                "-device".into(),
+                "virtio-blk-pci,drive=root".into(),
+            ],
         }
     }
 }
@@ -30,10 +39,8 @@ pub struct Launch<'a> {
     pub kernel: &'a Path,
     /// Initramfs file.
     pub initrd: &'a Path,
-    /// The agent's unix socket and the export to boot from.
-    pub nbd_socket: &'a Path,
-    /// Export name (`NAME@LABEL`).
-    pub export: &'a str,
+    /// The root disk.
+    pub root: RootDisk,
     /// Guest memory, MiB.
     pub memory_mib: u32,
     /// Guest CPUs.
@@ -58,13 +65,7 @@ impl Launch<'_> {
             .arg("-initrd")
             .arg(self.initrd)
             .args(["-append", "console=ttyS0 panic=-1 quiet"])
-            .arg("-drive")
-            .arg(format!(
-                "file=nbd+unix:///{}?socket={},format=raw,if=none,id=root,cache=none",
-                self.export,
-                self.nbd_socket.display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=root"]);
+            .args(self.root.args());
         match self.console {
             Some(log) => cmd.arg("-serial").arg(format!("file:{}", log.display())),
             None => cmd.args(["-serial", "stdio"]),
@@ -76,7 +77,7 @@ impl Launch<'_> {
         cmd.stdin(Stdio::null());
         match self.console {
             Some(log) => {
-                let qemu_log = std::fs::File::create(log.with_extension("qemu")).map_err(|e| Error::Qemu(e.to_string()))?;
+                let qemu_log = std::fs::File::create(log.with_extension("qemu")).map_err(Error::io("creating", log.with_extension("qemu")))?;
                 cmd.stdout(Stdio::null()).stderr(qemu_log);
             }
             // The console goes to our stderr: the program's stdout stays clean.

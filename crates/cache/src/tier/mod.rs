@@ -48,7 +48,7 @@ use tokio::task::JoinSet;
 use crate::ec::Code;
 use crate::metrics::{counters, header, Histogram};
 use crate::placement::place;
-use crate::{ChunkSource, Error, Tier};
+use crate::{ChunkSource, Error, FetchContext, Tier};
 pub use wire::StripeHeader;
 
 /// How long one stripe request may take before its node counts as failed.
@@ -83,15 +83,54 @@ pub struct TierOptions {
     pub policy: ReadPolicy,
 }
 
+/// Why a tier cannot be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TierError {
+    /// Not a code this tier can use.
+    #[error("{0:?} is not a code K+M such as 4+1 (K >= 1, K + M <= 255)")]
+    BadCode(String),
+    /// Not an address a node can be reached at.
+    #[error("cache node {0:?} is not HOST:PORT")]
+    BadAddress(String),
+    /// Fewer nodes than stripes per chunk.
+    #[error("a {k}+{m} code needs at least {} cache nodes, {given} given", k + m)]
+    TooFewNodes {
+        /// Data stripes.
+        k: usize,
+        /// Parity stripes.
+        m: usize,
+        /// Nodes given.
+        given: usize,
+    },
+    /// A node listed twice.
+    #[error("cache node {0} is listed twice")]
+    DuplicateNode(String),
+    /// The token cannot travel in a header.
+    #[error("the cache token has characters a header cannot carry")]
+    BadToken,
+    /// The client's runtime could not start.
+    #[error("cannot start the cache tier's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
 impl TierOptions {
     /// Parses an `--ec` value such as `4+1`.
-    pub fn parse_code(s: &str) -> Result<(usize, usize), String> {
-        let bad = || format!("{s:?} is not a code K+M such as 4+1 (K >= 1, K + M <= 255)");
+    pub fn parse_code(s: &str) -> Result<(usize, usize), TierError> {
+        let bad = || TierError::BadCode(s.to_owned());
         let (k, m) = s.split_once('+').ok_or_else(bad)?;
         let (k, m): (usize, usize) = (k.trim().parse().map_err(|_| bad())?, m.trim().parse().map_err(|_| bad())?);
         // The code itself says which parameters it supports.
         Code::new(k, m).map_err(|_| bad())?;
         Ok((k, m))
+    }
+
+    /// Checks that `node` is `HOST:PORT`.
+    pub fn check_address(node: &str) -> Result<(), TierError> {
+        match node.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok() => Ok(()),
+            _ => Err(TierError::BadAddress(node.to_owned())),
+        }
     }
 }
 
@@ -186,31 +225,24 @@ const MAX_SUBSETS: usize = 64;
 
 impl CacheTier {
     /// A client of `options.nodes`; checks the options, connects lazily.
-    pub fn new(options: TierOptions) -> Result<CacheTier, String> {
-        let code = Code::new(options.k, options.m).map_err(|e| e.to_string())?;
+    pub fn new(options: TierOptions) -> Result<CacheTier, TierError> {
+        let code = Code::new(options.k, options.m).map_err(|_| TierError::BadCode(format!("{}+{}", options.k, options.m)))?;
+        for node in &options.nodes {
+            TierOptions::check_address(node)?;
+        }
         if options.nodes.len() < code.n() {
-            return Err(format!(
-                "a {}+{} code needs at least {} cache nodes, {} given",
-                options.k,
-                options.m,
-                code.n(),
-                options.nodes.len()
-            ));
+            return Err(TierError::TooFewNodes { k: options.k, m: options.m, given: options.nodes.len() });
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = options.nodes.iter().find(|n| !seen.insert(n.as_str())) {
-            return Err(format!("cache node {dup} is listed twice"));
+            return Err(TierError::DuplicateNode(dup.clone()));
         }
         let auth = match &options.token {
-            Some(t) => Some(HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| "the cache token has characters a header cannot carry".to_string())?),
+            Some(t) => Some(HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| TierError::BadToken)?),
             None => None,
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("tessera-tier")
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the cache tier's runtime: {e}"))?;
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tessera-tier").enable_all().build().map_err(TierError::Runtime)?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(STRIPE_TIMEOUT));
@@ -269,7 +301,7 @@ impl CacheTier {
 
     /// Stores `sealed`'s stripes (on `targets`, or all by placement) in the
     /// background, unless too many stores are waiting already.
-    fn store_later(&self, id: &ChunkId, sealed: &[u8], targets: Option<Targets>) {
+    fn store_later(&self, id: &ChunkId, sealed: &Bytes, targets: Option<Targets>) {
         let shared = &self.shared;
         if shared.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
             shared.pending.fetch_sub(1, Ordering::Relaxed);
@@ -277,7 +309,7 @@ impl CacheTier {
             return;
         }
         let me = Arc::clone(shared);
-        let (id, sealed) = (*id, sealed.to_vec());
+        let (id, sealed) = (*id, sealed.clone());
         self.runtime().spawn(async move {
             Arc::clone(&me).store(id, sealed, targets).await;
             me.pending.fetch_sub(1, Ordering::Relaxed);
@@ -302,7 +334,7 @@ impl Node {
     fn succeeded(&self) {
         let mut h = self.health.lock().expect("no panics while holding the lock");
         if h.failures > 0 {
-            eprintln!("tessera: cache node {} is back", self.addr);
+            tracing::info!("cache node {} is back", self.addr);
         }
         *h = Health::default();
     }
@@ -311,7 +343,7 @@ impl Node {
     /// node is left out only after many in a row.
     fn sent_corrupt(&self, chunk: &ChunkId, why: &str) {
         self.corrupt.fetch_add(1, Ordering::Relaxed);
-        eprintln!("tessera: cache node {}: the stripe of chunk {chunk} {why}; it gets a good one", self.addr);
+        tracing::warn!("cache node {}: the stripe of chunk {chunk} {why}; it gets a good one", self.addr);
         if self.corrupt_run.fetch_add(1, Ordering::Relaxed) + 1 >= CORRUPT_RUN_LIMIT {
             self.corrupt_run.store(0, Ordering::Relaxed);
             self.failed(&format!("{CORRUPT_RUN_LIMIT} corrupt stripes in a row"));
@@ -324,7 +356,7 @@ impl Node {
         h.failures = h.failures.saturating_add(1);
         let backoff = (Duration::from_millis(100) * 2u32.saturating_pow(h.failures.min(16) - 1)).min(MAX_BACKOFF);
         if h.failures == 1 {
-            eprintln!("tessera: cache node {}: {why}; leaving it out (retried with backoff)", self.addr);
+            tracing::warn!("cache node {}: {why}; leaving it out (retried with backoff)", self.addr);
         }
         h.down_until = Some(Instant::now() + backoff);
     }
@@ -516,7 +548,7 @@ impl Shared {
 
     /// Encodes `sealed` and stores its stripes: on `targets`, or stripe `i`
     /// on the chunk's `i`-th node (skipping nodes that are down).
-    async fn store(self: Arc<Self>, id: ChunkId, sealed: Vec<u8>, targets: Option<Targets>) {
+    async fn store(self: Arc<Self>, id: ChunkId, sealed: Bytes, targets: Option<Targets>) {
         let me = Arc::clone(&self);
         let Ok(stripes) = tokio::task::spawn_blocking(move || {
             let h = |index| StripeHeader { k: me.code.k() as u8, m: (me.code.n() - me.code.k()) as u8, index, chunk_len: sealed.len() as u32 };
@@ -567,13 +599,13 @@ impl ChunkSource for CacheTier {
         Tier::Cache
     }
 
-    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
+    fn fetch(&self, id: &ChunkId, _ctx: &FetchContext) -> Result<Option<Bytes>, Error> {
         let started = Instant::now();
         let shared = &self.shared;
         let stats = &shared.stats;
         let k = shared.code.k();
         let first = self.runtime().block_on(Arc::clone(shared).gather(*id, Some(k)));
-        let mut rebuilt = shared.rebuild(id, &first.stripes);
+        let mut rebuilt = shared.rebuild(id, &first.stripes).map(Bytes::from);
         if rebuilt.is_some() {
             // The nodes whose stripes made the chunk are sound for now.
             for node in first.from.iter().flatten() {
@@ -584,9 +616,9 @@ impl ChunkSource for CacheTier {
             // k stripes that do not make the chunk: one is corrupt. Ask for
             // all of them and try k-subsets.
             stats.corrupt.fetch_add(1, Ordering::Relaxed);
-            eprintln!("tessera: cache tier: chunk {id} did not rebuild from its first {k} stripes; trying all of them");
+            tracing::warn!("cache tier: chunk {id} did not rebuild from its first {k} stripes; trying all of them");
             let all = self.runtime().block_on(Arc::clone(shared).gather(*id, None));
-            rebuilt = shared.rebuild(id, &all.stripes);
+            rebuilt = shared.rebuild(id, &all.stripes).map(Bytes::from);
             if let Some(good) = &rebuilt {
                 // The stripes that differ from the good chunk's are bad:
                 // their nodes are left out for a while and get good ones.
@@ -631,7 +663,7 @@ impl ChunkSource for CacheTier {
         }
     }
 
-    fn offer(&self, id: &ChunkId, sealed: &[u8]) {
+    fn offer(&self, id: &ChunkId, sealed: &Bytes, _ctx: &FetchContext) {
         self.store_later(id, sealed, None);
     }
 
@@ -644,17 +676,20 @@ impl ChunkSource for CacheTier {
 
     fn render(&self, out: &mut String) {
         let s = &self.shared.stats;
-        counters(out, &[
-            ("tessera_cache_tier_hits_total", "Chunks rebuilt from the cache tier.", &s.hits),
-            ("tessera_cache_tier_misses_total", "Chunk reads the cache tier could not serve.", &s.misses),
-            ("tessera_cache_tier_stripes_received_total", "Stripes received from cache nodes.", &s.stripes_received),
-            ("tessera_cache_tier_stripes_cancelled_total", "Stripe requests cancelled because k others arrived first.", &s.stripes_cancelled),
-            ("tessera_cache_tier_corrupt_total", "Chunks whose first k stripes did not rebuild them (a corrupt stripe).", &s.corrupt),
-            ("tessera_cache_tier_stored_total", "Chunks encoded and stored in the cache tier (at least k stripes kept).", &s.stored),
-            ("tessera_cache_tier_stripes_stored_total", "Stripes stored on cache nodes.", &s.stripes_stored),
-            ("tessera_cache_tier_offers_dropped_total", "Chunks not stored in the tier because too many were waiting.", &s.offers_dropped),
-            ("tessera_cache_tier_stripes_repaired_total", "Stripes put back on nodes that held none of their chunk.", &s.stripes_repaired),
-        ]);
+        counters(
+            out,
+            &[
+                ("tessera_cache_tier_hits_total", "Chunks rebuilt from the cache tier.", &s.hits),
+                ("tessera_cache_tier_misses_total", "Chunk reads the cache tier could not serve.", &s.misses),
+                ("tessera_cache_tier_stripes_received_total", "Stripes received from cache nodes.", &s.stripes_received),
+                ("tessera_cache_tier_stripes_cancelled_total", "Stripe requests cancelled because k others arrived first.", &s.stripes_cancelled),
+                ("tessera_cache_tier_corrupt_total", "Chunks whose first k stripes did not rebuild them (a corrupt stripe).", &s.corrupt),
+                ("tessera_cache_tier_stored_total", "Chunks encoded and stored in the cache tier (at least k stripes kept).", &s.stored),
+                ("tessera_cache_tier_stripes_stored_total", "Stripes stored on cache nodes.", &s.stripes_stored),
+                ("tessera_cache_tier_offers_dropped_total", "Chunks not stored in the tier because too many were waiting.", &s.offers_dropped),
+                ("tessera_cache_tier_stripes_repaired_total", "Stripes put back on nodes that held none of their chunk.", &s.stripes_repaired),
+            ],
+        );
         header(out, "tessera_cache_tier_pending", "gauge", "Chunks waiting to be stored in the cache tier.");
         let _ = writeln!(out, "tessera_cache_tier_pending {}", self.shared.pending.load(Ordering::Relaxed));
         header(out, "tessera_cache_tier_rebuild_seconds", "histogram", "Time to rebuild one chunk from the cache tier.");
@@ -679,26 +714,22 @@ impl ChunkSource for CacheTier {
 mod tests {
     use super::*;
 
-    fn tier(k: usize, m: usize, nodes: usize) -> Result<CacheTier, String> {
-        CacheTier::new(TierOptions {
-            nodes: (0..nodes).map(|i| format!("127.0.0.1:{}", 1 + i)).collect(),
-            k,
-            m,
-            token: None,
-            policy: ReadPolicy::FirstK,
-        })
+    fn tier(k: usize, m: usize, nodes: usize) -> Result<CacheTier, TierError> {
+        CacheTier::new(TierOptions { nodes: (0..nodes).map(|i| format!("127.0.0.1:{}", 1 + i)).collect(), k, m, token: None, policy: ReadPolicy::FirstK })
     }
 
     #[test]
     fn codes_parse_and_need_enough_nodes() {
-        assert_eq!(TierOptions::parse_code("4+1"), Ok((4, 1)));
-        assert_eq!(TierOptions::parse_code("1+2"), Ok((1, 2)));
+        assert_eq!(TierOptions::parse_code("4+1").unwrap(), (4, 1));
+        assert_eq!(TierOptions::parse_code("1+2").unwrap(), (1, 2));
         for bad in ["4", "0+1", "4+x", "200+100", "+1"] {
             assert!(TierOptions::parse_code(bad).is_err(), "{bad}");
         }
         assert!(tier(4, 1, 5).is_ok());
-        let err = tier(4, 1, 3).err().unwrap();
+        let err = tier(4, 1, 3).err().unwrap().to_string();
         assert!(err.contains("at least 5 cache nodes, 3 given"), "{err}");
+        assert!(TierOptions::check_address("nowhere").is_err());
+        assert!(TierOptions::check_address("[::1]:7070").is_ok());
     }
 
     #[test]
@@ -708,9 +739,8 @@ mod tests {
         let sealed = tessera_chunk::seal(&salt, (0..tessera_chunk::CHUNK_SIZE).map(|i| (i % 251) as u8).collect());
         let s = &t.shared;
         let h = |index| StripeHeader { k: 4, m: 1, index, chunk_len: sealed.ciphertext.len() as u32 };
-        let fresh = || -> Vec<Option<Bytes>> {
-            s.code.encode(&sealed.ciphertext).iter().enumerate().map(|(i, b)| Some(Bytes::from(h(i as u8).wrap(b)))).collect()
-        };
+        let fresh =
+            || -> Vec<Option<Bytes>> { s.code.encode(&sealed.ciphertext).iter().enumerate().map(|(i, b)| Some(Bytes::from(h(i as u8).wrap(b)))).collect() };
         let mut stripes = fresh();
         assert_eq!(s.rebuild(&sealed.id, &stripes).as_deref(), Some(&sealed.ciphertext[..]));
         // Flip a byte of stripe 1: the first four no longer rebuild the

@@ -74,12 +74,7 @@ impl Env {
 }
 
 pub fn tessera_with_home(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(args)
-        .env("TESSERA_HOME", home)
-        .stdin(Stdio::null())
-        .output()
-        .expect("the tessera binary runs")
+    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env("TESSERA_HOME", home).stdin(Stdio::null()).output().expect("the tessera binary runs")
 }
 
 /// stdout and stderr of a finished command, for assertion messages.
@@ -120,12 +115,21 @@ pub fn busybox_layout(dir: &Path, tag: &str) {
     run(Command::new("setfattr").args(["-n", "user.tessera", "-v", "xattr-value"]).arg(root.join("etc/greeting")));
     run(Command::new("umoci").args(["repack", "--image", &image]).arg(&bundle));
     run(Command::new("umoci").args([
-        "config", "--image", &image,
-        "--config.entrypoint", "/bin/sh",
-        "--config.cmd", "-c", "--config.cmd", "cat /etc/greeting",
-        "--config.env", "GREETING=hello",
-        "--config.workingdir", "/etc",
-        "--config.user", "1000:1000",
+        "config",
+        "--image",
+        &image,
+        "--config.entrypoint",
+        "/bin/sh",
+        "--config.cmd",
+        "-c",
+        "--config.cmd",
+        "cat /etc/greeting",
+        "--config.env",
+        "GREETING=hello",
+        "--config.workingdir",
+        "/etc",
+        "--config.user",
+        "1000:1000",
     ]));
     std::fs::remove_dir_all(&bundle).unwrap();
 }
@@ -507,9 +511,7 @@ pub fn rss(pid: u32) -> u64 {
 /// The value of one series at `http://ADDR/metrics`.
 pub fn metric(addr: &str, series: &str) -> f64 {
     let body = http_get(addr, "/metrics", "");
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no metric {series} in:\n{body}"))
+    body.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or_else(|| panic!("no metric {series} in:\n{body}"))
 }
 
 /// Sends SIGTERM and waits up to `grace`; then kills.

@@ -1,6 +1,6 @@
 //! A minimal blocking NBD client (fixed newstyle, `NBD_OPT_GO`, simple
-//! replies, one request at a time): enough to measure request latency of
-//! any NBD server the same way.
+//! replies, one request at a time, or requests sent without waiting): enough
+//! to measure any NBD server the same way.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -22,6 +22,7 @@ impl Client {
     /// Connects to `export` on the unix socket `path`.
     pub fn connect(path: &Path, export: &str) -> io::Result<Client> {
         let mut sock = UnixStream::connect(path)?;
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
         let mut hello = [0u8; 18];
         sock.read_exact(&mut hello)?;
         if &hello[..8] != b"NBDMAGIC" || &hello[8..16] != b"IHAVEOPT" {
@@ -55,8 +56,8 @@ impl Client {
         Ok(Client { sock, size: size.ok_or_else(|| bad("no export size"))?, cookie: 0 })
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
-    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    /// Sends a read of `len` bytes at `offset` without waiting for the reply.
+    pub fn send_read(&mut self, offset: u64, len: u32) -> io::Result<()> {
         self.cookie += 1;
         let mut req = Vec::with_capacity(28);
         req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
@@ -64,8 +65,13 @@ impl Client {
         req.extend_from_slice(&0u16.to_be_bytes());
         req.extend_from_slice(&self.cookie.to_be_bytes());
         req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&(buf.len() as u32).to_be_bytes());
-        self.sock.write_all(&req)?;
+        req.extend_from_slice(&len.to_be_bytes());
+        self.sock.write_all(&req)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.send_read(offset, buf.len() as u32)?;
         let mut head = [0u8; 16];
         self.sock.read_exact(&mut head)?;
         let error = u32::from_be_bytes(head[4..8].try_into().expect("4 bytes"));

@@ -29,7 +29,7 @@ pub struct SealBench {
 
 /// Seals every non-zero chunk of `path` on `threads` threads and times it.
 /// The file is read once beforehand so the timing covers sealing, not the disk.
-pub fn seal_file(path: &Path, threads: usize) -> std::io::Result<SealBench> {
+pub fn run(path: &Path, threads: usize) -> std::io::Result<SealBench> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     let n = len.div_ceil(CHUNK_SIZE as u64);

@@ -1,0 +1,277 @@
+//! One function per subcommand: each parses nothing and decides nothing a
+//! library can, it calls the library and prints the result. Serving
+//! (`serve`, `mount`, `cachenode`), running and benchmarks have modules of
+//! their own; `options` turns shared flags into library options.
+
+mod bench;
+mod options;
+mod run;
+mod serve;
+
+use options::threads;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tessera_chunk::Manifest;
+use tessera_import::ImportOptions;
+use tessera_oci::PullOptions;
+use tessera_store::{readback, Home, ImageRef};
+
+use crate::flags::{BenchCommand, Cli, Command, ImportArgs, KeyringCommand};
+use crate::progress::{human, Bars};
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    // A cache node and the relay keep no images: they need no TESSERA_HOME.
+    let command = match cli.command {
+        Command::Cachenode(args) => return serve::cachenode(args),
+        Command::Bench(BenchCommand::Relay { listen, target, delay, ready_file }) => return bench::relay(&listen, &target, delay, ready_file.as_deref()),
+        other => other,
+    };
+    let home_dir = match cli.home {
+        Some(h) => h,
+        None => default_home()?,
+    };
+    let home = Home::open(&home_dir).with_context(|| format!("opening TESSERA_HOME {}", home_dir.display()))?;
+    match command {
+        Command::Serve(args) => serve::serve(home, args),
+        Command::Mount(args) => serve::mount(home, args),
+        Command::Run(args) => run::run(home, args),
+        Command::Profile { name, json } => profile(&home, &name, json),
+        Command::Import(args) => import(&home, args),
+        Command::Images { json } => images(&home, json),
+        Command::Inspect { name, json } => inspect(&home, &name, json),
+        Command::Export { name, file } => export(&home, &name, &file),
+        Command::Verify { name, json } => verify(&home, &name, json),
+        Command::Rm { names } => rm(&home, &names),
+        Command::Keyring(command) => keyring(&home, command),
+        Command::Bench(b) => bench::bench(&home, b),
+        Command::Cachenode(_) => unreachable!("handled above"),
+    }
+}
+
+fn default_home() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("tessera"));
+    }
+    let home = std::env::var_os("HOME").context("neither TESSERA_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".local/share/tessera"))
+}
+
+fn import(home: &Home, a: ImportArgs) -> Result<ExitCode> {
+    let bars = Bars::new(a.json);
+    let options = ImportOptions {
+        name: a.name,
+        tenant: a.tenant,
+        pull: PullOptions { platform: a.platform, insecure: a.insecure, creds: a.creds },
+        headroom_bytes: a.headroom,
+        threads: a.threads,
+    };
+    let report = tessera_import::import(home, &a.source, &options, &bars);
+    bars.done();
+    let report = report?;
+    for w in &report.warnings {
+        eprintln!("tessera: warning: {w}");
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "imported {} ({} layers): {} disk in {} chunks ({} holes); {} new chunks ({}); {:.2} s",
+            report.name,
+            report.layers,
+            human(report.disk_bytes),
+            report.chunks,
+            report.holes,
+            report.new_chunks,
+            human(report.new_bytes),
+            report.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn summary(name: &str, r: &ImageRef, m: &Manifest) -> serde_json::Value {
+    let stored = m.stored_chunks() as u64;
+    json!({
+        "name": name,
+        "manifest": r.manifest,
+        "tenant": r.tenant,
+        "disk_bytes": m.geometry.disk_bytes,
+        "chunks": m.chunks.len(),
+        "stored_chunks": stored,
+        "holes": m.chunks.len() as u64 - stored,
+        "source": m.source.reference,
+        "source_digest": m.source.manifest_digest,
+        "imported_at": m.imported_at,
+    })
+}
+
+fn images(home: &Home, json: bool) -> Result<ExitCode> {
+    let listing = home.catalog.list()?;
+    for (name, e) in &listing.bad {
+        eprintln!("tessera: warning: skipping image {name}: {e}");
+    }
+    // An empty store needs no keyring (and none is made).
+    let keyring = if listing.images.is_empty() { None } else { Some(home.keyring()?) };
+    let mut rows = Vec::new();
+    for (name, r) in listing.images {
+        let keyring = keyring.as_ref().expect("opened when there are images");
+        let m = home.catalog.get_manifest(&r.manifest).and_then(|s| Ok(s.open(keyring)?));
+        match m {
+            Ok(m) => rows.push(summary(&name, &r, &m)),
+            Err(e) => eprintln!("tessera: warning: {name}: {e}"),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<32} {:>10} {:>8} {:>8}  SOURCE", "NAME", "DISK", "CHUNKS", "STORED");
+    for r in rows {
+        println!(
+            "{:<32} {:>10} {:>8} {:>8}  {}",
+            r["name"].as_str().unwrap_or(""),
+            human(r["disk_bytes"].as_u64().unwrap_or(0)),
+            r["chunks"].as_u64().unwrap_or(0),
+            r["stored_chunks"].as_u64().unwrap_or(0),
+            r["source"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
+    let (r, m) = home.manifest(name)?;
+    let mut v = summary(name, &r, &m);
+    v["config"] = serde_json::to_value(&m.config)?;
+    v["geometry"] = serde_json::to_value(&m.geometry)?;
+    v["source_layers"] = serde_json::to_value(&m.source.layers)?;
+    v["config_digest"] = json!(m.source.config_digest);
+    v["platform"] = json!(m.source.platform);
+    v["salt_id"] = json!(m.salt_id);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = &m.config;
+    let g = &m.geometry;
+    println!("name:        {name}");
+    println!("source:      {} ({})", m.source.reference, m.source.manifest_digest);
+    println!("config:      {} {}", m.source.config_digest, m.source.platform);
+    println!("entrypoint:  {:?}", c.entrypoint);
+    println!("cmd:         {:?}", c.cmd);
+    println!("env:         {:?}", c.env);
+    println!("workdir:     {:?}", c.working_dir);
+    println!("user:        {:?}", c.user);
+    println!("disk:        {} in {} chunks: {} stored, {} holes", human(g.disk_bytes), m.chunks.len(), m.stored_chunks(), m.chunks.len() - m.stored_chunks());
+    println!(
+        "layers:      {} (data in chunks {})",
+        g.layers.len(),
+        g.layers.iter().map(|l| format!("{}+{}", l.first_chunk, l.chunks)).collect::<Vec<_>>().join(", ")
+    );
+    println!("metadata:    from chunk {}; headroom {}", g.metadata_chunk, human(g.headroom_bytes));
+    println!("inodes:      {} of {}", g.inodes_used, g.inodes_total);
+    println!("manifest:    {} (tenant {})", r.manifest, r.tenant);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export(home: &Home, name: &str, file: &std::path::Path) -> Result<ExitCode> {
+    let (_, m) = home.manifest(name)?;
+    let bars = Bars::new(false);
+    tessera_oci::Progress::start(&bars, "exporting", m.stored_chunks() as u64 * tessera_chunk::CHUNK_SIZE as u64);
+    let result = readback::export(&m, home.chunks.as_ref(), file, threads(), &|n| tessera_oci::Progress::advance(&bars, n));
+    bars.done();
+    result.with_context(|| format!("exporting {name}"))?;
+    println!("exported {name} to {} ({})", file.display(), human(m.geometry.disk_bytes));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
+    let (_, m) = home.manifest(name)?;
+    let bars = Bars::new(json);
+    tessera_oci::Progress::start(&bars, "verifying", m.stored_chunks() as u64 * tessera_chunk::CHUNK_SIZE as u64);
+    let bad = readback::verify(&m, home.chunks.as_ref(), threads(), &|n| tessera_oci::Progress::advance(&bars, n));
+    bars.done();
+    let bad = bad.with_context(|| format!("verifying {name}"))?;
+    if json {
+        let list: Vec<_> = bad.iter().map(|b| json!({"index": b.index, "id": b.id.to_hex(), "error": b.error.to_string()})).collect();
+        println!("{}", json!({"name": name, "chunks": m.stored_chunks(), "bad": list}));
+    } else if bad.is_empty() {
+        println!("{name}: all {} stored chunks present, matching their ids and opening", m.stored_chunks());
+    } else {
+        for b in &bad {
+            println!("{name}: bad chunk {} ({}): {}", b.index, b.id, b.error);
+        }
+        println!("{name}: {} of {} stored chunks are bad", bad.len(), m.stored_chunks());
+    }
+    Ok(if bad.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Removes each name; a failure is reported for a name that was not
+/// removed, and only a warning for tidying up after one that was.
+fn rm(home: &Home, names: &[String]) -> Result<ExitCode> {
+    let mut failed = 0;
+    for name in names {
+        match home.catalog.remove(name) {
+            Err(e) => {
+                eprintln!("tessera: error: {name}: {e}");
+                failed += 1;
+            }
+            Ok(r) => {
+                println!("removed {name}");
+                match r {
+                    None => eprintln!("tessera: warning: {name}: its name file could not be read, so its manifest stays in the store"),
+                    Some(r) => match home.catalog.release_manifest(&r.manifest) {
+                        Ok(tessera_store::Release::Removed | tessera_store::Release::InUse) => {}
+                        Ok(tessera_store::Release::Unsure(bad)) => eprintln!(
+                            "tessera: warning: {name}: its manifest {} stays in the store: the name files of {} cannot be read, and might use it",
+                            r.manifest,
+                            bad.join(", ")
+                        ),
+                        Err(e) => eprintln!("tessera: warning: {name}: its manifest {} stays in the store: {e}", r.manifest),
+                    },
+                }
+            }
+        }
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+fn keyring(home: &Home, command: KeyringCommand) -> Result<ExitCode> {
+    match command {
+        KeyringCommand::Init => {
+            let k = home.init_keyring()?;
+            println!("created the keyring {} (salt {})", k.path().display(), k.salt().id());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn profile(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
+    let (r, m) = home.manifest(name)?;
+    let Some(p) = tessera_agent::profile::load(home, &r)? else {
+        anyhow::bail!("{name} has no start-up profile yet: `tessera run {name}` records one");
+    };
+    let bytes = p.chunks.len() as u64 * tessera_chunk::CHUNK_SIZE as u64;
+    if json {
+        println!(
+            "{}",
+            json!({"name": name, "manifest": p.manifest, "chunks": p.chunks, "bytes": bytes, "disk_bytes": m.geometry.disk_bytes, "recorded_at": p.recorded_at, "seconds": p.seconds})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{name}: {} chunks ({}, {:.2}% of the {} disk) read in the first {:.2} s of a run",
+        p.chunks.len(),
+        human(bytes),
+        100.0 * bytes as f64 / m.geometry.disk_bytes as f64,
+        human(m.geometry.disk_bytes),
+        p.seconds
+    );
+    let shown: Vec<String> = p.chunks.iter().take(32).map(|c| c.to_string()).collect();
+    println!("order: {}{}", shown.join(" "), if p.chunks.len() > 32 { " …" } else { "" });
+    Ok(ExitCode::SUCCESS)
+}

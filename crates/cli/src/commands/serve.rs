@@ -1,0 +1,124 @@
+//! The long-running commands: `serve`, `mount` and `cachenode`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tessera_agent::device::Exports;
+use tessera_agent::{fuse, Agent, Frontend, Listen};
+use tessera_cachenode::{CacheNode, NodeOptions};
+use tessera_store::Home;
+
+use super::options::{agent_options, bound_allocator, interrupted, read_token};
+use crate::flags::{CachenodeArgs, LimitArgs, MountArgs, ServeArgs};
+
+/// `tessera serve`.
+pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
+    bound_allocator();
+    let nbd =
+        if a.nbd.is_empty() { vec![Listen::Unix(home.root().join("nbd.sock"))] } else { a.nbd.iter().map(|s| Listen::parse(s)).collect::<Result<_, _>>()? };
+    let mut options = agent_options(&home, a.limits, a.cache)?;
+    options.frontends = nbd.into_iter().map(Frontend::Nbd).collect();
+    options.metrics = a.metrics;
+    options.prefetch = a.prefetch;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(128).build()?;
+    let agent = Arc::new(Agent::new(home, options).context("starting the agent")?);
+    let ready_file = a.ready_file;
+    // A ready file that cannot be written stops the agent: whoever waits for it would wait forever.
+    let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    let mut failure = None;
+    runtime.block_on(agent.clone().run(
+        |bound| {
+            let line = format!(
+                "tessera: serving NBD on {}{}",
+                bound.nbd.join(", "),
+                bound.metrics.as_deref().map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
+            );
+            if let Err(e) = crate::ready::announce(&line, &json!({"nbd": bound.nbd, "metrics": bound.metrics}), ready_file.as_deref()) {
+                let _ = failed_tx.send(e);
+            }
+        },
+        async {
+            tokio::select! {
+                () = interrupted() => {}
+                Ok(e) = &mut failed_rx => failure = Some(e),
+            }
+        },
+    ))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    eprintln!("tessera: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tessera mount`.
+pub fn mount(home: Home, a: MountArgs) -> Result<ExitCode> {
+    bound_allocator();
+    let options = agent_options(&home, LimitArgs::default(), a.cache)?;
+    let agent = Agent::new(home, options).context("starting the agent")?;
+    let device = agent.exports.open(&a.name).with_context(|| format!("opening {}", a.name))?;
+    let writable = device.writable();
+    let session = fuse::mount(fuse::DiskFs::new(&a.name, device), &a.dir)
+        .with_context(|| format!("mounting FUSE on {} (is fuse3 installed and /dev/fuse there?)", a.dir.display()))?;
+    let file = a.dir.join(&a.name);
+    let loop_mount = match &a.loop_mount {
+        Some(mp) => {
+            let m = fuse::LoopMount::mount(&file, mp, writable)?;
+            eprintln!("tessera: {} is {}; its filesystem is mounted on {}", file.display(), a.name, mp.display());
+            Some(m)
+        }
+        None => {
+            eprintln!("tessera: {} is {}", file.display(), a.name);
+            None
+        }
+    };
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(interrupted());
+    drop(loop_mount);
+    drop(session);
+    agent.exports.flush_all();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tessera cachenode`.
+pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
+    let token = a.token_file.as_deref().map(read_token).transpose()?;
+    let options = NodeOptions { memory_bytes: a.mem, disk_bytes: a.disk, token };
+    let authenticated = options.token.is_some();
+    let node = Arc::new(CacheNode::open(&a.dir, options)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
+        // Without a token, anyone who reaches the node could poison it or
+        // push every agent to the origin: only loopback may go without.
+        let bound = listener.local_addr()?;
+        if !authenticated && !bound.ip().is_loopback() {
+            anyhow::bail!("{bound} is not a loopback address: give --token-file (a node without a token serves anyone who reaches it)");
+        }
+        let metrics = match &a.metrics {
+            Some(m) => Some(tokio::net::TcpListener::bind(m).await.with_context(|| format!("metrics listener {m}"))?),
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
+        let line = format!(
+            "tessera cachenode: serving stripes on {}{} ({} on disk from an earlier run){}",
+            bound,
+            if authenticated { " with a bearer token" } else { " without a token (loopback only)" },
+            node.disk_stripes(),
+            metrics_addr.map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
+        );
+        crate::ready::announce(&line, &json!({"listen": bound.to_string(), "metrics": metrics_addr.map(|m| m.to_string())}), a.ready_file.as_deref())?;
+        let metrics = metrics.map(|l| {
+            let node = Arc::clone(&node);
+            tokio::spawn(tessera_cache::metrics::serve(l, Arc::new(move || node.render_metrics())))
+        });
+        tessera_cachenode::serve(Arc::clone(&node), listener, interrupted()).await;
+        if let Some(m) = metrics {
+            m.abort();
+        }
+        anyhow::Ok(())
+    })?;
+    eprintln!("tessera cachenode: stopped");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,202 @@
+//! The embedded default [`Catalog`]: files under `TESSERA_HOME`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use tessera_chunk::{ChunkId, SealedManifest};
+
+use crate::catalog::is_manifest_id;
+use crate::{check_name, Catalog, Error, ImageRef, Listing, Result};
+
+/// Manifests (`HOME/manifests/ID`, profiles beside them as `ID.profile`)
+/// and names (`HOME/images/NAME.json`).
+///
+/// Every file is written to a temporary, flushed and renamed into place,
+/// and its directory synced, so a name never points at a partial manifest.
+/// Opening writes nothing: the directories are made by the first write.
+pub struct LocalCatalog {
+    manifests: PathBuf,
+    images: PathBuf,
+}
+
+impl LocalCatalog {
+    /// The catalog under `home`.
+    pub fn open(home: &Path) -> LocalCatalog {
+        LocalCatalog { manifests: home.join("manifests"), images: home.join("images") }
+    }
+
+    fn ref_path(&self, name: &str) -> PathBuf {
+        self.images.join(format!("{name}.json"))
+    }
+}
+
+impl Catalog for LocalCatalog {
+    fn put_manifest(&self, sealed: &SealedManifest) -> Result<ChunkId> {
+        let bytes = sealed.to_bytes();
+        let id = ChunkId::of(&bytes);
+        write_durably(&self.manifests.join(id.to_hex()), &bytes)?;
+        Ok(id)
+    }
+
+    fn get_manifest(&self, id: &str) -> Result<SealedManifest> {
+        let path = self.manifests.join(id);
+        if !is_manifest_id(id) {
+            return Err(Error::Corrupt { path, reason: "not a manifest id".into() });
+        }
+        let bytes = fs::read(&path).map_err(|e| Error::io("read manifest", &path, e))?;
+        if ChunkId::of(&bytes).to_hex() != id {
+            return Err(Error::Corrupt { path, reason: "manifest bytes do not match its id".into() });
+        }
+        Ok(SealedManifest::from_bytes(&bytes)?)
+    }
+
+    fn remove_manifest(&self, id: &str) -> Result<()> {
+        for path in [self.manifests.join(id), self.manifests.join(format!("{id}.profile"))] {
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != ErrorKind::NotFound {
+                    return Err(Error::io("remove manifest", &path, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn has_manifests(&self) -> Result<bool> {
+        match fs::read_dir(&self.manifests) {
+            Ok(mut entries) => Ok(entries.any(|e| e.is_ok_and(|e| e.file_name().to_str().is_some_and(is_manifest_id)))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("list manifests", &self.manifests, e)),
+        }
+    }
+
+    fn put_profile(&self, id: &str, sealed: &SealedManifest) -> Result<()> {
+        write_durably(&self.manifests.join(format!("{id}.profile")), &sealed.to_bytes())
+    }
+
+    fn get_profile(&self, id: &str) -> Result<Option<SealedManifest>> {
+        let path = self.manifests.join(format!("{id}.profile"));
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(SealedManifest::from_bytes(&bytes)?)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read profile", &path, e)),
+        }
+    }
+
+    fn set(&self, name: &str, r: &ImageRef) -> Result<()> {
+        check_name(name)?;
+        write_durably(&self.ref_path(name), &serde_json::to_vec_pretty(r).expect("ref serialises"))
+    }
+
+    fn get(&self, name: &str) -> Result<ImageRef> {
+        check_name(name)?;
+        let path = self.ref_path(name);
+        let bytes = fs::read(&path).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => Error::NoSuchImage(name.to_owned()),
+            _ => Error::io("read image", &path, e),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path, reason: e.to_string() })
+    }
+
+    fn remove(&self, name: &str) -> Result<Option<ImageRef>> {
+        let r = match self.get(name) {
+            Ok(r) => Some(r),
+            Err(Error::Corrupt { .. } | Error::Io { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let path = self.ref_path(name);
+        fs::remove_file(&path).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => Error::NoSuchImage(name.to_owned()),
+            _ => Error::io("remove image", &path, e),
+        })?;
+        sync_dir(&self.images)?;
+        Ok(r)
+    }
+
+    fn list(&self) -> Result<Listing> {
+        let mut out = Listing::default();
+        let entries = match fs::read_dir(&self.images) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io("list images", &self.images, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list images", &self.images, e))?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file.strip_suffix(".json") {
+                if check_name(name).is_ok() {
+                    match self.get(name) {
+                        Ok(r) => out.images.push((name.to_owned(), r)),
+                        // Removed since the directory was read.
+                        Err(Error::NoSuchImage(_)) => {}
+                        Err(e) => out.bad.push((name.to_owned(), e)),
+                    }
+                }
+            }
+        }
+        out.images.sort_by(|a, b| a.0.cmp(&b.0));
+        out.bad.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    fn describe(&self) -> String {
+        self.images.parent().map(|p| p.display().to_string()).unwrap_or_default()
+    }
+}
+
+/// Writes `bytes` to a temporary name, syncs, renames into place, syncs the
+/// directory (made if missing).
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("catalog paths have a parent");
+    fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+    let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), path.file_name().expect("a file name").to_string_lossy()));
+    let write = || -> std::io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io("write", path, e));
+    }
+    fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Release;
+
+    #[test]
+    fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::conformance::run_catalog(&LocalCatalog::open(dir.path()));
+    }
+
+    #[test]
+    fn a_corrupt_name_is_reported_beside_the_others_and_can_be_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = LocalCatalog::open(dir.path());
+        assert!(catalog.list().unwrap().images.is_empty(), "an empty catalog lists nothing");
+        assert!(!dir.path().join("images").exists(), "and writes nothing");
+        let r = ImageRef { manifest: "ab".repeat(32), tenant: "default".into() };
+        catalog.set("good", &r).unwrap();
+        catalog.set("bad", &r).unwrap();
+        fs::write(dir.path().join("images/bad.json"), b"{ not json").unwrap();
+        let listing = catalog.list().unwrap();
+        assert_eq!(listing.images, vec![("good".to_owned(), r.clone())]);
+        assert_eq!(listing.bad.len(), 1);
+        assert!(listing.may_use("cd".repeat(32).as_str()), "an unreadable name might use any manifest");
+        assert_eq!(catalog.release_manifest(&"cd".repeat(32)).unwrap(), Release::Unsure(vec!["bad".into()]));
+        assert_eq!(catalog.remove("bad").unwrap(), None);
+        assert!(catalog.list().unwrap().bad.is_empty());
+        assert!(!catalog.list().unwrap().may_use(&"cd".repeat(32)));
+        assert_eq!(catalog.release_manifest(&"ab".repeat(32)).unwrap(), Release::InUse);
+        assert!(matches!(catalog.remove("bad"), Err(Error::NoSuchImage(_))));
+    }
+}
