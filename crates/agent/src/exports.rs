@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex};
 
 use tessera_cache::Loader;
 use tessera_chunk::CHUNK_SIZE;
@@ -21,9 +21,8 @@ pub struct CatalogExports {
     overlays: PathBuf,
     /// Open disks by image name (replaced when the image is re-imported).
     disks: Mutex<HashMap<String, Arc<VirtualDisk>>>,
-    /// Open overlays by export name, shared by every connection to it; an
-    /// overlay closes (its files and bitmap freed) when its last user goes.
-    open_overlays: Mutex<HashMap<String, Weak<Overlay>>>,
+    /// Open overlays by export name, shared by every connection to it.
+    open_overlays: Arc<OverlayTable>,
     /// The most overlays open at once.
     max_overlays: usize,
     /// Prefetch a disk's start-up profile when it is first opened.
@@ -34,7 +33,15 @@ impl CatalogExports {
     /// Exports of `home`, reading through `loader`, with overlays under
     /// `overlays`, at most `max_overlays` of them open at once.
     pub fn new(home: Arc<Home>, loader: Arc<Loader>, overlays: PathBuf, max_overlays: usize) -> CatalogExports {
-        CatalogExports { home, loader, overlays, disks: Mutex::new(HashMap::new()), open_overlays: Mutex::new(HashMap::new()), max_overlays, prefetch: false }
+        CatalogExports {
+            home,
+            loader,
+            overlays,
+            disks: Mutex::new(HashMap::new()),
+            open_overlays: Arc::new(OverlayTable::default()),
+            max_overlays,
+            prefetch: false,
+        }
     }
 
     /// Whether each image's start-up profile is prefetched when its disk is
@@ -45,7 +52,7 @@ impl CatalogExports {
 
     /// Overlays open now.
     pub fn open_overlay_count(&self) -> usize {
-        self.open_overlays.lock().expect("no panics while holding the lock").values().filter(|o| o.strong_count() > 0).count()
+        self.open_overlays.open().len()
     }
 
     /// The current disk of image `name`.
@@ -71,8 +78,7 @@ impl CatalogExports {
 
     /// Flushes every open overlay (on shutdown).
     pub fn flush_all(&self) {
-        let open: Vec<(String, Arc<Overlay>)> =
-            self.open_overlays.lock().expect("no panics while holding the lock").iter().filter_map(|(name, o)| Some((name.clone(), o.upgrade()?))).collect();
+        let open: Vec<(String, Arc<Overlay>)> = self.open_overlays.open();
         for (name, o) in open {
             if let Err(e) = o.flush() {
                 tracing::error!("overlay {name}: {e}");
@@ -105,24 +111,14 @@ impl Exports for CatalogExports {
         let disk = self.disk(name)?;
         let Some(label) = label else { return Ok(Arc::new(ImageDevice(disk))) };
         check_name(label).map_err(|_| ExportError::BadLabel(label.to_owned()))?;
-        let mut open = self.open_overlays.lock().expect("no panics while holding the lock");
-        open.retain(|_, o| o.strong_count() > 0);
-        // An overlay opened over an older version of the image is not reused:
-        // opening it again refuses the version mismatch.
-        let overlay = match open.get(export).and_then(Weak::upgrade).filter(|o| o.manifest_id() == disk.manifest_id()) {
-            Some(o) => o,
-            None => {
-                if open.len() >= self.max_overlays && !open.contains_key(export) {
-                    return Err(ExportError::TooManyOverlays(self.max_overlays));
-                }
-                open.remove(export);
-                let dir = self.overlays.join(format!("{name}@{label}"));
-                let o = Arc::new(Overlay::open(&dir, disk.manifest_id(), disk.size()).map_err(ExportError::Overlay)?);
-                open.insert(export.to_owned(), Arc::downgrade(&o));
-                o
-            }
-        };
-        Ok(Arc::new(OverlayDevice { disk, overlay }))
+        let dir = self.overlays.join(format!("{name}@{label}"));
+        let lease = OverlayTable::lease(&self.open_overlays, export, self.max_overlays, || Overlay::open(&dir, disk.manifest_id(), disk.size()))?;
+        if lease.overlay().manifest_id() != disk.manifest_id() {
+            return Err(ExportError::Overlay(io::Error::other(format!(
+                "{export} is open over an earlier version of {name}; reconnect once its connections have ended"
+            ))));
+        }
+        Ok(Arc::new(OverlayDevice { disk, lease }))
     }
 }
 
@@ -180,10 +176,99 @@ impl Device for ImageDevice {
     }
 }
 
+/// The overlays open now, by export name, with how many devices use each.
+/// An overlay closes (files and bitmap freed) when its last device goes; an
+/// open of the same export meanwhile waits for the close to finish rather
+/// than race it for the overlay's lock.
+#[derive(Default)]
+struct OverlayTable {
+    slots: Mutex<HashMap<String, Slot>>,
+    closed: Condvar,
+}
+
+enum Slot {
+    Open { overlay: Arc<Overlay>, users: usize },
+    Closing,
+}
+
+/// One device's use of an overlay; the last one to go closes it.
+struct Lease {
+    table: Arc<OverlayTable>,
+    export: String,
+    overlay: Option<Arc<Overlay>>,
+}
+
+impl OverlayTable {
+    /// A use of `export`'s overlay, opened with `open` if it is not open.
+    fn lease(table: &Arc<OverlayTable>, export: &str, max: usize, open: impl FnOnce() -> io::Result<Overlay>) -> Result<Lease, ExportError> {
+        let mut slots = table.slots.lock().expect("no panics while holding the lock");
+        loop {
+            match slots.get_mut(export) {
+                Some(Slot::Closing) => slots = table.closed.wait(slots).expect("no panics while holding the lock"),
+                Some(Slot::Open { overlay, users }) => {
+                    *users += 1;
+                    let overlay = Some(Arc::clone(overlay));
+                    return Ok(Lease { table: Arc::clone(table), export: export.to_owned(), overlay });
+                }
+                None => break,
+            }
+        }
+        if slots.len() >= max {
+            return Err(ExportError::TooManyOverlays(max));
+        }
+        let overlay = Arc::new(open().map_err(ExportError::Overlay)?);
+        slots.insert(export.to_owned(), Slot::Open { overlay: Arc::clone(&overlay), users: 1 });
+        Ok(Lease { table: Arc::clone(table), export: export.to_owned(), overlay: Some(overlay) })
+    }
+
+    /// The overlays open now.
+    fn open(&self) -> Vec<(String, Arc<Overlay>)> {
+        let slots = self.slots.lock().expect("no panics while holding the lock");
+        slots
+            .iter()
+            .filter_map(|(name, s)| match s {
+                Slot::Open { overlay, .. } => Some((name.clone(), Arc::clone(overlay))),
+                Slot::Closing => None,
+            })
+            .collect()
+    }
+}
+
+impl Lease {
+    fn overlay(&self) -> &Overlay {
+        self.overlay.as_ref().expect("held until drop")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let last = {
+            let mut slots = self.table.slots.lock().expect("no panics while holding the lock");
+            match slots.get_mut(&self.export) {
+                Some(Slot::Open { users, .. }) if *users > 1 => {
+                    *users -= 1;
+                    false
+                }
+                _ => {
+                    slots.insert(self.export.clone(), Slot::Closing);
+                    true
+                }
+            }
+        };
+        // The table's reference went with its slot: this one is the last,
+        // and dropping it flushes and closes the overlay.
+        drop(self.overlay.take());
+        if last {
+            self.table.slots.lock().expect("no panics while holding the lock").remove(&self.export);
+            self.table.closed.notify_all();
+        }
+    }
+}
+
 /// `NAME@LABEL`: the image with this label's writes on top.
 struct OverlayDevice {
     disk: Arc<VirtualDisk>,
-    overlay: Arc<Overlay>,
+    lease: Lease,
 }
 
 impl Device for OverlayDevice {
@@ -194,22 +279,22 @@ impl Device for OverlayDevice {
         true
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.overlay.read_at(&self.disk, buf, offset)
+        self.lease.overlay().read_at(&self.disk, buf, offset)
     }
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
-        let untouched = !self.overlay.any_written(offset, buf.len() as u64);
+        let untouched = !self.lease.overlay().any_written(offset, buf.len() as u64);
         (untouched && self.disk.read_cached(buf, offset)).then_some(Ok(()))
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.overlay.write_at(&self.disk, data, offset)
+        self.lease.overlay().write_at(&self.disk, data, offset)
     }
     fn flush(&self) -> io::Result<()> {
-        self.overlay.flush()
+        self.lease.overlay().flush()
     }
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.overlay.zero(&self.disk, offset, len)
+        self.lease.overlay().zero(&self.disk, offset, len)
     }
     fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
-        image_allocation(&self.disk, offset, len, |o, l| self.overlay.any_written(o, l))
+        image_allocation(&self.disk, offset, len, |o, l| self.lease.overlay().any_written(o, l))
     }
 }
