@@ -7,7 +7,7 @@ use std::time::Duration;
 use tessera_chunk::ChunkId;
 use tessera_store::ChunkStore;
 
-use crate::metrics::header;
+use crate::metrics::{header, Histogram};
 use crate::{Bytes, ChunkSource, Error, FetchContext, Tier};
 
 /// The origin store, admitting at most `limit` requests at once and queueing
@@ -27,6 +27,10 @@ pub struct Origin {
     pub shed: AtomicU64,
     /// Requests made (admitted or not).
     pub requests: AtomicU64,
+    /// Time the store took to answer.
+    latency: Histogram,
+    /// Failed requests, by kind.
+    errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 #[derive(Default)]
@@ -51,6 +55,8 @@ impl Origin {
             peak_in_flight: AtomicU64::new(0),
             shed: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            latency: Histogram::default(),
+            errors: Mutex::new(Default::default()),
         }
     }
 
@@ -96,10 +102,16 @@ impl ChunkSource for Origin {
     fn fetch(&self, id: &ChunkId, _ctx: &FetchContext) -> Result<Option<Bytes>, Error> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let _slot = self.admit(id)?;
-        match self.store.get(id) {
+        let started = std::time::Instant::now();
+        let got = self.store.get(id);
+        self.latency.observe(started.elapsed());
+        match got {
             Ok(b) => Ok(Some(b)),
             Err(tessera_store::Error::NotFound(_)) => Ok(None),
-            Err(e) => Err(Error::Source { id: *id, tier: Tier::Origin, source: Box::new(e) }),
+            Err(e) => {
+                *self.errors.lock().expect("no panics while holding the lock").entry(e.kind_label()).or_default() += 1;
+                Err(Error::Source { id: *id, tier: Tier::Origin, source: Box::new(e) })
+            }
         }
     }
 
@@ -114,6 +126,13 @@ impl ChunkSource for Origin {
         let _ = writeln!(out, "tessera_origin_requests_total {}", load(&self.requests));
         header(out, "tessera_origin_requests_shed_total", "counter", "Origin requests refused because the queue was full.");
         let _ = writeln!(out, "tessera_origin_requests_shed_total {}", load(&self.shed));
+        header(out, "tessera_origin_request_seconds", "histogram", "Time the origin store took to answer a request.");
+        self.latency.render(out, "tessera_origin_request_seconds", "");
+        header(out, "tessera_origin_request_errors_total", "counter", "Origin requests that failed, by kind.");
+        for (kind, n) in self.errors.lock().expect("no panics while holding the lock").iter() {
+            let _ = writeln!(out, "tessera_origin_request_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        self.store.render(out);
     }
 }
 
@@ -178,7 +197,7 @@ mod tests {
             Ok(())
         }
         fn batch(&self) -> Box<dyn tessera_store::PutBatch + '_> {
-            Box::new(tessera_store::ImmediateBatch(self))
+            Box::new(tessera_store::ImmediateBatch::new(self))
         }
         fn describe(&self) -> String {
             "slow".into()

@@ -8,14 +8,28 @@ use clap::{Args, Parser, Subcommand};
 ///
 /// Images are flattened into one deterministic ext4 filesystem, cut into
 /// 512 KiB chunks, sealed with convergent encryption and stored once each.
-/// Everything lives under TESSERA_HOME (default ~/.local/share/tessera):
-/// no service needs to run.
+/// By default everything lives under TESSERA_HOME (default
+/// ~/.local/share/tessera): no service needs to run. With --store s3://…,
+/// chunks, manifests and names live in an S3-compatible bucket shared by
+/// many hosts, and TESSERA_HOME keeps only this host's caches and state.
 #[derive(Parser, Debug)]
 #[command(name = "tessera", version, propagate_version = true)]
 pub struct Cli {
-    /// Where the embedded store lives: chunks, manifests, keyring.
+    /// This host's directory: caches, overlays, sockets, the keyring, and
+    /// (unless --store says otherwise) the store itself.
     #[arg(long, env = "TESSERA_HOME", global = true, value_name = "DIR")]
     pub home: Option<PathBuf>,
+    /// Where chunks, manifests and names live: file:DIR (default: the home)
+    /// or s3://BUCKET[/PREFIX][?endpoint=URL&region=R&virtual_hosted=true],
+    /// with credentials from the standard AWS variables (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
+    /// AWS_ENDPOINT_URL) or the shared files of AWS_PROFILE.
+    #[arg(long, env = "TESSERA_STORE", global = true, value_name = "URL")]
+    pub store: Option<String>,
+    /// The keyring that opens the store's manifests (default
+    /// $TESSERA_HOME/keyring.json); hosts sharing a store share a copy.
+    #[arg(long, env = "TESSERA_KEYRING", global = true, value_name = "FILE")]
+    pub keyring: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,

@@ -165,7 +165,7 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     // A store failure explains a flatten failure, so report it first.
     let sealed = sealed.map_err(store_err)?;
     let (flat, file_bytes) = flat?;
-    batch.commit().map_err(store_err)?;
+    let committed = batch.commit().map_err(store_err)?;
 
     let n_chunks = flat.disk_bytes / CHUNK_SIZE as u64;
     let mut chunks: Vec<Option<ChunkRef>> = vec![None; n_chunks as usize];
@@ -235,8 +235,8 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
         disk_bytes: flat.disk_bytes,
         chunks: n_chunks,
         holes,
-        new_chunks: sealed.new_chunks,
-        new_bytes: sealed.new_bytes,
+        new_chunks: committed.new_chunks,
+        new_bytes: committed.new_bytes,
         seconds: started.elapsed().as_secs_f64(),
         source: shown,
         source_digest: image.manifest_digest.to_string(),

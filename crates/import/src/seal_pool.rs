@@ -6,17 +6,13 @@ use std::thread;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tessera_chunk::{is_zero, seal_in_place, ChunkRef, Salt};
 use tessera_flatten::{ChunkSink, SinkError};
-use tessera_store::{Error, Put, PutBatch};
+use tessera_store::{Error, PutBatch};
 
 /// What the sealers did.
 #[derive(Default)]
 pub struct Sealed {
     /// (chunk index, reference) of every non-hole chunk.
     pub refs: Vec<(u64, ChunkRef)>,
-    /// Chunks the store did not have before.
-    pub new_chunks: u64,
-    /// Their sealed bytes.
-    pub new_bytes: u64,
 }
 
 /// The producer's end: hands chunks to the sealers, and takes back spent
@@ -52,8 +48,6 @@ pub fn seal_while<T>(salt: &Salt, batch: &dyn PutBatch, threads: usize, produce:
         for w in workers {
             let t = w.join().expect("seal workers do not panic");
             all.refs.extend(t.refs);
-            all.new_chunks += t.new_chunks;
-            all.new_bytes += t.new_bytes;
         }
         let result = match failure.lock().expect("no panics while holding the lock").take() {
             Some(e) => Err(e),
@@ -66,7 +60,7 @@ pub fn seal_while<T>(salt: &Salt, batch: &dyn PutBatch, threads: usize, produce:
 fn seal_worker(rx: Receiver<(u64, Vec<u8>)>, spent: Sender<Vec<u8>>, salt: &Salt, batch: &dyn PutBatch, failure: &Mutex<Option<Error>>) -> Sealed {
     let mut tally = Sealed::default();
     for (index, mut buf) in rx {
-        let sealed = seal_one(&mut buf, salt, batch, failure, &mut tally);
+        let sealed = seal_one(&mut buf, salt, batch, failure);
         let _ = spent.try_send(buf); // full: let it drop
         if let Some(r) = sealed {
             tally.refs.push((index, r));
@@ -76,21 +70,14 @@ fn seal_worker(rx: Receiver<(u64, Vec<u8>)>, spent: Sender<Vec<u8>>, salt: &Salt
 }
 
 /// Seals and stages one chunk; `None` for a hole or a failure (recorded).
-fn seal_one(buf: &mut Vec<u8>, salt: &Salt, batch: &dyn PutBatch, failure: &Mutex<Option<Error>>, tally: &mut Sealed) -> Option<ChunkRef> {
+fn seal_one(buf: &mut Vec<u8>, salt: &Salt, batch: &dyn PutBatch, failure: &Mutex<Option<Error>>) -> Option<ChunkRef> {
     if failure.lock().expect("no panics while holding the lock").is_some() || is_zero(buf) {
         return None; // failing: just drain the queue; or a hole: stored nowhere
     }
     let (id, key) = seal_in_place(salt, buf);
-    match batch.put(&id, buf) {
-        Ok(Put::Created) => {
-            tally.new_chunks += 1;
-            tally.new_bytes += buf.len() as u64;
-        }
-        Ok(Put::AlreadyPresent) => {}
-        Err(e) => {
-            failure.lock().expect("no panics while holding the lock").get_or_insert(e);
-            return None;
-        }
+    if let Err(e) = batch.put(&id, buf) {
+        failure.lock().expect("no panics while holding the lock").get_or_insert(e);
+        return None;
     }
     Some(ChunkRef { id, key })
 }

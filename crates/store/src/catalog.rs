@@ -21,13 +21,15 @@ pub struct ImageRef {
 /// - a manifest is stored under the SHA-256 of its bytes and is durable when
 ///   [`Catalog::put_manifest`] returns; [`Catalog::get_manifest`] checks the
 ///   bytes against the id and fails with [`Error::Corrupt`] on a mismatch;
-/// - [`Catalog::set`] points a name at a manifest atomically: a reader sees
-///   the old target or the new one, never a partial name; callers set a
-///   name only after its manifest and every chunk it names are durable;
+/// - [`Catalog::set`] points a name at a manifest atomically (a reader sees
+///   the old target or the new one, never a partial name) and returns what
+///   it replaced: of two setters racing for one name, each is told what it
+///   replaced, so nothing is released twice or never; callers set a name
+///   only after its manifest and every chunk it names are durable;
 /// - [`Catalog::get`] of an absent name is [`Error::NoSuchImage`]; a name
 ///   that cannot be read is [`Error::Corrupt`] (or I/O), and
-///   [`Catalog::list`] reports it in [`Listing::bad`], beside the others,
-///   never in place of them;
+///   [`Catalog::scan`] reports it beside the others, never in place of
+///   them; a scan holds one name at a time, however many there are;
 /// - [`Catalog::remove`] removes a name even when it cannot be read;
 /// - nothing is written by reading, listing, or opening.
 pub trait Catalog: Send + Sync {
@@ -43,8 +45,9 @@ pub trait Catalog: Send + Sync {
     fn put_profile(&self, id: &str, sealed: &SealedManifest) -> Result<()>;
     /// The sealed start-up profile of manifest `id`, if one was recorded.
     fn get_profile(&self, id: &str) -> Result<Option<SealedManifest>>;
-    /// Points `name` at a manifest (replacing what it pointed at).
-    fn set(&self, name: &str, r: &ImageRef) -> Result<()>;
+    /// Points `name` at a manifest; returns what it pointed at before, if
+    /// anything readable.
+    fn set(&self, name: &str, r: &ImageRef) -> Result<Option<ImageRef>>;
     /// What `name` points at.
     fn get(&self, name: &str) -> Result<ImageRef>;
     /// Removes `name` (even when it cannot be read) and returns what it
@@ -52,10 +55,21 @@ pub trait Catalog: Send + Sync {
     /// [`Catalog::release_manifest`], which callers run after this has
     /// succeeded: once the name is gone, the removal has happened.
     fn remove(&self, name: &str) -> Result<Option<ImageRef>>;
-    /// Every name, sorted, and the names that cannot be read.
-    fn list(&self) -> Result<Listing>;
+    /// Calls `each` with every name (in name order) and what it points at,
+    /// or why that cannot be read.
+    fn scan(&self, each: &mut dyn FnMut(String, Result<ImageRef>)) -> Result<()>;
     /// Where the catalog is, for messages.
     fn describe(&self) -> String;
+
+    /// Every name, sorted, and the names that cannot be read.
+    fn list(&self) -> Result<Listing> {
+        let mut out = Listing::default();
+        self.scan(&mut |name, r| match r {
+            Ok(r) => out.images.push((name, r)),
+            Err(e) => out.bad.push((name, e)),
+        })?;
+        Ok(out)
+    }
 
     /// Removes manifest `id` unless a name still uses it, or a name that
     /// cannot be read might.

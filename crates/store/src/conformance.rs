@@ -90,11 +90,12 @@ fn batches(store: &dyn ChunkStore) {
     let (present, bytes) = chunk(40);
     store.put(&present, &bytes).unwrap();
     let batch = store.batch();
-    assert_eq!(batch.put(&present, &bytes).unwrap(), Put::AlreadyPresent);
+    batch.put(&present, &bytes).unwrap();
     let (a, a_bytes) = chunk(41);
-    assert_eq!(batch.put(&a, &a_bytes).unwrap(), Put::Created);
-    assert_eq!(batch.put(&a, &a_bytes).unwrap(), Put::AlreadyPresent, "a batch knows its own puts");
-    batch.commit().unwrap();
+    batch.put(&a, &a_bytes).unwrap();
+    batch.put(&a, &a_bytes).unwrap();
+    let committed = batch.commit().unwrap();
+    assert_eq!(committed, crate::Committed { new_chunks: 1, new_bytes: a_bytes.len() as u64 }, "present chunks and repeats are not new");
     assert_eq!(&store.get(&a).unwrap()[..], &a_bytes[..]);
     // A batch dropped without commit leaves no partial chunk.
     let (b, b_bytes) = chunk(42);
@@ -154,10 +155,10 @@ pub fn run_catalog(catalog: &dyn Catalog) {
     assert_eq!(catalog.get_profile(&id1.to_hex()).unwrap().unwrap().to_bytes(), m2.to_bytes());
     // Names point at manifests, are replaced whole, and list sorted.
     let (r1, r2) = (ImageRef { manifest: id1.to_hex(), tenant: "t".into() }, ImageRef { manifest: id2.to_hex(), tenant: "t".into() });
-    catalog.set("b-image", &r1).unwrap();
-    catalog.set("a-image", &r1).unwrap();
+    assert_eq!(catalog.set("b-image", &r1).unwrap(), None);
+    assert_eq!(catalog.set("a-image", &r1).unwrap(), None);
     assert_eq!(catalog.get("a-image").unwrap(), r1);
-    catalog.set("a-image", &r2).unwrap();
+    assert_eq!(catalog.set("a-image", &r2).unwrap(), Some(r1.clone()), "a set says what it replaced");
     assert_eq!(catalog.get("a-image").unwrap(), r2);
     let listing = catalog.list().unwrap();
     assert_eq!(listing.images, vec![("a-image".to_owned(), r2.clone()), ("b-image".to_owned(), r1.clone())]);
@@ -174,4 +175,29 @@ pub fn run_catalog(catalog: &dyn Catalog) {
     assert!(catalog.get_profile(&id1.to_hex()).unwrap().is_none(), "the profile goes with its manifest");
     assert_eq!(catalog.remove("a-image").unwrap(), Some(r2));
     assert!(catalog.list().unwrap().images.is_empty());
+}
+
+/// Checks that setters racing for one name are each told a distinct
+/// previous value: every value set is replaced exactly once, or is last.
+pub fn run_catalog_races(catalog: Arc<dyn Catalog>) {
+    let threads: Vec<_> = (0..8u8)
+        .map(|i| {
+            let catalog = Arc::clone(&catalog);
+            std::thread::spawn(move || {
+                let mine = ImageRef { manifest: format!("{:02x}", i).repeat(32), tenant: "t".into() };
+                let replaced = catalog.set("raced", &mine).expect("a racing set succeeds");
+                (mine, replaced)
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().expect("no panic")).collect();
+    let last = catalog.get("raced").unwrap();
+    let mut replaced: Vec<String> = results.iter().filter_map(|(_, r)| r.as_ref().map(|r| r.manifest.clone())).collect();
+    replaced.push(last.manifest.clone());
+    replaced.sort();
+    let mut set: Vec<String> = results.iter().map(|(m, _)| m.manifest.clone()).collect();
+    set.sort();
+    assert_eq!(replaced, set, "each value set was replaced exactly once, or is the last");
+    assert_eq!(results.iter().filter(|(_, r)| r.is_none()).count(), 1, "exactly one setter found the name new");
+    catalog.remove("raced").unwrap();
 }

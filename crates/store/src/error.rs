@@ -41,6 +41,20 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A remote store failed a request.
+    #[error("{op} {object} (at {endpoint}): {kind}: {source}")]
+    Remote {
+        /// What was being done.
+        op: &'static str,
+        /// The object, as a URL.
+        object: String,
+        /// The server.
+        endpoint: String,
+        /// What kind of failure.
+        kind: crate::s3::RemoteKind,
+        /// The client's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A store URL that cannot be used.
     #[error("store {url:?}: {reason}")]
     BadStoreUrl {
@@ -81,6 +95,17 @@ fn keyring_missing(path: &std::path::Path, needed: bool) -> String {
 }
 
 impl Error {
+    /// A short label of the kind of failure, for metrics.
+    pub fn kind_label(&self) -> &'static str {
+        match self {
+            Error::NotFound(_) => "not_found",
+            Error::Remote { kind, .. } => kind.label(),
+            Error::NoSpace { .. } => "no_space",
+            Error::Io { .. } => "io",
+            _ => "other",
+        }
+    }
+
     /// Wraps an I/O error with context, naming a full disk plainly.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         let path = path.into();

@@ -21,6 +21,7 @@ use crate::{Catalog, ChunkStore, Error, ImageRef, Result, Store};
 #[derive(Clone)]
 pub struct Home {
     root: PathBuf,
+    keyring: PathBuf,
     store: Store,
     /// The chunk store.
     pub chunks: Arc<dyn ChunkStore>,
@@ -38,7 +39,7 @@ impl Home {
 
     /// Opens a home directory that uses `store`.
     pub fn with_store(root: &Path, store: Store) -> Result<Home> {
-        let home = Home { root: root.to_owned(), chunks: store.chunks.clone(), catalog: store.catalog.clone(), store };
+        let home = Home { root: root.to_owned(), keyring: root.join("keyring.json"), chunks: store.chunks.clone(), catalog: store.catalog.clone(), store };
         // Best effort: a store this process may not write is left as it is.
         let _ = home.remove_stale_temporaries();
         Ok(home)
@@ -59,9 +60,15 @@ impl Home {
         self.root.join("tmp")
     }
 
+    /// The keyring kept at `path` instead of `keyring.json` in the home.
+    pub fn with_keyring(mut self, path: PathBuf) -> Home {
+        self.keyring = path;
+        self
+    }
+
     /// Where the keyring lives.
     pub fn keyring_path(&self) -> PathBuf {
-        self.root.join("keyring.json")
+        self.keyring.clone()
     }
 
     /// Opens the keyring; never creates one. Missing, it is an error that

@@ -37,6 +37,7 @@ mod local;
 mod local_catalog;
 mod memory;
 pub mod readback;
+pub mod s3;
 mod throttle;
 mod url;
 
@@ -104,28 +105,57 @@ pub trait ChunkStore: Send + Sync {
     }
     /// Where the store is, for messages.
     fn describe(&self) -> String;
+    /// Appends the store's own metrics in Prometheus text.
+    fn render(&self, _out: &mut String) {}
 }
 
 /// Puts that become visible and durable together, at [`PutBatch::commit`]:
-/// an import stages its chunks, checks every digest, then commits.
+/// an import stages its chunks, checks every digest, then commits. A put may
+/// return before its chunk is stored (a network store sends it in the
+/// background); its failure is then reported by a later put or by commit.
 pub trait PutBatch: Send + Sync {
     /// Stages `bytes` under `id` unless the store or this batch has it.
-    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<Put>;
-    /// Makes every staged put visible and durable.
-    fn commit(self: Box<Self>) -> Result<()>;
+    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<()>;
+    /// Makes every staged put visible and durable; says what was new.
+    fn commit(self: Box<Self>) -> Result<Committed>;
+}
+
+/// What a committed batch added to the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Chunks the store did not have.
+    pub new_chunks: u64,
+    /// Their bytes.
+    pub new_bytes: u64,
 }
 
 /// A batch whose puts go straight to the store; commit syncs it. For
 /// backends with nothing to gain from staging.
-pub struct ImmediateBatch<'s>(pub &'s dyn ChunkStore);
+pub struct ImmediateBatch<'s> {
+    store: &'s dyn ChunkStore,
+    new: std::sync::Mutex<Committed>,
+}
+
+impl<'s> ImmediateBatch<'s> {
+    /// A batch putting straight into `store`.
+    pub fn new(store: &'s dyn ChunkStore) -> ImmediateBatch<'s> {
+        ImmediateBatch { store, new: Default::default() }
+    }
+}
 
 impl PutBatch for ImmediateBatch<'_> {
-    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<Put> {
-        self.0.put(id, bytes)
+    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
+        if self.store.put(id, bytes)? == Put::Created {
+            let mut new = self.new.lock().expect("no panics while holding the lock");
+            new.new_chunks += 1;
+            new.new_bytes += bytes.len() as u64;
+        }
+        Ok(())
     }
 
-    fn commit(self: Box<Self>) -> Result<()> {
-        self.0.sync()
+    fn commit(self: Box<Self>) -> Result<Committed> {
+        self.store.sync()?;
+        Ok(*self.new.lock().expect("no panics while holding the lock"))
     }
 }
 

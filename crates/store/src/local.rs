@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use tessera_chunk::ChunkId;
 
-use crate::{Bytes, ChunkStore, Error, Put, PutBatch, Result};
+use crate::{Bytes, ChunkStore, Committed, Error, Put, PutBatch, Result};
 
 /// Chunks as files `ROOT/ab/abcdef…` (the first byte of the id fans out).
 ///
@@ -204,7 +204,7 @@ impl ChunkStore for LocalDirStore {
     }
 
     fn batch(&self) -> Box<dyn PutBatch + '_> {
-        Box::new(LocalBatch { store: self, staged: Mutex::new(Vec::new()), seen: Mutex::new(HashSet::new()) })
+        Box::new(LocalBatch { store: self, staged: Mutex::new(Vec::new()), seen: Mutex::new(HashSet::new()), new_bytes: AtomicU64::new(0) })
     }
 
     /// Cheap: temporaries live in one directory.
@@ -241,25 +241,28 @@ struct LocalBatch<'s> {
     store: &'s LocalDirStore,
     staged: Mutex<Vec<(PathBuf, PathBuf)>>,
     seen: Mutex<HashSet<ChunkId>>,
+    new_bytes: AtomicU64,
 }
 
 impl PutBatch for LocalBatch<'_> {
-    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<Put> {
+    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
         if !self.seen.lock().expect("no panics while holding the lock").insert(*id) || self.store.exists(id)? {
-            return Ok(Put::AlreadyPresent);
+            return Ok(());
         }
         let tmp = self.store.write_temporary(id, bytes, false)?;
         self.staged.lock().expect("no panics while holding the lock").push((tmp, self.store.path_of(id)));
-        Ok(Put::Created)
+        self.new_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
-    fn commit(self: Box<Self>) -> Result<()> {
+    fn commit(self: Box<Self>) -> Result<Committed> {
         self.store.sync()?;
         let staged = std::mem::take(&mut *self.staged.lock().expect("no panics while holding the lock"));
         for (tmp, path) in &staged {
             rename_into_place(tmp, path)?;
         }
-        self.store.sync()
+        self.store.sync()?;
+        Ok(Committed { new_chunks: staged.len() as u64, new_bytes: self.new_bytes.load(Ordering::Relaxed) })
     }
 }
 

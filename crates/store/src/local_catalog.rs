@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use tessera_chunk::{ChunkId, SealedManifest};
 
 use crate::catalog::is_manifest_id;
-use crate::{check_name, Catalog, Error, ImageRef, Listing, Result};
+use crate::{check_name, Catalog, Error, ImageRef, Result};
 
 /// Manifests (`HOME/manifests/ID`, profiles beside them as `ID.profile`)
 /// and names (`HOME/images/NAME.json`).
@@ -83,9 +83,13 @@ impl Catalog for LocalCatalog {
         }
     }
 
-    fn set(&self, name: &str, r: &ImageRef) -> Result<()> {
+    fn set(&self, name: &str, r: &ImageRef) -> Result<Option<ImageRef>> {
         check_name(name)?;
-        write_durably(&self.ref_path(name), &serde_json::to_vec_pretty(r).expect("ref serialises"))
+        // One setter at a time, across processes, so each learns what it replaced.
+        let _lock = NamesLock::take(&self.images)?;
+        let previous = self.get(name).ok();
+        write_durably(&self.ref_path(name), &serde_json::to_vec_pretty(r).expect("ref serialises"))?;
+        Ok(previous)
     }
 
     fn get(&self, name: &str) -> Result<ImageRef> {
@@ -113,34 +117,53 @@ impl Catalog for LocalCatalog {
         Ok(r)
     }
 
-    fn list(&self) -> Result<Listing> {
-        let mut out = Listing::default();
+    fn scan(&self, each: &mut dyn FnMut(String, Result<ImageRef>)) -> Result<()> {
         let entries = match fs::read_dir(&self.images) {
             Ok(e) => e,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io("list images", &self.images, e)),
         };
+        let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("list images", &self.images, e))?;
             let file = entry.file_name().to_string_lossy().into_owned();
             if let Some(name) = file.strip_suffix(".json") {
                 if check_name(name).is_ok() {
-                    match self.get(name) {
-                        Ok(r) => out.images.push((name.to_owned(), r)),
-                        // Removed since the directory was read.
-                        Err(Error::NoSuchImage(_)) => {}
-                        Err(e) => out.bad.push((name.to_owned(), e)),
-                    }
+                    names.push(name.to_owned());
                 }
             }
         }
-        out.images.sort_by(|a, b| a.0.cmp(&b.0));
-        out.bad.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        names.sort();
+        for name in names {
+            match self.get(&name) {
+                // Removed since the directory was read.
+                Err(Error::NoSuchImage(_)) => {}
+                r => each(name, r),
+            }
+        }
+        Ok(())
     }
 
     fn describe(&self) -> String {
         self.images.parent().map(|p| p.display().to_string()).unwrap_or_default()
+    }
+}
+
+/// An exclusive lock on the names (`images/.lock`), held while one is set.
+struct NamesLock {
+    _file: File,
+}
+
+impl NamesLock {
+    fn take(images: &Path) -> Result<NamesLock> {
+        fs::create_dir_all(images).map_err(|e| Error::io("create directory", images, e))?;
+        let path = images.join(".lock");
+        let f = OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(|e| Error::io("lock", &path, e))?;
+        // SAFETY: flock takes a valid open descriptor owned by `f`.
+        if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) } != 0 {
+            return Err(Error::io("lock", &path, std::io::Error::last_os_error()));
+        }
+        Ok(NamesLock { _file: f })
     }
 }
 
@@ -176,6 +199,7 @@ mod tests {
     fn conformance() {
         let dir = tempfile::tempdir().unwrap();
         crate::conformance::run_catalog(&LocalCatalog::open(dir.path()));
+        crate::conformance::run_catalog_races(std::sync::Arc::new(LocalCatalog::open(dir.path())));
     }
 
     #[test]

@@ -45,7 +45,7 @@ impl ChunkStore for MemoryStore {
     }
 
     fn batch(&self) -> Box<dyn PutBatch + '_> {
-        Box::new(ImmediateBatch(self))
+        Box::new(ImmediateBatch::new(self))
     }
 
     fn describe(&self) -> String {

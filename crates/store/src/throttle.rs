@@ -69,7 +69,7 @@ impl ChunkStore for ThrottledStore {
     }
 
     fn batch(&self) -> Box<dyn PutBatch + '_> {
-        Box::new(ImmediateBatch(self))
+        Box::new(ImmediateBatch::new(self))
     }
 
     fn tidy(&self) -> Result<usize> {
@@ -78,6 +78,10 @@ impl ChunkStore for ThrottledStore {
 
     fn describe(&self) -> String {
         format!("{} (throttled)", self.inner.describe())
+    }
+
+    fn render(&self, out: &mut String) {
+        self.inner.render(out);
     }
 }
 

@@ -161,6 +161,9 @@ struct Node {
     corrupt: AtomicU64,
     /// Corrupt stripes since its last good one.
     corrupt_run: AtomicU64,
+    /// Whether a connection to it is up (or being made by a request that
+    /// is never cancelled).
+    connected: std::sync::atomic::AtomicBool,
 }
 
 /// Corrupt stripes in a row after which a node is left out: one bad stripe
@@ -268,6 +271,7 @@ impl CacheTier {
                 errors: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
                 corrupt_run: AtomicU64::new(0),
+                connected: std::sync::atomic::AtomicBool::new(false),
             })
             .collect();
         Ok(CacheTier {
@@ -406,10 +410,24 @@ impl Shared {
                 Ok(a)
             }
             Err(why) => {
+                self.nodes[node].connected.store(false, Ordering::Relaxed);
                 self.nodes[node].failed(&why);
                 Err(())
             }
         }
+    }
+
+    /// Makes the connection to `node` with a request nobody cancels. A read
+    /// drops the stripe requests it no longer needs, and a request dropped
+    /// while its node's connection is being made drops the connection
+    /// attempt too: a node that is always a little slower than the others
+    /// (one just restarted, say) would otherwise never be connected again.
+    async fn connect(self: Arc<Self>, node: usize) {
+        if self.nodes[node].connected.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        // Any answer (a 404 for a chunk nobody has) means the connection is up.
+        let _ = self.exchange(node, Method::GET, &ChunkId([0; 32]), Bytes::new(), STRIPE_TIMEOUT * 3).await;
     }
 
     /// The stripe `node` holds of `chunk`.
@@ -454,6 +472,9 @@ impl Shared {
         let mut set = JoinSet::new();
         for &node in asked {
             if !self.nodes[node].is_down(now) {
+                if !self.nodes[node].connected.load(Ordering::Relaxed) {
+                    tokio::spawn(Arc::clone(&self).connect(node));
+                }
                 set.spawn(Arc::clone(&self).get(node, id));
             }
         }

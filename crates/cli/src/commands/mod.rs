@@ -18,7 +18,7 @@ use serde_json::json;
 use tessera_chunk::Manifest;
 use tessera_import::ImportOptions;
 use tessera_oci::PullOptions;
-use tessera_store::{readback, Home, ImageRef};
+use tessera_store::{readback, Home, ImageRef, Store, StoreUrl};
 
 use crate::flags::{BenchCommand, Cli, Command, ImportArgs, KeyringCommand};
 use crate::progress::{human, Bars};
@@ -34,7 +34,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Some(h) => h,
         None => default_home()?,
     };
-    let home = Home::open(&home_dir).with_context(|| format!("opening TESSERA_HOME {}", home_dir.display()))?;
+    let url = match &cli.store {
+        Some(u) => StoreUrl::parse(u)?,
+        None => StoreUrl::Local(home_dir.clone()),
+    };
+    let store = Store::open(&url).with_context(|| format!("opening the store {url}"))?;
+    let mut home = Home::with_store(&home_dir, store).with_context(|| format!("opening TESSERA_HOME {}", home_dir.display()))?;
+    if let Some(k) = cli.keyring {
+        home = home.with_keyring(k);
+    }
     match command {
         Command::Serve(args) => serve::serve(home, args),
         Command::Mount(args) => serve::mount(home, args),

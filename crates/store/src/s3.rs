@@ -1,0 +1,677 @@
+//! An S3-compatible object store as the origin: chunks, manifests and names
+//! in one bucket (under a prefix), shared by every host.
+//!
+//! ```text
+//! PREFIX/chunks/ab/ID          sealed chunks (put-if-absent)
+//! PREFIX/manifests/ID          sealed manifests (put-if-absent); ID.profile beside
+//! PREFIX/images/NAME.json      names, set by compare-and-swap on the ETag
+//! ```
+//!
+//! Chunks and manifests are written with `If-None-Match: *`: a 412 means
+//! another writer stored the same content (a dedup hit), a 409
+//! (`ConditionalRequestConflict`, a racing write still in progress) is tried
+//! again. An importer never reads a chunk. Names are replaced with
+//! `If-Match` on the ETag read, so two writers racing for a name each learn
+//! what they replaced. Every call is one request (plus retries of server
+//! errors, a few, with backoff) on the store's own runtime, with a timeout:
+//! the agent's origin bound and queue stay in charge of the load.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path as Key;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig, UpdateVersion};
+use tessera_chunk::{ChunkId, SealedManifest};
+
+use crate::catalog::is_manifest_id;
+use crate::{check_name, Bytes, Catalog, ChunkStore, Committed, Error, ImageRef, Put, PutBatch, Result};
+
+/// Where an S3 store is: `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&virtual_hosted=true]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Url {
+    /// The bucket.
+    pub bucket: String,
+    /// Key prefix (no leading or trailing slash; may be empty).
+    pub prefix: String,
+    /// Endpoint URL (`http://` allowed), overriding `AWS_ENDPOINT_URL`.
+    pub endpoint: Option<String>,
+    /// Region, overriding `AWS_REGION`.
+    pub region: Option<String>,
+    /// Virtual-hosted-style addressing (default: path style).
+    pub virtual_hosted: bool,
+}
+
+impl S3Url {
+    /// Parses the part after `s3://`.
+    pub fn parse(url: &str, rest: &str) -> Result<S3Url> {
+        let bad = |why: String| Error::BadStoreUrl { url: url.to_owned(), reason: why };
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+        let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+        if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
+            return Err(bad(format!("{bucket:?} is not a bucket name (3-63 of a-z 0-9 . -)")));
+        }
+        let mut out = S3Url { bucket: bucket.to_owned(), prefix: prefix.trim_matches('/').to_owned(), endpoint: None, region: None, virtual_hosted: false };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "endpoint" => out.endpoint = Some(v.to_owned()),
+                "region" => out.region = Some(v.to_owned()),
+                "virtual_hosted" => out.virtual_hosted = matches!(v, "true" | "1" | "yes"),
+                other => return Err(bad(format!("unknown parameter {other:?} (use endpoint, region, virtual_hosted)"))),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for S3Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}", self.bucket)?;
+        if !self.prefix.is_empty() {
+            write!(f, "/{}", self.prefix)?;
+        }
+        Ok(())
+    }
+}
+
+/// How many requests of each kind a store made (for benchmarks and metrics).
+#[derive(Default, Debug)]
+pub struct Requests {
+    /// GETs.
+    pub get: AtomicU64,
+    /// PUTs.
+    pub put: AtomicU64,
+    /// HEADs.
+    pub head: AtomicU64,
+    /// LIST pages.
+    pub list: AtomicU64,
+    /// DELETEs.
+    pub delete: AtomicU64,
+}
+
+/// The S3 client shared by the chunk store and the catalog.
+pub struct S3 {
+    client: AmazonS3,
+    runtime: tokio::runtime::Runtime,
+    url: S3Url,
+    /// Where requests go, for messages.
+    endpoint: String,
+    /// Requests made so far.
+    pub requests: Requests,
+}
+
+/// Requests a call may take, from the first attempt to the last retry.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl S3 {
+    /// A client of the store at `url`, with credentials from the standard
+    /// AWS variables (or the shared files of `AWS_PROFILE`). Connects
+    /// lazily: nothing is sent yet.
+    pub fn open(url: &S3Url) -> Result<Arc<S3>> {
+        // Signing and TLS on ring; the provider is per process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let options =
+            ClientOptions::new().with_timeout(REQUEST_TIMEOUT).with_connect_timeout(Duration::from_secs(3)).with_pool_idle_timeout(Duration::from_secs(60));
+        // A few retries of server errors, quickly: the caller's own bounds
+        // (the agent's origin queue) decide how long a read may wait.
+        let retry = RetryConfig {
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(20),
+            backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), base: 2.0 },
+        };
+        let mut b = with_aws_profile(AmazonS3Builder::from_env()).with_client_options(options).with_retry(retry).with_bucket_name(&url.bucket);
+        if let Some(e) = &url.endpoint {
+            b = b.with_endpoint(e);
+        }
+        let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
+        if endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
+            b = b.with_allow_http(true);
+        }
+        if let Some(r) = &url.region {
+            b = b.with_region(r);
+        }
+        b = b.with_virtual_hosted_style_request(url.virtual_hosted);
+        let client = b.build().map_err(|e| Error::BadStoreUrl { url: url.to_string(), reason: e.to_string() })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tessera-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the S3 client's runtime", "", e))?;
+        let endpoint = endpoint.unwrap_or_else(|| "AWS".into());
+        Ok(Arc::new(S3 { client, runtime, url: url.clone(), endpoint, requests: Requests::default() }))
+    }
+
+    fn key(&self, rel: &str) -> Key {
+        if self.url.prefix.is_empty() {
+            Key::from(rel)
+        } else {
+            Key::from(format!("{}/{rel}", self.url.prefix))
+        }
+    }
+
+    fn chunk_key(id: &ChunkId) -> String {
+        let hex = id.to_hex();
+        format!("chunks/{}/{hex}", &hex[..2])
+    }
+
+    /// The error of `op` on `key`, saying where and what kind.
+    fn error(&self, op: &'static str, key: &Key, e: object_store::Error) -> Error {
+        let text = e.to_string();
+        let kind = match &e {
+            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => RemoteKind::Denied,
+            _ if text.contains("NoSuchBucket") => RemoteKind::NoBucket,
+            _ if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") || text.contains("403") => RemoteKind::Denied,
+            _ if text.contains("error sending request") || text.contains("timed out") || text.contains("Timeout") || text.contains(" 5") => {
+                RemoteKind::Unavailable
+            }
+            _ => RemoteKind::Other,
+        };
+        Error::Remote { op, object: format!("s3://{}/{key}", self.url.bucket), endpoint: self.endpoint.clone(), kind, source: Box::new(e) }
+    }
+
+    /// GETs `key`: its bytes and ETag, or `None` if it does not exist.
+    fn get(&self, op: &'static str, key: &Key) -> Result<Option<(Bytes, Option<String>)>> {
+        self.requests.get.fetch_add(1, Ordering::Relaxed);
+        self.runtime.block_on(async {
+            match self.client.get(key).await {
+                Ok(r) => {
+                    let etag = r.meta.e_tag.clone();
+                    let bytes = r.bytes().await.map_err(|e| self.error(op, key, e))?;
+                    Ok(Some((bytes, etag)))
+                }
+                Err(object_store::Error::NotFound { source, .. }) if source.to_string().contains("NoSuchBucket") => {
+                    Err(self.error(op, key, object_store::Error::Generic { store: "S3", source }))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.error(op, key, e)),
+            }
+        })
+    }
+
+    /// Whether `key` exists.
+    fn head(&self, op: &'static str, key: &Key) -> Result<bool> {
+        self.requests.head.fetch_add(1, Ordering::Relaxed);
+        self.runtime.block_on(async {
+            match self.client.head(key).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(self.error(op, key, e)),
+            }
+        })
+    }
+
+    /// PUTs `bytes` at `key` unless something is there.
+    async fn create(&self, op: &'static str, key: &Key, bytes: Bytes) -> Result<Put> {
+        let mut conflicts = 0;
+        loop {
+            self.requests.put.fetch_add(1, Ordering::Relaxed);
+            match self.client.put_opts(key, PutPayload::from(bytes.clone()), PutMode::Create.into()).await {
+                Ok(_) => return Ok(Put::Created),
+                // 409: a racing create of the same key is still in progress;
+                // it may yet fail, so this one tries again.
+                Err(object_store::Error::AlreadyExists { source, .. }) if is_conflict(&*source) && conflicts < 5 => {
+                    conflicts += 1;
+                    tokio::time::sleep(Duration::from_millis(50 << conflicts)).await;
+                }
+                Err(object_store::Error::AlreadyExists { .. }) => return Ok(Put::AlreadyPresent),
+                Err(e) => return Err(self.error(op, key, e)),
+            }
+        }
+    }
+
+    /// PUTs `bytes` at `key`, replacing what is there.
+    fn overwrite(&self, op: &'static str, key: &Key, bytes: Bytes) -> Result<()> {
+        self.requests.put.fetch_add(1, Ordering::Relaxed);
+        self.runtime.block_on(async { self.client.put(key, PutPayload::from(bytes)).await.map(|_| ()).map_err(|e| self.error(op, key, e)) })
+    }
+
+    /// Deletes `key` (absent is fine).
+    fn delete(&self, op: &'static str, key: &Key) -> Result<()> {
+        self.requests.delete.fetch_add(1, Ordering::Relaxed);
+        self.runtime.block_on(async {
+            match self.client.delete(key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.error(op, key, e)),
+            }
+        })
+    }
+
+    /// Calls `each` with the key (relative to `dir`) of every object under
+    /// `dir`, page by page, holding one page at a time.
+    fn list(&self, op: &'static str, dir: &str, each: &mut dyn FnMut(&str)) -> Result<()> {
+        let prefix = self.key(dir);
+        let strip = format!("{prefix}/");
+        self.runtime.block_on(async {
+            let mut stream = self.client.list(Some(&prefix));
+            self.requests.list.fetch_add(1, Ordering::Relaxed);
+            let mut seen = 0u64;
+            while let Some(meta) = stream.try_next().await.map_err(|e| self.error(op, &prefix, e))? {
+                seen += 1;
+                if seen.is_multiple_of(1000) {
+                    self.requests.list.fetch_add(1, Ordering::Relaxed);
+                }
+                let key = meta.location.to_string();
+                if let Some(rel) = key.strip_prefix(&strip) {
+                    each(rel);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Requests made, as Prometheus text.
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP tessera_s3_requests_total Requests to the S3 store, by operation.");
+        let _ = writeln!(out, "# TYPE tessera_s3_requests_total counter");
+        let r = &self.requests;
+        for (op, v) in [("get", &r.get), ("put", &r.put), ("head", &r.head), ("list", &r.list), ("delete", &r.delete)] {
+            let _ = writeln!(out, "tessera_s3_requests_total{{op=\"{op}\"}} {}", v.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// What kind of failure a remote store reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteKind {
+    /// Credentials refused, or the operation not allowed (401, 403).
+    Denied,
+    /// The bucket does not exist.
+    NoBucket,
+    /// The server did not answer, or answered with a server error.
+    Unavailable,
+    /// Anything else.
+    Other,
+}
+
+impl RemoteKind {
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RemoteKind::Denied => "denied",
+            RemoteKind::NoBucket => "no_bucket",
+            RemoteKind::Unavailable => "unavailable",
+            RemoteKind::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for RemoteKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RemoteKind::Denied => "access denied (check the credentials and their policy)",
+            RemoteKind::NoBucket => "no such bucket",
+            RemoteKind::Unavailable => "the server did not answer, or failed",
+            RemoteKind::Other => "request failed",
+        })
+    }
+}
+
+/// Whether a create failed because another create of the key is in
+/// progress (409 ConditionalRequestConflict) rather than done (412).
+fn is_conflict(e: &(dyn std::error::Error + Send + Sync)) -> bool {
+    let text = e.to_string();
+    text.contains("409") || text.contains("ConditionalRequestConflict")
+}
+
+/// Static credentials of `AWS_PROFILE` (or `default`) from the shared
+/// credentials and config files, when the environment gives none.
+fn with_aws_profile(mut b: AmazonS3Builder) -> AmazonS3Builder {
+    if b.get_config_value(&AmazonS3ConfigKey::AccessKeyId).is_some() {
+        return b;
+    }
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let file = |var: &str, default: &str| std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| home.join(default));
+    let creds = ini_section(file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials"), &profile);
+    let config = ini_section(file("AWS_CONFIG_FILE", ".aws/config"), &if profile == "default" { profile.clone() } else { format!("profile {profile}") });
+    let get = |k: &str| creds.get(k).or_else(|| config.get(k)).cloned();
+    if let (Some(id), Some(secret)) = (get("aws_access_key_id"), get("aws_secret_access_key")) {
+        b = b.with_access_key_id(id).with_secret_access_key(secret);
+        if let Some(t) = get("aws_session_token") {
+            b = b.with_token(t);
+        }
+    }
+    if b.get_config_value(&AmazonS3ConfigKey::Region).is_none() {
+        if let Some(r) = config.get("region") {
+            b = b.with_region(r);
+        }
+    }
+    b
+}
+
+/// The keys of `[section]` of an INI file (lower-cased), if any.
+fn ini_section(path: PathBuf, section: &str) -> HashMap<String, String> {
+    let Ok(text) = std::fs::read_to_string(path) else { return HashMap::new() };
+    let (mut current, mut out) = (String::new(), HashMap::new());
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = s.split_whitespace().collect::<Vec<_>>().join(" ");
+        } else if current == section {
+            if let Some((k, v)) = line.split_once('=') {
+                out.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Sealed chunks in S3.
+pub struct S3ChunkStore(pub Arc<S3>);
+
+impl ChunkStore for S3ChunkStore {
+    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<Put> {
+        let key = self.0.key(&S3::chunk_key(id));
+        self.0.runtime.block_on(self.0.create("store chunk", &key, Bytes::copy_from_slice(bytes)))
+    }
+
+    fn get(&self, id: &ChunkId) -> Result<Bytes> {
+        let key = self.0.key(&S3::chunk_key(id));
+        self.0.get("read chunk", &key)?.map(|(b, _)| b).ok_or(Error::NotFound(*id))
+    }
+
+    fn exists(&self, id: &ChunkId) -> Result<bool> {
+        self.0.head("check chunk", &self.0.key(&S3::chunk_key(id)))
+    }
+
+    fn list(&self) -> Result<Vec<ChunkId>> {
+        let mut out = Vec::new();
+        self.0.list("list chunks", "chunks", &mut |rel| {
+            if let Some(id) = rel.rsplit('/').next().and_then(|n| n.parse::<ChunkId>().ok()) {
+                out.push(id);
+            }
+        })?;
+        Ok(out)
+    }
+
+    fn delete(&self, id: &ChunkId) -> Result<bool> {
+        let key = self.0.key(&S3::chunk_key(id));
+        // S3 does not say whether a delete removed anything.
+        let there = self.0.head("delete chunk", &key)?;
+        self.0.delete("delete chunk", &key)?;
+        Ok(there)
+    }
+
+    fn sync(&self) -> Result<()> {
+        // A PUT is durable when it is answered.
+        Ok(())
+    }
+
+    fn batch(&self) -> Box<dyn PutBatch + '_> {
+        Box::new(S3Batch {
+            s3: Arc::clone(&self.0),
+            seen: Mutex::new(std::collections::HashSet::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(BATCH_IN_FLIGHT)),
+            tasks: Mutex::new(Vec::new()),
+            failed: Arc::new(Mutex::new(None)),
+            new: Arc::new(Mutex::new(Committed::default())),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("{} at {}", self.0.url, self.0.endpoint)
+    }
+
+    fn render(&self, out: &mut String) {
+        self.0.render(out);
+    }
+}
+
+/// PUTs a batch keeps in flight at once.
+const BATCH_IN_FLIGHT: usize = 32;
+
+/// Puts sent in the background, many at once (the sealing threads do not
+/// wait a round trip per chunk); each chunk is visible as soon as its PUT
+/// is answered, which the contract allows: a failed import leaves only
+/// chunks no name points at.
+struct S3Batch {
+    s3: Arc<S3>,
+    seen: Mutex<std::collections::HashSet<ChunkId>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    failed: Arc<Mutex<Option<Error>>>,
+    new: Arc<Mutex<Committed>>,
+}
+
+impl PutBatch for S3Batch {
+    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
+        if let Some(e) = self.failed.lock().expect("no panics while holding the lock").take() {
+            return Err(e);
+        }
+        if !self.seen.lock().expect("no panics while holding the lock").insert(*id) {
+            return Ok(());
+        }
+        // Waits here while the batch has enough in flight: back-pressure.
+        let slot = self.s3.runtime.block_on(Arc::clone(&self.slots).acquire_owned()).expect("the semaphore is never closed");
+        let (s3, failed, new) = (Arc::clone(&self.s3), Arc::clone(&self.failed), Arc::clone(&self.new));
+        let key = s3.key(&S3::chunk_key(id));
+        let bytes = Bytes::copy_from_slice(bytes);
+        let task = self.s3.runtime.spawn(async move {
+            let len = bytes.len() as u64;
+            match s3.create("store chunk", &key, bytes).await {
+                Ok(Put::Created) => {
+                    let mut n = new.lock().expect("no panics while holding the lock");
+                    n.new_chunks += 1;
+                    n.new_bytes += len;
+                }
+                Ok(Put::AlreadyPresent) => {}
+                Err(e) => {
+                    failed.lock().expect("no panics while holding the lock").get_or_insert(e);
+                }
+            }
+            drop(slot);
+        });
+        let mut tasks = self.tasks.lock().expect("no panics while holding the lock");
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>) -> Result<Committed> {
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("no panics while holding the lock"));
+        self.s3.runtime.block_on(async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
+        if let Some(e) = self.failed.lock().expect("no panics while holding the lock").take() {
+            return Err(e);
+        }
+        Ok(*self.new.lock().expect("no panics while holding the lock"))
+    }
+}
+
+impl Drop for S3Batch {
+    fn drop(&mut self) {
+        // Dropped without a commit (an import failed): stop what is still
+        // queued; chunks already stored stay, unnamed.
+        for t in self.tasks.get_mut().expect("no panics while holding the lock").drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// Manifests, profiles and names in S3.
+pub struct S3Catalog(pub Arc<S3>);
+
+impl S3Catalog {
+    fn name_key(&self, name: &str) -> Key {
+        self.0.key(&format!("images/{name}.json"))
+    }
+}
+
+/// Tries at a name's compare-and-swap before giving up.
+const SET_TRIES: usize = 16;
+
+impl Catalog for S3Catalog {
+    fn put_manifest(&self, sealed: &SealedManifest) -> Result<ChunkId> {
+        let bytes = sealed.to_bytes();
+        let id = ChunkId::of(&bytes);
+        let key = self.0.key(&format!("manifests/{}", id.to_hex()));
+        self.0.runtime.block_on(self.0.create("store manifest", &key, Bytes::from(bytes)))?;
+        Ok(id)
+    }
+
+    fn get_manifest(&self, id: &str) -> Result<SealedManifest> {
+        let key = self.0.key(&format!("manifests/{id}"));
+        let path = PathBuf::from(format!("s3://{}/{key}", self.0.url.bucket));
+        if !is_manifest_id(id) {
+            return Err(Error::Corrupt { path, reason: "not a manifest id".into() });
+        }
+        let Some((bytes, _)) = self.0.get("read manifest", &key)? else {
+            return Err(Error::Corrupt { path, reason: "the manifest is missing".into() });
+        };
+        if ChunkId::of(&bytes).to_hex() != id {
+            return Err(Error::Corrupt { path, reason: "manifest bytes do not match its id".into() });
+        }
+        Ok(SealedManifest::from_bytes(&bytes)?)
+    }
+
+    fn remove_manifest(&self, id: &str) -> Result<()> {
+        self.0.delete("remove manifest", &self.0.key(&format!("manifests/{id}")))?;
+        self.0.delete("remove profile", &self.0.key(&format!("manifests/{id}.profile")))
+    }
+
+    fn has_manifests(&self) -> Result<bool> {
+        let prefix = self.0.key("manifests");
+        self.0.requests.list.fetch_add(1, Ordering::Relaxed);
+        self.0.runtime.block_on(async {
+            let mut stream = self.0.client.list(Some(&prefix));
+            while let Some(meta) = stream.try_next().await.map_err(|e| self.0.error("list manifests", &prefix, e))? {
+                if meta.location.filename().is_some_and(is_manifest_id) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+    }
+
+    fn put_profile(&self, id: &str, sealed: &SealedManifest) -> Result<()> {
+        self.0.overwrite("store profile", &self.0.key(&format!("manifests/{id}.profile")), Bytes::from(sealed.to_bytes()))
+    }
+
+    fn get_profile(&self, id: &str) -> Result<Option<SealedManifest>> {
+        match self.0.get("read profile", &self.0.key(&format!("manifests/{id}.profile")))? {
+            Some((bytes, _)) => Ok(Some(SealedManifest::from_bytes(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn set(&self, name: &str, r: &ImageRef) -> Result<Option<ImageRef>> {
+        check_name(name)?;
+        let key = self.name_key(name);
+        let body = Bytes::from(serde_json::to_vec_pretty(r).expect("ref serialises"));
+        for _ in 0..SET_TRIES {
+            let current = self.0.get("read image name", &key)?;
+            let mode = match &current {
+                Some((_, etag)) => PutMode::Update(UpdateVersion { e_tag: etag.clone(), version: None }),
+                None => PutMode::Create,
+            };
+            self.0.requests.put.fetch_add(1, Ordering::Relaxed);
+            let put = self.0.runtime.block_on(self.0.client.put_opts(&key, PutPayload::from(body.clone()), mode.into()));
+            match put {
+                Ok(_) => return Ok(current.and_then(|(b, _)| serde_json::from_slice(&b).ok())),
+                // Another writer got there first: read again and retry.
+                Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(self.0.error("set image name", &key, e)),
+            }
+        }
+        Err(self.0.error(
+            "set image name",
+            &key,
+            object_store::Error::Generic { store: "S3", source: format!("{SET_TRIES} writers in a row changed it first").into() },
+        ))
+    }
+
+    fn get(&self, name: &str) -> Result<ImageRef> {
+        check_name(name)?;
+        let key = self.name_key(name);
+        let Some((bytes, _)) = self.0.get("read image name", &key)? else { return Err(Error::NoSuchImage(name.to_owned())) };
+        serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: PathBuf::from(format!("s3://{}/{key}", self.0.url.bucket)), reason: e.to_string() })
+    }
+
+    fn remove(&self, name: &str) -> Result<Option<ImageRef>> {
+        let r = match self.get(name) {
+            Ok(r) => Some(r),
+            Err(Error::Corrupt { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        self.0.delete("remove image name", &self.name_key(name))?;
+        Ok(r)
+    }
+
+    fn scan(&self, each: &mut dyn FnMut(String, Result<ImageRef>)) -> Result<()> {
+        // S3 lists keys in order; one page of names is held at a time.
+        let mut names = Vec::new();
+        let mut result = Ok(());
+        self.0.list("list images", "images", &mut |rel| {
+            if let Some(name) = rel.strip_suffix(".json").filter(|n| check_name(n).is_ok()) {
+                names.push(name.to_owned());
+                if names.len() >= 1000 {
+                    for n in names.drain(..) {
+                        match self.get(&n) {
+                            Err(Error::NoSuchImage(_)) => {}
+                            Err(e @ Error::Remote { .. }) if result.is_ok() => result = Err(e),
+                            r => each(n, r),
+                        }
+                    }
+                }
+            }
+        })?;
+        for n in names {
+            match self.get(&n) {
+                Err(Error::NoSuchImage(_)) => {}
+                Err(e @ Error::Remote { .. }) => return Err(e),
+                r => each(n, r),
+            }
+        }
+        result
+    }
+
+    fn describe(&self) -> String {
+        format!("{} at {}", self.0.url, self.0.endpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = S3Url::parse("s3://b", "my-bucket/some/prefix/?endpoint=http://127.0.0.1:9000&region=us-east-1").unwrap();
+        assert_eq!(u.bucket, "my-bucket");
+        assert_eq!(u.prefix, "some/prefix");
+        assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(u.region.as_deref(), Some("us-east-1"));
+        assert!(!u.virtual_hosted);
+        assert_eq!(u.to_string(), "s3://my-bucket/some/prefix");
+        assert!(S3Url::parse("x", "my-bucket?virtual_hosted=true").unwrap().virtual_hosted);
+        for bad in ["", "ab", "Upper", "b_b", "bucket?colour=red"] {
+            assert!(S3Url::parse("x", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn profiles_are_read_from_the_shared_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("credentials");
+        std::fs::write(&creds, "[default]\naws_access_key_id = A\naws_secret_access_key = B\n[work]\naws_access_key_id=W\naws_secret_access_key = X\n")
+            .unwrap();
+        let s = ini_section(creds.clone(), "work");
+        assert_eq!(s.get("aws_access_key_id").map(String::as_str), Some("W"));
+        assert_eq!(ini_section(creds, "none").len(), 0);
+    }
+}
