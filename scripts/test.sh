@@ -18,6 +18,16 @@ fi
 
 sh scripts/ensure-packages.sh umoci skopeo docker-registry debootstrap busybox-static e2fsprogs attr \
     fuse3 libnbd-bin qemu-utils qemu-system-x86 util-linux python3 openssl iproute2
+# moto's S3 server for the S3 tests (they start their own, on loopback), in
+# a venv of the checkout's own.
+venv=target/test-venv
+if [ ! -x "$venv/bin/moto_server" ]; then
+    python3 -m venv "$venv" 2>/dev/null || { sh scripts/ensure-packages.sh python3-venv; rm -rf "$venv"; python3 -m venv "$venv"; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5.2.1'
+fi
+TESSERA_MOTO_SERVER="$(pwd)/$venv/bin/moto_server"
+export TESSERA_MOTO_SERVER
+
 # Debian's docker-registry service listens on all interfaces; the tests start
 # their own, on loopback.
 sudo_cmd=""

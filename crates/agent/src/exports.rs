@@ -57,7 +57,20 @@ impl CatalogExports {
 
     /// The current disk of image `name`.
     pub fn disk(&self, name: &str) -> Result<Arc<VirtualDisk>, ExportError> {
-        let r = self.home.catalog.get(name)?;
+        let r = match self.home.catalog.get(name) {
+            Ok(r) => r,
+            // The store cannot be asked (a remote store that does not
+            // answer): a disk already open stays servable, its chunks
+            // cached or fetched when the store is back.
+            Err(e @ tessera_store::Error::Remote { .. }) => match self.disks.lock().expect("no panics while holding the lock").get(name) {
+                Some(d) => {
+                    tracing::warn!("{name}: serving the version already open: {e}");
+                    return Ok(Arc::clone(d));
+                }
+                None => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
         let mut disks = self.disks.lock().expect("no panics while holding the lock");
         if let Some(d) = disks.get(name).filter(|d| d.manifest_id() == r.manifest) {
             return Ok(Arc::clone(d));

@@ -217,8 +217,11 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     // The image is imported: what follows is tidying, and a failure there
     // is a warning, never a failed import.
     let mut warnings = flat.warnings;
+    tracing::debug!("{name}: set to {}, replacing {previous:?}", id.to_hex());
     if let Some(prev) = previous.filter(|p| p.manifest != id.to_hex()) {
-        match home.catalog.release_manifest(&prev.manifest) {
+        let released = home.catalog.release_manifest(&prev.manifest);
+        tracing::debug!("{name}: releasing {}: {released:?}", prev.manifest);
+        match released {
             Ok(Release::Removed | Release::InUse) => {}
             Ok(Release::Unsure(bad)) => warnings.push(format!(
                 "the manifest {name} pointed at before ({}) was kept: the name files of {} cannot be read, and might use it",

@@ -31,7 +31,8 @@ use tessera_chunk::{ChunkId, SealedManifest};
 use crate::catalog::is_manifest_id;
 use crate::{check_name, Bytes, Catalog, ChunkStore, Committed, Error, ImageRef, Put, PutBatch, Result};
 
-/// Where an S3 store is: `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&virtual_hosted=true]`.
+/// Where an S3 store is:
+/// `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&virtual_hosted=true&timeout=10s]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct S3Url {
     /// The bucket.
@@ -44,6 +45,8 @@ pub struct S3Url {
     pub region: Option<String>,
     /// Virtual-hosted-style addressing (default: path style).
     pub virtual_hosted: bool,
+    /// How long one request may take, retries included (default 10 s).
+    pub timeout: Duration,
 }
 
 impl S3Url {
@@ -56,14 +59,28 @@ impl S3Url {
         if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
             return Err(bad(format!("{bucket:?} is not a bucket name (3-63 of a-z 0-9 . -)")));
         }
-        let mut out = S3Url { bucket: bucket.to_owned(), prefix: prefix.trim_matches('/').to_owned(), endpoint: None, region: None, virtual_hosted: false };
+        let mut out = S3Url {
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+            endpoint: None,
+            region: None,
+            virtual_hosted: false,
+            timeout: REQUEST_TIMEOUT,
+        };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
                 "endpoint" => out.endpoint = Some(v.to_owned()),
                 "region" => out.region = Some(v.to_owned()),
                 "virtual_hosted" => out.virtual_hosted = matches!(v, "true" | "1" | "yes"),
-                other => return Err(bad(format!("unknown parameter {other:?} (use endpoint, region, virtual_hosted)"))),
+                "timeout" => {
+                    let secs: f64 = v.trim_end_matches('s').parse().map_err(|_| bad(format!("timeout {v:?}: use seconds, e.g. 10s")))?;
+                    if !(0.1..=600.0).contains(&secs) {
+                        return Err(bad(format!("timeout {v:?} out of range")));
+                    }
+                    out.timeout = Duration::from_secs_f64(secs);
+                }
+                other => return Err(bad(format!("unknown parameter {other:?} (use endpoint, region, virtual_hosted, timeout)"))),
             }
         }
         Ok(out)
@@ -80,25 +97,50 @@ impl std::fmt::Display for S3Url {
     }
 }
 
-/// How many requests of each kind a store made (for benchmarks and metrics).
+/// An S3 operation, for counting.
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    /// GET.
+    Get,
+    /// PUT.
+    Put,
+    /// HEAD.
+    Head,
+    /// A LIST page.
+    List,
+    /// DELETE.
+    Delete,
+}
+
+const OPS: [(Op, &str); 5] = [(Op::Get, "get"), (Op::Put, "put"), (Op::Head, "head"), (Op::List, "list"), (Op::Delete, "delete")];
+
+/// How many requests of each operation a store made, for chunks and for
+/// the catalog (manifests, profiles, names) apart.
 #[derive(Default, Debug)]
 pub struct Requests {
-    /// GETs.
-    pub get: AtomicU64,
-    /// PUTs.
-    pub put: AtomicU64,
-    /// HEADs.
-    pub head: AtomicU64,
-    /// LIST pages.
-    pub list: AtomicU64,
-    /// DELETEs.
-    pub delete: AtomicU64,
+    counts: [[AtomicU64; 5]; 2],
+}
+
+impl Requests {
+    fn add(&self, op: Op, key: &Key) {
+        self.counts[usize::from(!is_chunk(key))][op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests of `op` made for chunks (`chunks` true) or the catalog.
+    pub fn count(&self, op: Op, chunks: bool) -> u64 {
+        self.counts[usize::from(!chunks)][op as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Whether `key` is a chunk's.
+fn is_chunk(key: &Key) -> bool {
+    key.parts().any(|p| p.as_ref() == "chunks")
 }
 
 /// The S3 client shared by the chunk store and the catalog.
 pub struct S3 {
     client: AmazonS3,
-    runtime: tokio::runtime::Runtime,
+    runtime: Option<tokio::runtime::Runtime>,
     url: S3Url,
     /// Where requests go, for messages.
     endpoint: String,
@@ -106,7 +148,8 @@ pub struct S3 {
     pub requests: Requests,
 }
 
-/// Requests a call may take, from the first attempt to the last retry.
+/// How long one request may take by default; a call with its retries takes
+/// at most twice that.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl S3 {
@@ -116,13 +159,15 @@ impl S3 {
     pub fn open(url: &S3Url) -> Result<Arc<S3>> {
         // Signing and TLS on ring; the provider is per process.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let options =
-            ClientOptions::new().with_timeout(REQUEST_TIMEOUT).with_connect_timeout(Duration::from_secs(3)).with_pool_idle_timeout(Duration::from_secs(60));
+        let options = ClientOptions::new()
+            .with_timeout(url.timeout)
+            .with_connect_timeout(url.timeout.min(Duration::from_secs(3)))
+            .with_pool_idle_timeout(Duration::from_secs(60));
         // A few retries of server errors, quickly: the caller's own bounds
         // (the agent's origin queue) decide how long a read may wait.
         let retry = RetryConfig {
             max_retries: 2,
-            retry_timeout: Duration::from_secs(20),
+            retry_timeout: url.timeout * 2,
             backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), base: 2.0 },
         };
         let mut b = with_aws_profile(AmazonS3Builder::from_env()).with_client_options(options).with_retry(retry).with_bucket_name(&url.bucket);
@@ -145,7 +190,7 @@ impl S3 {
             .build()
             .map_err(|e| Error::io("start the S3 client's runtime", "", e))?;
         let endpoint = endpoint.unwrap_or_else(|| "AWS".into());
-        Ok(Arc::new(S3 { client, runtime, url: url.clone(), endpoint, requests: Requests::default() }))
+        Ok(Arc::new(S3 { client, runtime: Some(runtime), url: url.clone(), endpoint, requests: Requests::default() }))
     }
 
     fn key(&self, rel: &str) -> Key {
@@ -178,8 +223,8 @@ impl S3 {
 
     /// GETs `key`: its bytes and ETag, or `None` if it does not exist.
     fn get(&self, op: &'static str, key: &Key) -> Result<Option<(Bytes, Option<String>)>> {
-        self.requests.get.fetch_add(1, Ordering::Relaxed);
-        self.runtime.block_on(async {
+        self.requests.add(Op::Get, key);
+        self.rt().block_on(async {
             match self.client.get(key).await {
                 Ok(r) => {
                     let etag = r.meta.e_tag.clone();
@@ -197,8 +242,8 @@ impl S3 {
 
     /// Whether `key` exists.
     fn head(&self, op: &'static str, key: &Key) -> Result<bool> {
-        self.requests.head.fetch_add(1, Ordering::Relaxed);
-        self.runtime.block_on(async {
+        self.requests.add(Op::Head, key);
+        self.rt().block_on(async {
             match self.client.head(key).await {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -211,7 +256,7 @@ impl S3 {
     async fn create(&self, op: &'static str, key: &Key, bytes: Bytes) -> Result<Put> {
         let mut conflicts = 0;
         loop {
-            self.requests.put.fetch_add(1, Ordering::Relaxed);
+            self.requests.add(Op::Put, key);
             match self.client.put_opts(key, PutPayload::from(bytes.clone()), PutMode::Create.into()).await {
                 Ok(_) => return Ok(Put::Created),
                 // 409: a racing create of the same key is still in progress;
@@ -228,14 +273,14 @@ impl S3 {
 
     /// PUTs `bytes` at `key`, replacing what is there.
     fn overwrite(&self, op: &'static str, key: &Key, bytes: Bytes) -> Result<()> {
-        self.requests.put.fetch_add(1, Ordering::Relaxed);
-        self.runtime.block_on(async { self.client.put(key, PutPayload::from(bytes)).await.map(|_| ()).map_err(|e| self.error(op, key, e)) })
+        self.requests.add(Op::Put, key);
+        self.rt().block_on(async { self.client.put(key, PutPayload::from(bytes)).await.map(|_| ()).map_err(|e| self.error(op, key, e)) })
     }
 
     /// Deletes `key` (absent is fine).
     fn delete(&self, op: &'static str, key: &Key) -> Result<()> {
-        self.requests.delete.fetch_add(1, Ordering::Relaxed);
-        self.runtime.block_on(async {
+        self.requests.add(Op::Delete, key);
+        self.rt().block_on(async {
             match self.client.delete(key).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(e) => Err(self.error(op, key, e)),
@@ -248,14 +293,14 @@ impl S3 {
     fn list(&self, op: &'static str, dir: &str, each: &mut dyn FnMut(&str)) -> Result<()> {
         let prefix = self.key(dir);
         let strip = format!("{prefix}/");
-        self.runtime.block_on(async {
+        self.rt().block_on(async {
             let mut stream = self.client.list(Some(&prefix));
-            self.requests.list.fetch_add(1, Ordering::Relaxed);
+            self.requests.add(Op::List, &prefix);
             let mut seen = 0u64;
             while let Some(meta) = stream.try_next().await.map_err(|e| self.error(op, &prefix, e))? {
                 seen += 1;
                 if seen.is_multiple_of(1000) {
-                    self.requests.list.fetch_add(1, Ordering::Relaxed);
+                    self.requests.add(Op::List, &prefix);
                 }
                 let key = meta.location.to_string();
                 if let Some(rel) = key.strip_prefix(&strip) {
@@ -269,11 +314,25 @@ impl S3 {
     /// Requests made, as Prometheus text.
     fn render(&self, out: &mut String) {
         use std::fmt::Write;
-        let _ = writeln!(out, "# HELP tessera_s3_requests_total Requests to the S3 store, by operation.");
+        let _ = writeln!(out, "# HELP tessera_s3_requests_total Requests to the S3 store, by operation and by what they were for.");
         let _ = writeln!(out, "# TYPE tessera_s3_requests_total counter");
-        let r = &self.requests;
-        for (op, v) in [("get", &r.get), ("put", &r.put), ("head", &r.head), ("list", &r.list), ("delete", &r.delete)] {
-            let _ = writeln!(out, "tessera_s3_requests_total{{op=\"{op}\"}} {}", v.load(Ordering::Relaxed));
+        for (chunks, what) in [(true, "chunk"), (false, "catalog")] {
+            for (op, name) in OPS {
+                let _ = writeln!(out, "tessera_s3_requests_total{{op=\"{name}\",object=\"{what}\"}} {}", self.requests.count(op, chunks));
+            }
+        }
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        // Never blocks, so the store may be dropped anywhere (even in a task).
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
     }
 }
@@ -372,7 +431,7 @@ pub struct S3ChunkStore(pub Arc<S3>);
 impl ChunkStore for S3ChunkStore {
     fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<Put> {
         let key = self.0.key(&S3::chunk_key(id));
-        self.0.runtime.block_on(self.0.create("store chunk", &key, Bytes::copy_from_slice(bytes)))
+        self.0.rt().block_on(self.0.create("store chunk", &key, Bytes::copy_from_slice(bytes)))
     }
 
     fn get(&self, id: &ChunkId) -> Result<Bytes> {
@@ -452,11 +511,11 @@ impl PutBatch for S3Batch {
             return Ok(());
         }
         // Waits here while the batch has enough in flight: back-pressure.
-        let slot = self.s3.runtime.block_on(Arc::clone(&self.slots).acquire_owned()).expect("the semaphore is never closed");
+        let slot = self.s3.rt().block_on(Arc::clone(&self.slots).acquire_owned()).expect("the semaphore is never closed");
         let (s3, failed, new) = (Arc::clone(&self.s3), Arc::clone(&self.failed), Arc::clone(&self.new));
         let key = s3.key(&S3::chunk_key(id));
         let bytes = Bytes::copy_from_slice(bytes);
-        let task = self.s3.runtime.spawn(async move {
+        let task = self.s3.rt().spawn(async move {
             let len = bytes.len() as u64;
             match s3.create("store chunk", &key, bytes).await {
                 Ok(Put::Created) => {
@@ -479,7 +538,7 @@ impl PutBatch for S3Batch {
 
     fn commit(self: Box<Self>) -> Result<Committed> {
         let tasks = std::mem::take(&mut *self.tasks.lock().expect("no panics while holding the lock"));
-        self.s3.runtime.block_on(async {
+        self.s3.rt().block_on(async {
             for t in tasks {
                 let _ = t.await;
             }
@@ -518,7 +577,7 @@ impl Catalog for S3Catalog {
         let bytes = sealed.to_bytes();
         let id = ChunkId::of(&bytes);
         let key = self.0.key(&format!("manifests/{}", id.to_hex()));
-        self.0.runtime.block_on(self.0.create("store manifest", &key, Bytes::from(bytes)))?;
+        self.0.rt().block_on(self.0.create("store manifest", &key, Bytes::from(bytes)))?;
         Ok(id)
     }
 
@@ -544,8 +603,8 @@ impl Catalog for S3Catalog {
 
     fn has_manifests(&self) -> Result<bool> {
         let prefix = self.0.key("manifests");
-        self.0.requests.list.fetch_add(1, Ordering::Relaxed);
-        self.0.runtime.block_on(async {
+        self.0.requests.add(Op::List, &prefix);
+        self.0.rt().block_on(async {
             let mut stream = self.0.client.list(Some(&prefix));
             while let Some(meta) = stream.try_next().await.map_err(|e| self.0.error("list manifests", &prefix, e))? {
                 if meta.location.filename().is_some_and(is_manifest_id) {
@@ -577,8 +636,8 @@ impl Catalog for S3Catalog {
                 Some((_, etag)) => PutMode::Update(UpdateVersion { e_tag: etag.clone(), version: None }),
                 None => PutMode::Create,
             };
-            self.0.requests.put.fetch_add(1, Ordering::Relaxed);
-            let put = self.0.runtime.block_on(self.0.client.put_opts(&key, PutPayload::from(body.clone()), mode.into()));
+            self.0.requests.add(Op::Put, &key);
+            let put = self.0.rt().block_on(self.0.client.put_opts(&key, PutPayload::from(body.clone()), mode.into()));
             match put {
                 Ok(_) => return Ok(current.and_then(|(b, _)| serde_json::from_slice(&b).ok())),
                 // Another writer got there first: read again and retry.
@@ -659,7 +718,8 @@ mod tests {
         assert!(!u.virtual_hosted);
         assert_eq!(u.to_string(), "s3://my-bucket/some/prefix");
         assert!(S3Url::parse("x", "my-bucket?virtual_hosted=true").unwrap().virtual_hosted);
-        for bad in ["", "ab", "Upper", "b_b", "bucket?colour=red"] {
+        assert_eq!(S3Url::parse("x", "my-bucket?timeout=2s").unwrap().timeout, Duration::from_secs(2));
+        for bad in ["", "ab", "Upper", "b_b", "bucket?colour=red", "bucket?timeout=never"] {
             assert!(S3Url::parse("x", bad).is_err(), "{bad}");
         }
     }

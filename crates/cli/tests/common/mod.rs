@@ -5,6 +5,7 @@
 
 pub mod nbd;
 pub mod oci;
+pub mod s3;
 pub mod tree;
 
 use std::io::Write;
