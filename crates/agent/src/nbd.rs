@@ -164,10 +164,22 @@ impl Server {
         }
     }
 
-    /// Waits for room for a buffer of `bytes`.
-    async fn buffer(&self, bytes: u64) -> OwnedSemaphorePermit {
+    /// A connection's share of the buffers: an eighth of them, or one
+    /// largest request if that is more. One client that stops reading then
+    /// holds at most its share, and the others are served meanwhile.
+    fn share(&self) -> Arc<Semaphore> {
+        let one_request = ((MAX_REQUEST as u64).div_ceil(PAGE) + 1) as u32;
+        Arc::new(Semaphore::new((self.buffer_pages / 8).max(one_request) as usize))
+    }
+
+    /// Waits for room for a buffer of `bytes`: in the connection's `share`
+    /// first, then in the server's.
+    async fn buffer(&self, share: &Arc<Semaphore>, bytes: u64) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
         let pages = (bytes.div_ceil(PAGE) + 1).min(self.buffer_pages as u64) as u32;
-        Arc::clone(&self.buffers).acquire_many_owned(pages).await.expect("the semaphore is never closed")
+        // A share holds at least one largest request, so this is granted in time.
+        let mine = Arc::clone(share).acquire_many_owned(pages).await.expect("the semaphore is never closed");
+        let all = Arc::clone(&self.buffers).acquire_many_owned(pages).await.expect("the semaphore is never closed");
+        (mine, all)
     }
 
     /// Bytes of buffer held now.
@@ -545,6 +557,7 @@ where
 {
     let session = Arc::new(session);
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let share = server.share();
     loop {
         let mut head = [0u8; 28];
         tokio::select! {
@@ -579,12 +592,12 @@ where
                 if req.length > MAX_REQUEST {
                     return violation(format!("write of {} bytes (limit {MAX_REQUEST})", req.length));
                 }
-                let buffer = server.buffer(req.length as u64).await;
+                let buffer = server.buffer(&share, req.length as u64).await;
                 req.payload = vec![0u8; req.length as usize];
                 rd.read_exact(&mut req.payload).await?;
                 Some(buffer)
             }
-            CMD_READ | CMD_CACHE if req.length <= MAX_REQUEST => Some(server.buffer(req.length as u64).await),
+            CMD_READ | CMD_CACHE if req.length <= MAX_REQUEST => Some(server.buffer(&share, req.length as u64).await),
             _ => None,
         };
         let (session, conn, server) = (session.clone(), conn.clone(), server.clone());

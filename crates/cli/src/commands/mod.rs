@@ -117,36 +117,59 @@ fn summary(name: &str, r: &ImageRef, m: &Manifest) -> serde_json::Value {
     })
 }
 
+/// Lists the images as the catalog hands them on, one at a time (a store
+/// of any size is never held in memory), as a table or a JSON array.
 fn images(home: &Home, json: bool) -> Result<ExitCode> {
-    let listing = home.catalog.list()?;
-    for (name, e) in &listing.bad {
-        eprintln!("tessera: warning: skipping image {name}: {e}");
-    }
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
     // An empty store needs no keyring (and none is made).
-    let keyring = if listing.images.is_empty() { None } else { Some(home.keyring()?) };
-    let mut rows = Vec::new();
-    for (name, r) in listing.images {
-        let keyring = keyring.as_ref().expect("opened when there are images");
-        let m = home.catalog.get_manifest(&r.manifest).and_then(|s| Ok(s.open(keyring)?));
-        match m {
-            Ok(m) => rows.push(summary(&name, &r, &m)),
-            Err(e) => eprintln!("tessera: warning: {name}: {e}"),
+    let mut keyring = None;
+    let mut first = true;
+    let mut failure = None;
+    if !json {
+        writeln!(out, "{:<32} {:>10} {:>8} {:>8}  SOURCE", "NAME", "DISK", "CHUNKS", "STORED")?;
+    }
+    home.catalog.scan(&mut |name, r| {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => return eprintln!("tessera: warning: skipping image {name}: {e}"),
+        };
+        if keyring.is_none() {
+            match home.keyring() {
+                Ok(k) => keyring = Some(k),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    return;
+                }
+            }
         }
+        let keyring = keyring.as_ref().expect("opened above");
+        let row = match home.catalog.get_manifest(&r.manifest).and_then(|s| Ok(s.open(keyring)?)) {
+            Ok(m) => summary(&name, &r, &m),
+            Err(e) => return eprintln!("tessera: warning: {name}: {e}"),
+        };
+        let written = if json {
+            let element = serde_json::to_string_pretty(&row).expect("a row serialises").replace('\n', "\n  ");
+            write!(out, "{}\n  {element}", if first { "[" } else { "," })
+        } else {
+            writeln!(
+                out,
+                "{:<32} {:>10} {:>8} {:>8}  {}",
+                name,
+                human(row["disk_bytes"].as_u64().unwrap_or(0)),
+                row["chunks"].as_u64().unwrap_or(0),
+                row["stored_chunks"].as_u64().unwrap_or(0),
+                row["source"].as_str().unwrap_or("")
+            )
+        };
+        first = false;
+        let _ = written;
+    })?;
+    if let Some(e) = failure {
+        return Err(e.into());
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("{:<32} {:>10} {:>8} {:>8}  SOURCE", "NAME", "DISK", "CHUNKS", "STORED");
-    for r in rows {
-        println!(
-            "{:<32} {:>10} {:>8} {:>8}  {}",
-            r["name"].as_str().unwrap_or(""),
-            human(r["disk_bytes"].as_u64().unwrap_or(0)),
-            r["chunks"].as_u64().unwrap_or(0),
-            r["stored_chunks"].as_u64().unwrap_or(0),
-            r["source"].as_str().unwrap_or("")
-        );
+        writeln!(out, "{}", if first { "[]" } else { "\n]" })?;
     }
     Ok(ExitCode::SUCCESS)
 }
