@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
         let limits = Limits { client_timeout: std::time::Duration::from_secs(2), ..Limits::default() };
         let nbd = Arc::new(Server::new(exports, limits));
         let place = nbd.admit("fuzz").expect("room for one client");
-        let task = tokio::spawn(serve_connection(server, nbd, place, "fuzz".into()));
+        let task = tokio::spawn(serve_connection(server, nbd, place, "fuzz".into(), None));
         let _ = client.write_all(data).await;
         let _ = client.shutdown().await;
         let mut sink = Vec::new();

@@ -33,6 +33,7 @@ pub mod exports;
 pub mod fuse;
 pub mod nbd;
 pub mod overlay;
+pub mod policy;
 pub mod profile;
 pub mod vdisk;
 
@@ -86,6 +87,18 @@ pub enum Error {
     /// Not a listen address.
     #[error("{0:?}: use unix:PATH or HOST:PORT")]
     BadAddress(String),
+    /// Images in clear on a network address.
+    #[error("refusing to serve NBD in clear on {0} (anyone who can reach it could read every image): give --tls-cert and --tls-key, or --allow-plaintext-nbd if this network is trusted")]
+    Plaintext(String),
+    /// The TLS configuration cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tessera_cache::tls::TlsError),
+    /// The exports policy cannot be used.
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    /// An exports policy needs clients that say who they are.
+    #[error("--exports-policy needs --tls-client-ca: without client certificates no client can be told apart")]
+    PolicyWithoutClientCa,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] tessera_store::Error),
@@ -161,6 +174,23 @@ pub struct AgentOptions {
     pub max_overlays: usize,
     /// Prefetch an image's start-up profile when it is first opened.
     pub prefetch: bool,
+    /// TLS of the NBD TCP listeners.
+    pub tls: Option<NbdTls>,
+    /// Serve NBD in clear on addresses other than loopback.
+    pub allow_plaintext_nbd: bool,
+}
+
+/// The TLS of the NBD TCP listeners (unix sockets stay local and clear).
+#[derive(Clone, Debug)]
+pub struct NbdTls {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its key (PEM).
+    pub key: PathBuf,
+    /// Clients must present a certificate signed by this CA (PEM).
+    pub client_ca: Option<PathBuf>,
+    /// Which client (certificate subject) may open which exports.
+    pub policy: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -181,6 +211,8 @@ impl AgentOptions {
             limits: Limits::default(),
             max_overlays: 1024,
             prefetch: false,
+            tls: None,
+            allow_plaintext_nbd: false,
         }
     }
 }
@@ -198,6 +230,7 @@ pub struct Bound {
 /// A running worker agent.
 pub struct Agent {
     options: AgentOptions,
+    tls: Option<Arc<nbd::Tls>>,
     /// The exports.
     pub exports: Arc<CatalogExports>,
     /// The tier chain.
@@ -239,7 +272,18 @@ impl Agent {
         exports.prefetch_profiles(options.prefetch);
         let exports = Arc::new(exports);
         let nbd = Arc::new(Server::new(exports.clone() as Arc<dyn Exports>, options.limits.clone()));
-        Ok(Agent { options, exports, loader, nbd })
+        let tls = match &options.tls {
+            None => None,
+            Some(t) => {
+                if t.policy.is_some() && t.client_ca.is_none() {
+                    return Err(Error::PolicyWithoutClientCa);
+                }
+                let config = tessera_cache::tls::server_config(&t.cert, &t.key, t.client_ca.as_deref(), &[])?;
+                let policy = t.policy.as_deref().map(policy::ExportsPolicy::load).transpose()?.map(Arc::new);
+                Some(Arc::new(nbd::Tls { config, policy }))
+            }
+        };
+        Ok(Agent { options, tls, exports, loader, nbd })
     }
 
     /// All metrics, in Prometheus text.
@@ -280,7 +324,7 @@ impl Agent {
                             match listener.accept().await {
                                 Ok((s, _)) => {
                                     if let Some(place) = server.admit("a unix socket client") {
-                                        tokio::spawn(nbd::serve_connection(s, server.clone(), place, "unix socket".into()));
+                                        tokio::spawn(nbd::serve_connection(s, server.clone(), place, "unix socket".into(), None));
                                     }
                                 }
                                 Err(e) => accept_failed(&e).await,
@@ -290,8 +334,13 @@ impl Agent {
                 }
                 Listen::Tcp(addr) => {
                     let listener = TcpListener::bind(addr).await.map_err(listen_err(addr.clone()))?;
-                    bound.nbd.push(listener.local_addr().map_err(listen_err(addr.clone()))?.to_string());
+                    let local = listener.local_addr().map_err(listen_err(addr.clone()))?;
+                    if self.tls.is_none() && !local.ip().is_loopback() && !self.options.allow_plaintext_nbd {
+                        return Err(Error::Plaintext(local.to_string()));
+                    }
+                    bound.nbd.push(local.to_string());
                     let server = self.nbd.clone();
+                    let tls = self.tls.clone();
                     tasks.push(tokio::spawn(async move {
                         loop {
                             match listener.accept().await {
@@ -299,7 +348,7 @@ impl Agent {
                                     let peer = peer.to_string();
                                     if let Some(place) = server.admit(&peer) {
                                         let _ = s.set_nodelay(true);
-                                        tokio::spawn(nbd::serve_connection(s, server.clone(), place, peer));
+                                        tokio::spawn(nbd::serve_connection(s, server.clone(), place, peer, tls.clone()));
                                     }
                                 }
                                 Err(e) => accept_failed(&e).await,

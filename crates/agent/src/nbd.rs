@@ -42,6 +42,7 @@ const FLAG_NO_ZEROES: u16 = 2;
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
+const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -53,7 +54,9 @@ const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
 const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
 const INFO_EXPORT: u16 = 0;
@@ -266,35 +269,56 @@ impl From<io::Error> for Violation {
     }
 }
 
+/// A stream a connection runs over: the socket, or TLS over it after
+/// `NBD_OPT_STARTTLS`.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type BoxIo = Box<dyn Io>;
+
+/// The TLS of a listener: every client must upgrade with `NBD_OPT_STARTTLS`
+/// before any other option (a plaintext option is answered
+/// `NBD_REP_ERR_TLS_REQD`), and, with a policy, may open only the exports
+/// its certificate's subject is granted.
+pub struct Tls {
+    /// The server's TLS configuration (with or without client certificates).
+    pub config: Arc<rustls::ServerConfig>,
+    /// Who may open what; `None`: every client may open every export.
+    pub policy: Option<Arc<crate::policy::ExportsPolicy>>,
+}
+
 /// Serves one client connection to its end; `admitted` is its place
-/// ([`Server::admit`]). `peer` names it in logs.
-pub async fn serve_connection<S>(stream: S, server: Arc<Server>, admitted: OwnedSemaphorePermit, peer: String)
+/// ([`Server::admit`]), `tls` the listener's TLS, if it has any. `peer`
+/// names it in logs.
+pub async fn serve_connection<S>(stream: S, server: Arc<Server>, admitted: OwnedSemaphorePermit, peer: String, tls: Option<Arc<Tls>>)
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let stats = &server.stats;
     stats.connections.fetch_add(1, Ordering::Relaxed);
     stats.connections_total.fetch_add(1, Ordering::Relaxed);
-    let (mut rd, wr) = tokio::io::split(stream);
-    let conn = Arc::new(Connection { writer: Mutex::new(wr), broken: AtomicBool::new(false), gone: Notify::new() });
+    let mut conn = None;
     let result = async {
         let timeout = server.limits.client_timeout;
-        let handshake = tokio::time::timeout(timeout, handshake(&mut rd, &conn, &server.exports)).await;
-        let Ok(session) = handshake else {
+        let handshake = tokio::time::timeout(timeout, handshake(Box::new(stream), &server.exports, tls.as_deref())).await;
+        let Ok(agreed) = handshake else {
             stats.timed_out.fetch_add(1, Ordering::Relaxed);
             return violation(format!("no handshake within {timeout:?}"));
         };
-        let Some(session) = session? else { return Ok(()) };
-        transmission(rd, conn.clone(), session, server.clone()).await
+        let (io, session) = agreed?;
+        let (rd, wr) = tokio::io::split(io);
+        let c = Arc::new(Connection { writer: Mutex::new(wr), broken: AtomicBool::new(false), gone: Notify::new() });
+        conn = Some(c.clone());
+        let Some(session) = session else { return Ok(()) };
+        transmission(rd, c, session, server.clone()).await
     }
     .await;
     if let Err(Violation(msg)) = result {
-        if !msg.contains("early eof") && !msg.contains("reset by peer") && !msg.contains("Broken pipe") {
+        if !msg.contains("early eof") && !msg.contains("reset by peer") && !msg.contains("Broken pipe") && !msg.contains("close_notify") {
             stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("nbd: closing connection from {peer}: {msg}");
         }
     }
-    if !conn.broken.load(Ordering::Relaxed) {
+    if let Some(conn) = conn.filter(|c| !c.broken.load(Ordering::Relaxed)) {
         let _ = tokio::time::timeout(server.limits.client_timeout, async { conn.writer.lock().await.shutdown().await }).await;
     }
     stats.connections.fetch_sub(1, Ordering::Relaxed);
@@ -341,14 +365,15 @@ struct Session {
 
 type Writer<S> = Arc<Connection<S>>;
 
-async fn option_reply<S: AsyncWrite>(wr: &Writer<S>, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+async fn option_reply(io: &mut BoxIo, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
     let mut m = Vec::with_capacity(20 + data.len());
     m.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
     m.extend_from_slice(&opt.to_be_bytes());
     m.extend_from_slice(&kind.to_be_bytes());
     m.extend_from_slice(&(data.len() as u32).to_be_bytes());
     m.extend_from_slice(data);
-    wr.writer.lock().await.write_all(&m).await
+    io.write_all(&m).await?;
+    io.flush().await
 }
 
 fn transmission_flags(device: &dyn Device, structured: bool) -> u16 {
@@ -398,65 +423,111 @@ fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
     (at == data.len()).then_some((name, queries))
 }
 
-async fn handshake<S>(rd: &mut tokio::io::ReadHalf<S>, wr: &Writer<S>, exports: &Arc<dyn Exports>) -> Result<Option<Session>, Violation>
-where
-    S: AsyncRead + AsyncWrite,
-{
-    {
-        let mut w = wr.writer.lock().await;
-        let mut hello = NBDMAGIC.to_be_bytes().to_vec();
-        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        w.write_all(&hello).await?;
+/// Who the client is, once TLS says so, and what it may open.
+struct Client<'t> {
+    /// The subject of its certificate.
+    identity: Option<String>,
+    policy: Option<&'t crate::policy::ExportsPolicy>,
+}
+
+impl Client<'_> {
+    fn may_open(&self, export: &str) -> bool {
+        self.policy.is_none_or(|p| p.allows(self.identity.as_deref(), export))
     }
-    let client_flags = rd.read_u32().await?;
+}
+
+/// Opens `name` for `client`: refused by policy, or the reason it cannot
+/// be opened.
+async fn open_for(client: &Client<'_>, exports: &Arc<dyn Exports>, name: &str) -> Result<Arc<dyn Device>, (u32, String)> {
+    if !client.may_open(name) {
+        return Err((REP_ERR_POLICY, format!("{} may not open {name:?}", client.identity.as_deref().unwrap_or("this client"))));
+    }
+    open_export(exports, name).await.map_err(|why| (REP_ERR_UNKNOWN, why))
+}
+
+async fn handshake(mut io: BoxIo, exports: &Arc<dyn Exports>, tls: Option<&Tls>) -> Result<(BoxIo, Option<Session>), Violation> {
+    let mut hello = NBDMAGIC.to_be_bytes().to_vec();
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    io.write_all(&hello).await?;
+    io.flush().await?;
+    let client_flags = io.read_u32().await?;
     if client_flags & !(FLAG_FIXED_NEWSTYLE as u32 | FLAG_NO_ZEROES as u32) != 0 {
         return violation(format!("unknown client flags {client_flags:#x}"));
     }
     let no_zeroes = client_flags & FLAG_NO_ZEROES as u32 != 0;
     let mut structured = false;
     let mut allocation = false;
+    let mut secured = false;
+    let mut client = Client { identity: None, policy: tls.and_then(|t| t.policy.as_deref()) };
     loop {
-        if rd.read_u64().await? != IHAVEOPT {
+        if io.read_u64().await? != IHAVEOPT {
             return violation("option without the IHAVEOPT magic");
         }
-        let opt = rd.read_u32().await?;
-        let len = rd.read_u32().await?;
+        let opt = io.read_u32().await?;
+        let len = io.read_u32().await?;
         if len > MAX_OPTION {
             return violation(format!("option {opt} of {len} bytes"));
         }
         let mut data = vec![0u8; len as usize];
-        rd.read_exact(&mut data).await?;
+        io.read_exact(&mut data).await?;
+        // A listener with TLS takes nothing in clear but STARTTLS and ABORT.
+        if let (Some(tls), false) = (tls, secured) {
+            match opt {
+                OPT_STARTTLS if len != 0 => option_reply(&mut io, opt, REP_ERR_INVALID, b"STARTTLS takes no data").await?,
+                OPT_STARTTLS => {
+                    option_reply(&mut io, opt, REP_ACK, &[]).await?;
+                    let stream =
+                        tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config)).accept(io).await.map_err(|e| Violation(format!("TLS handshake: {e}")))?;
+                    client.identity = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|leaf| crate::policy::subject(leaf).ok());
+                    io = Box::new(stream);
+                    secured = true;
+                    // Nothing negotiated in clear carries over.
+                    (structured, allocation) = (false, false);
+                }
+                OPT_ABORT => {
+                    let _ = option_reply(&mut io, opt, REP_ACK, &[]).await;
+                    return Ok((io, None));
+                }
+                // It cannot be answered with an error: the connection ends.
+                OPT_EXPORT_NAME => return violation("EXPORT_NAME before STARTTLS on a TLS-only server"),
+                _ => option_reply(&mut io, opt, REP_ERR_TLS_REQD, b"this server requires TLS: use NBD_OPT_STARTTLS (nbds://)").await?,
+            }
+            continue;
+        }
         match opt {
+            OPT_STARTTLS if secured => option_reply(&mut io, opt, REP_ERR_INVALID, b"TLS is already on").await?,
+            OPT_STARTTLS => option_reply(&mut io, opt, REP_ERR_UNSUP, b"this listener has no TLS").await?,
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let device = match open_export(exports, &name).await {
+                let device = match open_for(&client, exports, &name).await {
                     Ok(d) => d,
-                    Err(why) => return violation(format!("export {name:?}: {why}")),
+                    Err((_, why)) => return violation(format!("export {name:?}: {why}")),
                 };
                 let mut m = device.size().to_be_bytes().to_vec();
                 m.extend_from_slice(&transmission_flags(device.as_ref(), structured).to_be_bytes());
                 if !no_zeroes {
                     m.extend_from_slice(&[0u8; 124]);
                 }
-                wr.writer.lock().await.write_all(&m).await?;
-                return Ok(Some(Session { device, structured, allocation }));
+                io.write_all(&m).await?;
+                io.flush().await?;
+                return Ok((io, Some(Session { device, structured, allocation })));
             }
             OPT_ABORT => {
-                let _ = option_reply(wr, opt, REP_ACK, &[]).await;
-                return Ok(None);
+                let _ = option_reply(&mut io, opt, REP_ACK, &[]).await;
+                return Ok((io, None));
             }
             OPT_LIST => {
                 if len != 0 {
-                    option_reply(wr, opt, REP_ERR_INVALID, b"LIST takes no data").await?;
+                    option_reply(&mut io, opt, REP_ERR_INVALID, b"LIST takes no data").await?;
                     continue;
                 }
-                for name in exports.names() {
+                for name in exports.names().into_iter().filter(|n| client.may_open(n)) {
                     let mut m = (name.len() as u32).to_be_bytes().to_vec();
                     m.extend_from_slice(name.as_bytes());
-                    option_reply(wr, opt, REP_SERVER, &m).await?;
+                    option_reply(&mut io, opt, REP_SERVER, &m).await?;
                 }
-                option_reply(wr, opt, REP_ACK, &[]).await?;
+                option_reply(&mut io, opt, REP_ACK, &[]).await?;
             }
             OPT_INFO | OPT_GO => {
                 let mut at = 0;
@@ -465,45 +536,45 @@ where
                 let n = u16::from_be_bytes(n.try_into().expect("2 bytes")) as usize;
                 at += 2;
                 if data.len() != at + 2 * n {
-                    option_reply(wr, opt, REP_ERR_INVALID, b"malformed information requests").await?;
+                    option_reply(&mut io, opt, REP_ERR_INVALID, b"malformed information requests").await?;
                     continue;
                 }
                 let wanted: Vec<u16> = data[at..].chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
-                let device = match open_export(exports, &name).await {
+                let device = match open_for(&client, exports, &name).await {
                     Ok(d) => d,
-                    Err(why) => {
-                        option_reply(wr, opt, REP_ERR_UNKNOWN, why.as_bytes()).await?;
+                    Err((code, why)) => {
+                        option_reply(&mut io, opt, code, why.as_bytes()).await?;
                         continue;
                     }
                 };
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&device.size().to_be_bytes());
                 info.extend_from_slice(&transmission_flags(device.as_ref(), structured).to_be_bytes());
-                option_reply(wr, opt, REP_INFO, &info).await?;
+                option_reply(&mut io, opt, REP_INFO, &info).await?;
                 if wanted.contains(&INFO_NAME) {
                     let mut m = INFO_NAME.to_be_bytes().to_vec();
                     m.extend_from_slice(name.as_bytes());
-                    option_reply(wr, opt, REP_INFO, &m).await?;
+                    option_reply(&mut io, opt, REP_INFO, &m).await?;
                 }
                 if wanted.contains(&INFO_BLOCK_SIZE) {
                     let mut m = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
                     for v in [1u32, 4096, MAX_REQUEST] {
                         m.extend_from_slice(&v.to_be_bytes());
                     }
-                    option_reply(wr, opt, REP_INFO, &m).await?;
+                    option_reply(&mut io, opt, REP_INFO, &m).await?;
                 }
-                option_reply(wr, opt, REP_ACK, &[]).await?;
+                option_reply(&mut io, opt, REP_ACK, &[]).await?;
                 if opt == OPT_GO {
-                    return Ok(Some(Session { device, structured, allocation }));
+                    return Ok((io, Some(Session { device, structured, allocation })));
                 }
             }
             OPT_STRUCTURED_REPLY => {
                 if len != 0 {
-                    option_reply(wr, opt, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data").await?;
+                    option_reply(&mut io, opt, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data").await?;
                     continue;
                 }
                 structured = true;
-                option_reply(wr, opt, REP_ACK, &[]).await?;
+                option_reply(&mut io, opt, REP_ACK, &[]).await?;
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let listing = opt == OPT_LIST_META_CONTEXT;
@@ -512,15 +583,15 @@ where
                     allocation = false;
                 }
                 if !structured {
-                    option_reply(wr, opt, REP_ERR_INVALID, b"negotiate structured replies first").await?;
+                    option_reply(&mut io, opt, REP_ERR_INVALID, b"negotiate structured replies first").await?;
                     continue;
                 }
                 let Some((name, queries)) = parse_meta_request(&data) else {
-                    option_reply(wr, opt, REP_ERR_INVALID, b"malformed meta context request").await?;
+                    option_reply(&mut io, opt, REP_ERR_INVALID, b"malformed meta context request").await?;
                     continue;
                 };
-                if open_export(exports, &name).await.is_err() {
-                    option_reply(wr, opt, REP_ERR_UNKNOWN, b"no such export").await?;
+                if let Err((code, why)) = open_for(&client, exports, &name).await {
+                    option_reply(&mut io, opt, code, why.as_bytes()).await?;
                     continue;
                 }
                 let matches = |q: &str| q == "base:allocation" || (listing && q == "base:");
@@ -529,14 +600,14 @@ where
                     let id = if listing { 0 } else { ALLOCATION_CONTEXT };
                     let mut m = id.to_be_bytes().to_vec();
                     m.extend_from_slice(b"base:allocation");
-                    option_reply(wr, opt, REP_META_CONTEXT, &m).await?;
+                    option_reply(&mut io, opt, REP_META_CONTEXT, &m).await?;
                     if !listing {
                         allocation = true;
                     }
                 }
-                option_reply(wr, opt, REP_ACK, &[]).await?;
+                option_reply(&mut io, opt, REP_ACK, &[]).await?;
             }
-            _ => option_reply(wr, opt, REP_ERR_UNSUP, b"unsupported option").await?,
+            _ => option_reply(&mut io, opt, REP_ERR_UNSUP, b"unsupported option").await?,
         }
     }
 }

@@ -41,6 +41,7 @@ pub mod metrics;
 mod origin;
 pub mod placement;
 pub mod tier;
+pub mod tls;
 pub mod trace;
 
 pub use bytes::Bytes;

@@ -11,7 +11,8 @@
 //! disk holds is found again after a restart.
 //!
 //! [`serve`] answers `GET` and `PUT` on `/v1/stripes/CHUNK` over HTTP/1.1
-//! or HTTP/2 (cleartext), checking a bearer token when the node has one;
+//! or HTTP/2, in clear or over TLS, checking a bearer token when the node
+//! has one;
 //! stores buffer at most [`MAX_PUTS`] bodies at once, and connections that
 //! stall are closed; [`CacheNode::render_metrics`] gives its metrics in
 //! Prometheus text (served by [`tessera_cache::metrics::serve`]). The
@@ -335,7 +336,11 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 
 /// Serves stripes on `listener`, over HTTP/1.1 or HTTP/2, until `shutdown`
 /// completes.
-pub async fn serve(node: Arc<CacheNode>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+///
+/// With `tls`, every connection is TLS (ALPN `h2` or `http/1.1`); a client
+/// that does not finish its TLS handshake within 30 s is dropped.
+pub async fn serve(node: Arc<CacheNode>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, shutdown: impl Future<Output = ()>) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(SLOW_CLIENT);
     builder
@@ -367,14 +372,25 @@ pub async fn serve(node: Arc<CacheNode>, listener: TcpListener, shutdown: impl F
             () = &mut shutdown => return,
         };
         let _ = stream.set_nodelay(true);
-        let (builder, node) = (Arc::clone(&builder), Arc::clone(&node));
+        let (builder, node, acceptor) = (Arc::clone(&builder), Arc::clone(&node), acceptor.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let node = Arc::clone(&node);
                 async move { Ok::<_, Infallible>(node.handle(req).await) }
             });
             // A client that goes away mid-request is not the node's problem.
-            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            match acceptor {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                }
+                Some(acceptor) => match tokio::time::timeout(SLOW_CLIENT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
+                    Err(_) => tracing::debug!("TLS handshake: no handshake within {SLOW_CLIENT:?}"),
+                },
+            }
         });
     }
 }

@@ -25,10 +25,10 @@ impl Fixture {
             let node = Arc::new(CacheNode::open(&dir.join(format!("node{i}")), options).unwrap());
             let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
             addrs.push(listener.local_addr().unwrap().to_string());
-            runtime.spawn(tessera_cachenode::serve(node.clone(), listener, std::future::pending()));
+            runtime.spawn(tessera_cachenode::serve(node.clone(), listener, None, std::future::pending()));
             nodes.push(node);
         }
-        let tier = CacheTier::new(TierOptions { nodes: addrs, k: 4, m: 1, token: Some("t0ken".into()), policy: ReadPolicy::FirstK }).unwrap();
+        let tier = CacheTier::new(TierOptions { nodes: addrs, k: 4, m: 1, token: Some("t0ken".into()), policy: ReadPolicy::FirstK, tls_ca: None }).unwrap();
         Fixture { nodes, tier: Arc::new(tier), runtime }
     }
 }

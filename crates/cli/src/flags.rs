@@ -168,6 +168,26 @@ pub struct ServeArgs {
     /// the caches when a client first opens the image.
     #[arg(long)]
     pub prefetch: bool,
+    /// TLS for the TCP listeners (NBD_OPT_STARTTLS, as qemu-nbd and nbdkit
+    /// do): the server's certificate chain (PEM). A TLS listener answers
+    /// any other option before STARTTLS with NBD_REP_ERR_TLS_REQD.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Clients must present a certificate signed by this CA (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Which client certificate subject may open which exports (JSON; see
+    /// docs/DESIGN-NOTES.md); needs --tls-client-ca. Without it every
+    /// client may open every export.
+    #[arg(long, value_name = "FILE", requires = "tls_client_ca")]
+    pub exports_policy: Option<PathBuf>,
+    /// UNSAFE: serve NBD in clear on addresses other than loopback: anyone
+    /// who can reach them reads every image and writes to every label.
+    #[arg(long)]
+    pub allow_plaintext_nbd: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -245,6 +265,10 @@ pub struct TierArgs {
     /// File holding the bearer token the cache nodes expect.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Talk TLS to the cache nodes (HTTP/2, ALPN h2), trusting this CA
+    /// (PEM); required with a token unless every node is on this host.
+    #[arg(long, value_name = "FILE")]
+    pub cache_tls_ca: Option<PathBuf>,
 }
 
 /// Parses `30ms`, `1.5s`, `250us`, `0`.
@@ -283,6 +307,13 @@ pub struct CachenodeArgs {
     /// unless the node listens on a loopback address).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Serve over TLS with this certificate chain (PEM); required, with a
+    /// token, unless the node listens on a loopback address.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,

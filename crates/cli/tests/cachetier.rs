@@ -505,12 +505,14 @@ fn a_node_late_beyond_the_timeout_in_its_own_namespace_is_never_waited_for() {
     }
     let (env, want, chunks) = imported();
     let spaces = Namespaces::create(5);
-    // Off loopback, a node needs a token.
+    // Off loopback, a node needs a token, and TLS to keep it secret.
     let token = env.path("token");
     std::fs::write(&token, "netns-token\n").unwrap();
-    let token_args = ["--token-file", token.to_str().unwrap()];
-    let mut nodes = Nodes::empty(&token_args);
-    nodes.client = token_args.iter().map(|s| s.to_string()).collect();
+    let sans: Vec<String> = (0..5).map(|i| format!("IP:10.78.{i}.2")).collect();
+    let certs = common::tls::Certs::make(&env.path("certs"), &sans.join(","));
+    let (cert, key, ca) = (certs.file("server-cert.pem"), certs.file("server-key.pem"), certs.file("ca-cert.pem"));
+    let mut nodes = Nodes::empty(&["--token-file", token.to_str().unwrap(), "--tls-cert", &cert, "--tls-key", &key]);
+    nodes.client = vec!["--token-file".into(), token.to_str().unwrap().into(), "--cache-tls-ca".into(), ca.clone()];
     for i in 0..5 {
         nodes.addrs.push(format!("10.78.{i}.2:7070"));
         nodes.metrics.push(format!("10.78.{i}.2:7071"));

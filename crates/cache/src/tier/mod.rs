@@ -81,6 +81,9 @@ pub struct TierOptions {
     pub token: Option<String>,
     /// Which stripes a read waits for.
     pub policy: ReadPolicy,
+    /// The CA that signs the nodes' certificates: talk TLS (HTTP/2 over
+    /// TLS, ALPN `h2`); `None`: cleartext HTTP/2.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// Why a tier cannot be set up.
@@ -112,6 +115,12 @@ pub enum TierError {
     /// The client's runtime could not start.
     #[error("cannot start the cache tier's runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    /// The node TLS configuration cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The token would cross the network in clear.
+    #[error("cache node {0} is not on this host: the token would cross the network in clear; give --cache-tls-ca (nodes with --tls-cert)")]
+    TokenInClear(String),
 }
 
 impl TierOptions {
@@ -145,7 +154,9 @@ struct Shared {
     names: Vec<String>,
     code: Code,
     policy: ReadPolicy,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `https` with TLS, else `http`.
+    scheme: &'static str,
     auth: Option<HeaderValue>,
     pending: AtomicU64,
     stats: TierStats,
@@ -240,6 +251,11 @@ impl CacheTier {
         if let Some(dup) = options.nodes.iter().find(|n| !seen.insert(n.as_str())) {
             return Err(TierError::DuplicateNode(dup.clone()));
         }
+        if let (Some(_), None) = (&options.token, &options.tls_ca) {
+            if let Some(far) = options.nodes.iter().find(|n| !is_loopback(n)) {
+                return Err(TierError::TokenInClear(far.clone()));
+            }
+        }
         let auth = match &options.token {
             Some(t) => Some(HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| TierError::BadToken)?),
             None => None,
@@ -249,8 +265,19 @@ impl CacheTier {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(STRIPE_TIMEOUT));
-        // HTTP/2 without TLS: one connection per node carries every
-        // request, and cancelling a stripe resets its stream, not the connection.
+        connector.enforce_http(false);
+        // TLS (ALPN h2) with a CA, else cleartext HTTP/2 (prior knowledge).
+        let tls = match &options.tls_ca {
+            Some(ca) => crate::tls::client_config(ca, None)?,
+            None => rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        };
+        let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http2().wrap_connector(connector);
+        // One connection per node carries every request, and cancelling a
+        // stripe resets its stream, not the connection.
         let client = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .http2_initial_stream_window_size(4 << 20)
@@ -282,6 +309,7 @@ impl CacheTier {
                 code,
                 policy: options.policy,
                 client,
+                scheme: if options.tls_ca.is_some() { "https" } else { "http" },
                 auth,
                 pending: AtomicU64::new(0),
                 stats: TierStats::default(),
@@ -368,7 +396,7 @@ impl Node {
 
 impl Shared {
     fn request(&self, method: Method, node: usize, chunk: &ChunkId, body: Bytes) -> Request<Full<Bytes>> {
-        let uri = format!("http://{}{}", self.nodes[node].addr, wire::path(chunk));
+        let uri = format!("{}://{}{}", self.scheme, self.nodes[node].addr, wire::path(chunk));
         let mut req = Request::builder().method(method).uri(uri);
         if let Some(a) = &self.auth {
             req = req.header(AUTHORIZATION, a.clone());
@@ -604,6 +632,12 @@ impl Shared {
     }
 }
 
+/// Whether `HOST:PORT` names this host's loopback.
+fn is_loopback(node: &str) -> bool {
+    let host = node.rsplit_once(':').map_or(node, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// An error and its causes on one line (hyper's own message is terse).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -736,7 +770,14 @@ mod tests {
     use super::*;
 
     fn tier(k: usize, m: usize, nodes: usize) -> Result<CacheTier, TierError> {
-        CacheTier::new(TierOptions { nodes: (0..nodes).map(|i| format!("127.0.0.1:{}", 1 + i)).collect(), k, m, token: None, policy: ReadPolicy::FirstK })
+        CacheTier::new(TierOptions {
+            nodes: (0..nodes).map(|i| format!("127.0.0.1:{}", 1 + i)).collect(),
+            k,
+            m,
+            token: None,
+            policy: ReadPolicy::FirstK,
+            tls_ca: None,
+        })
     }
 
     #[test]

@@ -70,8 +70,8 @@ pub fn read_token(path: &Path) -> Result<String> {
 /// without cache nodes.
 pub fn tier_options(t: &TierArgs, policy: ReadPolicy) -> Result<Option<TierOptions>> {
     if t.cache_nodes.is_empty() {
-        if t.token_file.is_some() {
-            anyhow::bail!("--token-file is for the cache nodes: give --cache-nodes too");
+        if t.token_file.is_some() || t.cache_tls_ca.is_some() {
+            anyhow::bail!("--token-file and --cache-tls-ca are for the cache nodes: give --cache-nodes too");
         }
         return Ok(None);
     }
@@ -83,5 +83,5 @@ pub fn tier_options(t: &TierArgs, policy: ReadPolicy) -> Result<Option<TierOptio
         anyhow::bail!("--ec {k}+{m} needs at least {} cache nodes; --cache-nodes lists {}", k + m, t.cache_nodes.len());
     }
     let token = t.token_file.as_deref().map(read_token).transpose()?;
-    Ok(Some(TierOptions { nodes: t.cache_nodes.clone(), k, m, token, policy }))
+    Ok(Some(TierOptions { nodes: t.cache_nodes.clone(), k, m, token, policy, tls_ca: t.cache_tls_ca.clone() }))
 }

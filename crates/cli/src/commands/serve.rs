@@ -22,6 +22,11 @@ pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
     options.frontends = nbd.into_iter().map(Frontend::Nbd).collect();
     options.metrics = a.metrics;
     options.prefetch = a.prefetch;
+    options.allow_plaintext_nbd = a.allow_plaintext_nbd;
+    options.tls = match (a.tls_cert, a.tls_key) {
+        (Some(cert), Some(key)) => Some(tessera_agent::NbdTls { cert, key, client_ca: a.tls_client_ca, policy: a.exports_policy }),
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(128).build()?;
     let agent = Arc::new(Agent::new(home, options).context("starting the agent")?);
     let ready_file = a.ready_file;
@@ -86,15 +91,23 @@ pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
     let token = a.token_file.as_deref().map(read_token).transpose()?;
     let options = NodeOptions { memory_bytes: a.mem, disk_bytes: a.disk, token };
     let authenticated = options.token.is_some();
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(tessera_cache::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?),
+        (None, None) => None,
+        _ => anyhow::bail!("give both --tls-cert and --tls-key"),
+    };
     let node = Arc::new(CacheNode::open(&a.dir, options)?);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
         // Without a token, anyone who reaches the node could poison it or
-        // push every agent to the origin: only loopback may go without.
+        // push every agent to the origin; without TLS, the token crosses
+        // the network in clear: only loopback may go without either.
         let bound = listener.local_addr()?;
-        if !authenticated && !bound.ip().is_loopback() {
-            anyhow::bail!("{bound} is not a loopback address: give --token-file (a node without a token serves anyone who reaches it)");
+        if !bound.ip().is_loopback() && (!authenticated || tls.is_none()) {
+            anyhow::bail!(
+                "{bound} is not a loopback address: give --token-file and --tls-cert/--tls-key (a node off this host needs a token, and TLS to keep it secret)"
+            );
         }
         let metrics = match &a.metrics {
             Some(m) => Some(tokio::net::TcpListener::bind(m).await.with_context(|| format!("metrics listener {m}"))?),
@@ -104,7 +117,12 @@ pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
         let line = format!(
             "tessera cachenode: serving stripes on {}{} ({} on disk from an earlier run){}",
             bound,
-            if authenticated { " with a bearer token" } else { " without a token (loopback only)" },
+            match (authenticated, tls.is_some()) {
+                (true, true) => " over TLS, with a bearer token",
+                (true, false) => " with a bearer token (loopback only)",
+                (false, true) => " over TLS, without a token (loopback only)",
+                (false, false) => " without a token (loopback only)",
+            },
             node.disk_stripes(),
             metrics_addr.map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
         );
@@ -113,7 +131,7 @@ pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
             let node = Arc::clone(&node);
             tokio::spawn(tessera_cache::metrics::serve(l, Arc::new(move || node.render_metrics())))
         });
-        tessera_cachenode::serve(Arc::clone(&node), listener, interrupted()).await;
+        tessera_cachenode::serve(Arc::clone(&node), listener, tls, interrupted()).await;
         if let Some(m) = metrics {
             m.abort();
         }

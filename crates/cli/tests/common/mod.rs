@@ -6,6 +6,7 @@
 pub mod nbd;
 pub mod oci;
 pub mod s3;
+pub mod tls;
 pub mod tree;
 
 use std::io::Write;
