@@ -345,7 +345,14 @@ impl<S: AsyncWrite> Connection<S> {
         if self.broken.load(Ordering::Relaxed) {
             return violation("connection closed");
         }
-        match tokio::time::timeout(timeout, w.write_all(bytes)).await {
+        // Flushed: over TLS the last record would otherwise wait in the
+        // session for the next reply, and the client for it.
+        match tokio::time::timeout(timeout, async {
+            w.write_all(bytes).await?;
+            w.flush().await
+        })
+        .await
+        {
             Ok(r) => Ok(r?),
             Err(_) => {
                 self.broken.store(true, Ordering::Relaxed);
@@ -479,7 +486,7 @@ async fn handshake(mut io: BoxIo, exports: &Arc<dyn Exports>, tls: Option<&Tls>)
                     option_reply(&mut io, opt, REP_ACK, &[]).await?;
                     let stream =
                         tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config)).accept(io).await.map_err(|e| Violation(format!("TLS handshake: {e}")))?;
-                    client.identity = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|leaf| crate::policy::subject(leaf).ok());
+                    client.identity = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|leaf| crate::policy::subject(leaf));
                     io = Box::new(stream);
                     secured = true;
                     // Nothing negotiated in clear carries over.

@@ -75,10 +75,11 @@ impl ExportsPolicy {
     }
 }
 
-/// The subject of a certificate, RFC 4514 style (`CN=tenant-a,O=acme`).
-pub fn subject(cert: &CertificateDer<'_>) -> Result<String, String> {
+/// The subject of a certificate, RFC 4514 style (`CN=tenant-a,O=acme`);
+/// `None` for a certificate that does not parse.
+pub fn subject(cert: &CertificateDer<'_>) -> Option<String> {
     use x509_parser::objects::{oid2abbrev, oid_registry};
-    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| format!("a malformed certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let mut rdns: Vec<String> = cert
         .subject()
         .iter()
@@ -93,7 +94,7 @@ pub fn subject(cert: &CertificateDer<'_>) -> Result<String, String> {
         })
         .collect();
     rdns.reverse();
-    Ok(rdns.join(","))
+    Some(rdns.join(","))
 }
 
 /// RFC 4514 escaping of an attribute value.

@@ -18,7 +18,7 @@ pub mod relay;
 pub mod seal;
 pub mod tier;
 
-pub use nbd_client::Client;
+pub use nbd_client::{Client, Server as NbdServer, TlsClient};
 
 /// Errors of a benchmark.
 #[derive(Debug, thiserror::Error)]

@@ -12,8 +12,8 @@ use crate::{percentiles, Client, Error};
 
 /// Latency of `count` random reads of `block` bytes (aligned to it), one at
 /// a time, within the first `span` bytes of the export; one JSON object.
-pub fn latency(socket: &Path, export: &str, block: u64, count: usize, span: Option<u64>) -> Result<serde_json::Value, Error> {
-    let mut c = Client::connect(socket, export).map_err(Error::io(format!("connecting to {}", socket.display())))?;
+pub fn latency(server: &crate::nbd_client::Server, export: &str, block: u64, count: usize, span: Option<u64>) -> Result<serde_json::Value, Error> {
+    let mut c = Client::open(server, export).map_err(Error::io(format!("connecting to {server:?}")))?;
     let span = span.unwrap_or(c.size).min(c.size);
     let blocks = (span / block).max(1);
     let mut state = 0x2545_F491_4F6C_DD1Du64;

@@ -486,8 +486,23 @@ pub enum BenchCommand {
     /// the same minimal client whatever the server. Prints JSON.
     NbdLatency {
         /// The server's unix socket.
+        #[arg(long, conflicts_with = "tcp")]
+        socket: Option<PathBuf>,
+        /// The server's TCP address, HOST:PORT.
         #[arg(long)]
-        socket: PathBuf,
+        tcp: Option<String>,
+        /// Upgrade to TLS (NBD_OPT_STARTTLS), trusting this CA.
+        #[arg(long, requires = "tcp")]
+        tls_ca: Option<PathBuf>,
+        /// The client certificate to present.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Its key.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// The name the server's certificate must carry.
+        #[arg(long, default_value = "localhost")]
+        tls_hostname: String,
         /// Export name.
         #[arg(long)]
         export: String,

@@ -28,7 +28,10 @@ fn imported() -> (Env, Vec<u8>) {
     let env = Env::new();
     let layout = env.path("layout");
     busybox_layout(&layout, "bb");
-    env.import(&format!("oci:{}:bb", layout.display()), "bb", &[]);
+    // Data, not holes: replies larger than the socket's buffers, which TLS
+    // must flush whole.
+    add_layer(&layout, "bb", "data", &[("data/blob", &pseudo_random(24 << 20, 17))]);
+    env.import(&format!("oci:{}:data", layout.display()), "bb", &[]);
     env.import(&format!("oci:{}:bb", layout.display()), "other", &[]);
     let raw = env.path("bb.raw");
     env.ok(&["export", "bb", raw.to_str().unwrap()]);

@@ -30,6 +30,11 @@ pub fn chunk_of(path: &str) -> Option<ChunkId> {
     path.strip_prefix(PREFIX)?.parse().ok()
 }
 
+/// Why a stored stripe is not well formed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadStripe(pub String);
+
 /// The header of a stripe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StripeHeader {
@@ -73,25 +78,25 @@ impl StripeHeader {
     /// of a code that can exist, and exactly the body that header calls
     /// for. What it cannot check (the bytes themselves) the reader checks
     /// against the chunk id.
-    pub fn check(stripe: &[u8]) -> Result<StripeHeader, String> {
-        let h = StripeHeader::parse(stripe).ok_or("it does not start with a stripe header")?;
+    pub fn check(stripe: &[u8]) -> Result<StripeHeader, BadStripe> {
+        let h = StripeHeader::parse(stripe).ok_or_else(|| BadStripe("it does not start with a stripe header".into()))?;
         let n = h.k as usize + h.m as usize;
         if h.k == 0 || n > 255 || h.index as usize >= n {
-            return Err(format!("its header names stripe {} of a {}+{} code", h.index, h.k, h.m));
+            return Err(BadStripe(format!("its header names stripe {} of a {}+{} code", h.index, h.k, h.m)));
         }
         if h.chunk_len == 0 || h.chunk_len as usize > MAX_STRIPE {
-            return Err(format!("its header names a chunk of {} bytes", h.chunk_len));
+            return Err(BadStripe(format!("its header names a chunk of {} bytes", h.chunk_len)));
         }
         let body = stripe.len() - HEADER_LEN;
         if body != h.body_len() {
-            return Err(format!(
+            return Err(BadStripe(format!(
                 "its body is {body} bytes, but stripe {} of a {}-byte chunk in a {}+{} code is {}",
                 h.index,
                 h.chunk_len,
                 h.k,
                 h.m,
                 h.body_len()
-            ));
+            )));
         }
         Ok(h)
     }

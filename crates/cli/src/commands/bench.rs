@@ -22,7 +22,17 @@ pub fn bench(home: &Home, command: BenchCommand) -> Result<ExitCode> {
             tessera_bench::tier::run(home, &name, &options, &bench)?
         }
         BenchCommand::Lru { capacity, hot_functions, cron_chunks } => serde_json::to_value(tessera_bench::lru::run(capacity, hot_functions, cron_chunks))?,
-        BenchCommand::NbdLatency { socket, export, block, count, span } => tessera_bench::nbd::latency(&socket, &export, block, count, span)?,
+        BenchCommand::NbdLatency { socket, tcp, tls_ca, tls_cert, tls_key, tls_hostname, export, block, count, span } => {
+            let server = match (socket, tcp) {
+                (Some(path), None) => tessera_bench::NbdServer::Unix(path),
+                (None, Some(addr)) => tessera_bench::NbdServer::Tcp(
+                    addr,
+                    tls_ca.map(|ca| tessera_bench::TlsClient { ca, identity: tls_cert.zip(tls_key), server_name: tls_hostname }),
+                ),
+                _ => anyhow::bail!("give --socket PATH or --tcp HOST:PORT"),
+            };
+            tessera_bench::nbd::latency(&server, &export, block, count, span)?
+        }
         BenchCommand::NbdFlood { socket, export, clients, seconds, pid } => {
             serde_json::to_value(tessera_bench::nbd::flood(&socket, &export, clients, seconds.as_secs_f64(), pid)?)?
         }

@@ -34,7 +34,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Some(h) => h,
         None => default_home()?,
     };
-    let url = match &cli.store {
+    // An empty TESSERA_STORE means the default, as an unset one.
+    let url = match cli.store.as_deref().filter(|u| !u.is_empty()) {
         Some(u) => StoreUrl::parse(u)?,
         None => StoreUrl::Local(home_dir.clone()),
     };
