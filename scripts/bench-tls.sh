@@ -103,20 +103,19 @@ q_tls_seq=$(seqread "nbds://localhost:$port/big?tls-certificates=$certs/client")
 kill $qpid; wait $qpid 2>/dev/null || true
 
 # The cache tier: five nodes in clear, five over TLS; the same reads of each.
-tier() { # NAME ARGS... -> JSON of `bench tier`
+nodes() { # NAME ARGS...: five cache nodes; sets $list to their addresses
     name=$1; shift
     list=""
     for i in 1 2 3 4 5; do
         rm -rf "$work/node-$name-$i" "$work/node-$name-$i.ready"
-        "$tessera" cachenode --listen 127.0.0.1:0 --dir "$work/node-$name-$i" --ready-file "$work/node-$name-$i.ready" "$@" 2>/dev/null &
+        "$tessera" cachenode --listen 127.0.0.1:0 --dir "$work/node-$name-$i" --ready-file "$work/node-$name-$i.ready" "$@" >/dev/null 2>&1 &
         pids="$pids $!"
         j=0; until [ -s "$work/node-$name-$i.ready" ]; do j=$((j+1)); [ $j -lt 400 ] || exit 1; sleep 0.05; done
         list="$list${list:+,}$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['listen'])" "$work/node-$name-$i.ready")"
     done
-    echo "$list"
 }
-plain_nodes=$(tier plain)
-tls_nodes=$(tier tls --tls-cert "$certs/server-cert.pem" --tls-key "$certs/server-key.pem")
+nodes plain; plain_nodes=$list
+nodes tls --tls-cert "$certs/server-cert.pem" --tls-key "$certs/server-key.pem"; tls_nodes=$list
 "$tessera" bench tier big --cache-nodes "$plain_nodes" --warm --count 2000 --origin-reads 10 >"$work/tier-plain.json"
 "$tessera" bench tier big --cache-nodes "$tls_nodes" --cache-tls-ca "$certs/ca-cert.pem" --warm --count 2000 --origin-reads 10 >"$work/tier-tls.json"
 
