@@ -76,7 +76,7 @@ impl CatalogExports {
             return Ok(Arc::clone(d));
         }
         let (r, manifest) = self.home.manifest(name)?;
-        let disk = Arc::new(VirtualDisk::new(name, &r.manifest, manifest, Arc::clone(&self.loader)));
+        let disk = Arc::new(VirtualDisk::new(name, &r, manifest, Arc::clone(&self.loader)));
         disks.insert(name.to_owned(), Arc::clone(&disk));
         if self.prefetch {
             match crate::profile::load(&self.home, &r) {

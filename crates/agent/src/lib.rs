@@ -261,12 +261,13 @@ impl Agent {
         if let Some(t) = &options.tier {
             sources.push(Arc::new(CacheTier::new(t.clone())?));
         }
-        let store = if options.origin_latency.is_zero() && options.origin_bandwidth.is_none() {
-            home.chunks.clone()
+        let wrap: Option<tessera_cache::OriginWrap> = if options.origin_latency.is_zero() && options.origin_bandwidth.is_none() {
+            None
         } else {
-            Arc::new(ThrottledStore::new(home.chunks.clone(), options.origin_latency, options.origin_bandwidth))
+            let (latency, bandwidth) = (options.origin_latency, options.origin_bandwidth);
+            Some(Box::new(move |s| Arc::new(ThrottledStore::new(s, latency, bandwidth)) as Arc<dyn tessera_store::ChunkStore>))
         };
-        sources.push(Arc::new(Origin::new(store, options.origin_concurrency, options.origin_queue)));
+        sources.push(Arc::new(Origin::of_store(home.store().clone(), wrap, options.origin_concurrency, options.origin_queue)));
         let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: options.cache_mem }, sources));
         let mut exports = CatalogExports::new(Arc::new(home), Arc::clone(&loader), options.cache_dir.join("overlays"), options.max_overlays);
         exports.prefetch_profiles(options.prefetch);

@@ -57,13 +57,13 @@ impl Prefetcher {
 
 /// The start-up profile recorded for `image` (its manifest), if any.
 pub fn load(home: &Home, image: &ImageRef) -> Result<Option<Profile>, tessera_store::Error> {
-    let Some(sealed) = home.catalog.get_profile(&image.manifest)? else { return Ok(None) };
-    Ok(Some(sealed.open_profile(&home.keyring()?)?))
+    let Some(sealed) = home.catalog.get_profile(image.generation, &image.manifest)? else { return Ok(None) };
+    Ok(Some(sealed.open_profile(home.keyring()?.as_ref())?))
 }
 
-/// Seals `chunks` (first read `seconds` into a run) as `image`'s start-up
-/// profile, replacing any; nothing is stored for an empty list.
-pub fn save(home: &Home, image: &ImageRef, chunks: Vec<u64>, seconds: f64) -> Result<(), tessera_store::Error> {
+/// Seals `chunks` (first read `seconds` into a run) as the start-up profile
+/// of image `name` (`image`), replacing any; nothing is stored for an empty list.
+pub fn save(home: &Home, name: &str, image: &ImageRef, chunks: Vec<u64>, seconds: f64) -> Result<(), tessera_store::Error> {
     if chunks.is_empty() {
         return Ok(());
     }
@@ -74,5 +74,6 @@ pub fn save(home: &Home, image: &ImageRef, chunks: Vec<u64>, seconds: f64) -> Re
         recorded_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         seconds,
     };
-    home.catalog.put_profile(&image.manifest, &profile.seal(&image.tenant, &home.keyring()?)?)
+    let ctx = tessera_chunk::KeyContext { tenant: &image.tenant, image: name };
+    home.catalog.put_profile(image.generation, &image.manifest, &profile.seal(ctx, home.keyring()?.as_ref())?)
 }

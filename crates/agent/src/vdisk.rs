@@ -52,16 +52,9 @@ struct Recording {
 }
 
 impl VirtualDisk {
-    /// The disk of `manifest` (named `name`, stored as `manifest_id`).
-    pub fn new(name: &str, manifest_id: &str, manifest: Manifest, loader: Arc<Loader>) -> VirtualDisk {
-        VirtualDisk {
-            name: name.to_owned(),
-            ctx: FetchContext::image(name),
-            manifest_id: manifest_id.to_owned(),
-            manifest,
-            loader,
-            recording: Mutex::new(None),
-        }
+    /// The disk of `manifest` (named `name`, which points at it as `r`).
+    pub fn new(name: &str, r: &tessera_store::ImageRef, manifest: Manifest, loader: Arc<Loader>) -> VirtualDisk {
+        VirtualDisk { name: name.to_owned(), ctx: FetchContext::of(name, r), manifest_id: r.manifest.clone(), manifest, loader, recording: Mutex::new(None) }
     }
 
     /// Fetches chunk `index` into the caches (a no-op for a hole), as a

@@ -33,13 +33,13 @@ pub struct TierBench {
 /// (k-of-n, or waiting for the data stripes), and from the (throttled)
 /// origin; one JSON object.
 pub fn run(home: &Home, name: &str, options: &TierOptions, b: &TierBench) -> Result<serde_json::Value, Error> {
-    let (_, manifest) = home.manifest(name)?;
+    let (image, manifest) = home.manifest(name)?;
     let ids: Vec<_> = manifest.chunks.iter().flatten().map(|r| r.id).collect();
     if ids.is_empty() {
         return Err(Error::Usage(format!("{name} has no stored chunks")));
     }
-    let store = home.chunks.clone();
-    let ctx = FetchContext::image(name);
+    let store = home.chunks_of(&image);
+    let ctx = FetchContext::of(name, &image);
     let mut tiers: Vec<(&str, CacheTier)> = Vec::new();
     for (label, policy) in [("first_k", ReadPolicy::FirstK), ("data_stripes", ReadPolicy::DataStripes)] {
         if b.policy == "both" || b.policy.replace('-', "_") == label {

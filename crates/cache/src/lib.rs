@@ -48,7 +48,7 @@ pub use bytes::Bytes;
 pub use disk::DiskCache;
 pub use loader::{Loader, LoaderOptions, Plain};
 pub use lruk::Lru2;
-pub use origin::Origin;
+pub use origin::{Origin, Wrap as OriginWrap};
 
 use std::sync::Arc;
 
@@ -105,21 +105,31 @@ impl std::fmt::Display for Tier {
     }
 }
 
-/// Who a fetch is for: the image, and the function (or run) when one is
-/// known. A per-function source (a peer tree) keys on it; other sources
-/// ignore it.
+/// Who a fetch is for: the image (its name, manifest and the store
+/// generation that held it when it was opened), and the function (or run)
+/// when one is known. A per-function source (a peer tree) keys on the
+/// function; the origin reads the generation; other sources ignore it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FetchContext {
     /// The image being read.
     pub image: Arc<str>,
     /// The function it runs for, if known.
     pub function: Option<Arc<str>>,
+    /// Id of the image's manifest (empty if unknown).
+    pub manifest: Arc<str>,
+    /// The store generation holding the image's chunks.
+    pub generation: u64,
 }
 
 impl FetchContext {
-    /// A fetch for `image`, no function known.
+    /// A fetch for `image`, no function known, from generation 0.
     pub fn image(image: &str) -> FetchContext {
-        FetchContext { image: image.into(), function: None }
+        FetchContext { image: image.into(), ..Default::default() }
+    }
+
+    /// A fetch for image `name`, which `r` names.
+    pub fn of(name: &str, r: &tessera_store::ImageRef) -> FetchContext {
+        FetchContext { image: name.into(), function: None, manifest: r.manifest.as_str().into(), generation: r.generation }
     }
 }
 

@@ -1,11 +1,13 @@
 //! The origin chunk store, behind a bound on concurrent requests.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tessera_chunk::ChunkId;
-use tessera_store::ChunkStore;
+use tessera_store::lifecycle::Watch;
+use tessera_store::{ChunkStore, Store};
 
 use crate::metrics::{header, Histogram};
 use crate::{Bytes, ChunkSource, Error, FetchContext, Tier};
@@ -14,7 +16,7 @@ use crate::{Bytes, ChunkSource, Error, FetchContext, Tier};
 /// at most `queue` more; past that a request is refused at once, so a cold
 /// or lost cache cannot turn into a flood on the store.
 pub struct Origin {
-    store: Arc<dyn ChunkStore>,
+    chunks: Chunks,
     limit: usize,
     queue: usize,
     state: Mutex<Admission>,
@@ -33,6 +35,69 @@ pub struct Origin {
     errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
+/// Wraps a generation's chunk store (e.g. in a throttle).
+pub type Wrap = Box<dyn Fn(Arc<dyn ChunkStore>) -> Arc<dyn ChunkStore> + Send + Sync>;
+
+enum Chunks {
+    /// One store for every fetch.
+    One(Arc<dyn ChunkStore>),
+    /// A store's generations, each opened once.
+    Store(Box<Generations>),
+}
+
+struct Generations {
+    store: Store,
+    wrap: Option<Wrap>,
+    opened: Mutex<HashMap<u64, Arc<dyn ChunkStore>>>,
+    /// Reads of expired generations.
+    watch: Watch,
+    /// Images the collector moved to another generation since they
+    /// were opened: (generation, manifest) → generation.
+    moved: Mutex<HashMap<(u64, Arc<str>), u64>>,
+}
+
+impl Chunks {
+    fn generation(&self, g: u64) -> Arc<dyn ChunkStore> {
+        match self {
+            Chunks::One(s) => Arc::clone(s),
+            Chunks::Store(gens) => {
+                let Generations { store, wrap, opened, .. } = gens.as_ref();
+                let mut opened = opened.lock().expect("no panics while holding the lock");
+                Arc::clone(opened.entry(g).or_insert_with(|| {
+                    let s = store.chunks(g);
+                    match wrap {
+                        Some(w) => w(s),
+                        None => s,
+                    }
+                }))
+            }
+        }
+    }
+
+    /// Reads `id` for `ctx`: from the image's generation, or where the
+    /// collector has moved the image since.
+    fn get(&self, id: &ChunkId, ctx: &FetchContext) -> tessera_store::Result<tessera_store::Bytes> {
+        let Chunks::Store(gens) = self else { return self.generation(0).get(id) };
+        let Generations { store, watch, moved, .. } = gens.as_ref();
+        let key = (ctx.generation, Arc::clone(&ctx.manifest));
+        let g = moved.lock().expect("no panics while holding the lock").get(&key).copied().unwrap_or(ctx.generation);
+        watch.note_read(g, &ctx.image);
+        match self.generation(g).get(id) {
+            Err(tessera_store::Error::NotFound(_)) if !ctx.manifest.is_empty() => {
+                let now = match store.catalog.get(&ctx.image) {
+                    Ok(r) if *r.manifest == *ctx.manifest && r.generation != g => r.generation,
+                    _ => return Err(tessera_store::Error::NotFound(*id)),
+                };
+                tracing::info!("image {}: moved from store generation {g} to {now}; reading from there", ctx.image);
+                moved.lock().expect("no panics while holding the lock").insert(key, now);
+                watch.note_read(now, &ctx.image);
+                self.generation(now).get(id)
+            }
+            other => other,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Admission {
     running: usize,
@@ -43,10 +108,22 @@ struct Admission {
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Origin {
-    /// Wraps `store`.
+    /// Wraps one chunk store, which serves every fetch.
     pub fn new(store: Arc<dyn ChunkStore>, limit: usize, queue: usize) -> Origin {
+        Origin::with(Chunks::One(store), limit, queue)
+    }
+
+    /// Wraps `store`: each fetch reads the generation its image is in
+    /// (each generation's chunk store passed through `wrap`, if given),
+    /// and reads of expired generations are counted and alarmed.
+    pub fn of_store(store: Store, wrap: Option<Wrap>, limit: usize, queue: usize) -> Origin {
+        let watch = Watch::new(&store);
+        Origin::with(Chunks::Store(Box::new(Generations { store, wrap, opened: Mutex::default(), watch, moved: Mutex::default() })), limit, queue)
+    }
+
+    fn with(chunks: Chunks, limit: usize, queue: usize) -> Origin {
         Origin {
-            store,
+            chunks,
             limit: limit.max(1),
             queue,
             state: Mutex::new(Admission::default()),
@@ -99,11 +176,11 @@ impl ChunkSource for Origin {
         Tier::Origin
     }
 
-    fn fetch(&self, id: &ChunkId, _ctx: &FetchContext) -> Result<Option<Bytes>, Error> {
+    fn fetch(&self, id: &ChunkId, ctx: &FetchContext) -> Result<Option<Bytes>, Error> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let _slot = self.admit(id)?;
         let started = std::time::Instant::now();
-        let got = self.store.get(id);
+        let got = self.chunks.get(id, ctx);
         self.latency.observe(started.elapsed());
         match got {
             Ok(b) => Ok(Some(b)),
@@ -132,7 +209,13 @@ impl ChunkSource for Origin {
         for (kind, n) in self.errors.lock().expect("no panics while holding the lock").iter() {
             let _ = writeln!(out, "tessera_origin_request_errors_total{{kind=\"{kind}\"}} {n}");
         }
-        self.store.render(out);
+        match &self.chunks {
+            Chunks::One(s) => s.render(out),
+            Chunks::Store(gens) => {
+                gens.watch.render(out);
+                gens.store.render(out);
+            }
+        }
     }
 }
 

@@ -52,6 +52,9 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A key service failed or refused a request.
+    #[error("{0}")]
+    KeyService(String),
     /// A hex chunk id or key could not be parsed.
     #[error("invalid {what}: {value:?}")]
     Parse {

@@ -12,7 +12,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::seal::parse_hex32;
-use crate::{Error, Result, Salt};
+use crate::{DedupScope, Error, Result, Salt};
 
 /// A random 256-bit key that seals one manifest.
 #[derive(Clone)]
@@ -22,16 +22,50 @@ pub struct DataKey(pub(crate) [u8; 32]);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WrappedKey(pub Vec<u8>);
 
+/// What a data key is bound to: the tenant whose master key wraps it and
+/// the image it seals (a key service checks both, as its encryption
+/// context, on every unwrap).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyContext<'a> {
+    /// The tenant.
+    pub tenant: &'a str,
+    /// The image's name when it was imported (empty for manifests sealed
+    /// before images were named in their envelope).
+    pub image: &'a str,
+}
+
 /// Wraps and unwraps data keys with tenant master keys.
 ///
 /// The default is [`LocalKeyring`]; at fleet scale a KMS client implements
-/// the same two calls, and the master keys never leave it.
+/// the same calls, and the master keys never leave it.
 pub trait KeyProvider: Send + Sync {
-    /// Encrypts `key` under `tenant`'s master key, creating that key if the
-    /// provider allows it.
-    fn wrap(&self, tenant: &str, key: &DataKey) -> Result<WrappedKey>;
-    /// Recovers a data key wrapped by [`KeyProvider::wrap`] for the same tenant.
-    fn unwrap(&self, tenant: &str, wrapped: &WrappedKey) -> Result<DataKey>;
+    /// A fresh data key for `ctx`, and the same key wrapped under the
+    /// tenant's master key. By default a local random key, wrapped by
+    /// [`KeyProvider::wrap`]; a key service makes both in one call.
+    fn new_key(&self, ctx: &KeyContext) -> Result<(DataKey, WrappedKey)> {
+        let key = DataKey::generate();
+        let wrapped = self.wrap(ctx, &key)?;
+        Ok((key, wrapped))
+    }
+    /// Encrypts `key` under the tenant's master key.
+    fn wrap(&self, ctx: &KeyContext, key: &DataKey) -> Result<WrappedKey>;
+    /// Recovers a data key wrapped for the same context.
+    fn unwrap(&self, ctx: &KeyContext, wrapped: &WrappedKey) -> Result<DataKey>;
+}
+
+/// The keys of a store: a [`KeyProvider`] for manifests, and the base salt
+/// and dedup scope imports seal chunks with.
+pub trait Keyring: KeyProvider {
+    /// The store's base convergence salt (importers only: readers never
+    /// need it).
+    fn base_salt(&self) -> Result<Salt>;
+    /// The dedup scope imports use unless told otherwise.
+    fn dedup_scope(&self) -> DedupScope;
+    /// Makes sure `tenant` can wrap keys (a local keyring makes the
+    /// tenant's master key; a key service has them already).
+    fn ensure_tenant(&mut self, tenant: &str) -> Result<()>;
+    /// Where the keys are, for messages.
+    fn describe(&self) -> String;
 }
 
 impl DataKey {
@@ -104,6 +138,8 @@ struct KeyringFile {
     format: u32,
     salt: String,
     tenants: BTreeMap<String, String>,
+    #[serde(default)]
+    dedup_scope: DedupScope,
 }
 
 impl LocalKeyring {
@@ -127,9 +163,14 @@ impl LocalKeyring {
     /// Creates a keyring at `path` with a fresh salt and no tenants; fails
     /// if one is there already (it would orphan every manifest it opens).
     pub fn create(path: &Path) -> Result<LocalKeyring> {
+        LocalKeyring::create_scoped(path, DedupScope::Global)
+    }
+
+    /// [`LocalKeyring::create`], with the store's default dedup scope.
+    pub fn create_scoped(path: &Path, scope: DedupScope) -> Result<LocalKeyring> {
         let kerr = |reason: String| Error::Keyring { path: path.display().to_string(), reason };
         let _lock = Lock::take(path).map_err(|e| kerr(format!("cannot lock: {e}")))?;
-        let f = KeyringFile { format: 1, salt: hex::encode(random32()), tenants: BTreeMap::new() };
+        let f = KeyringFile { format: 1, salt: hex::encode(random32()), tenants: BTreeMap::new(), dedup_scope: scope };
         write_private(path, &f, false).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => kerr("a keyring is there already; it is never replaced".into()),
             _ => kerr(format!("cannot create: {e}")),
@@ -142,9 +183,14 @@ impl LocalKeyring {
         &self.path
     }
 
-    /// The store's convergence salt.
+    /// The store's base convergence salt.
     pub fn salt(&self) -> &Salt {
         &self.salt
+    }
+
+    /// The tenants that have a master key.
+    pub fn tenants(&self) -> impl Iterator<Item = &str> {
+        self.file.tenants.keys().map(String::as_str)
     }
 
     /// Makes sure `tenant` has a master key, creating and persisting one.
@@ -169,17 +215,38 @@ impl LocalKeyring {
     }
 }
 
+// The wrap binds the tenant only (not the image), as before images were
+// named in envelopes: old manifests keep opening.
 impl KeyProvider for LocalKeyring {
-    fn wrap(&self, tenant: &str, key: &DataKey) -> Result<WrappedKey> {
-        let master = self.master(tenant)?;
-        Ok(WrappedKey(aead_seal(&master, tenant.as_bytes(), &key.0)))
+    fn wrap(&self, ctx: &KeyContext, key: &DataKey) -> Result<WrappedKey> {
+        let master = self.master(ctx.tenant)?;
+        Ok(WrappedKey(aead_seal(&master, ctx.tenant.as_bytes(), &key.0)))
     }
 
-    fn unwrap(&self, tenant: &str, wrapped: &WrappedKey) -> Result<DataKey> {
+    fn unwrap(&self, ctx: &KeyContext, wrapped: &WrappedKey) -> Result<DataKey> {
+        let tenant = ctx.tenant;
         let master = self.master(tenant)?;
         let plain = aead_open(&master, tenant.as_bytes(), &wrapped.0).ok_or_else(|| Error::ManifestOpen { tenant: tenant.to_owned() })?;
         let key: [u8; 32] = plain.try_into().map_err(|_| Error::ManifestOpen { tenant: tenant.to_owned() })?;
         Ok(DataKey(key))
+    }
+}
+
+impl Keyring for LocalKeyring {
+    fn base_salt(&self) -> Result<Salt> {
+        Ok(self.salt.clone())
+    }
+
+    fn dedup_scope(&self) -> DedupScope {
+        self.file.dedup_scope
+    }
+
+    fn ensure_tenant(&mut self, tenant: &str) -> Result<()> {
+        LocalKeyring::ensure_tenant(self, tenant)
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
     }
 }
 
@@ -242,9 +309,10 @@ mod tests {
         ring.ensure_tenant("acme").unwrap();
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let key = DataKey::generate();
-        let wrapped = ring.wrap("acme", &key).unwrap();
+        let acme = KeyContext { tenant: "acme", image: "app" };
+        let wrapped = ring.wrap(&acme, &key).unwrap();
         let again = LocalKeyring::open(&path).unwrap();
-        assert_eq!(again.unwrap("acme", &wrapped).unwrap().0, key.0);
+        assert_eq!(again.unwrap(&acme, &wrapped).unwrap().0, key.0);
         assert_eq!(again.salt().id(), ring.salt().id());
     }
 
@@ -254,8 +322,9 @@ mod tests {
         let mut ring = LocalKeyring::create(&dir.path().join("k.json")).unwrap();
         ring.ensure_tenant("a").unwrap();
         ring.ensure_tenant("b").unwrap();
-        let wrapped = ring.wrap("a", &DataKey::generate()).unwrap();
-        assert!(ring.unwrap("b", &wrapped).is_err());
-        assert!(matches!(ring.unwrap("c", &wrapped), Err(Error::UnknownTenant(_))));
+        let ctx = |tenant| KeyContext { tenant, image: "app" };
+        let wrapped = ring.wrap(&ctx("a"), &DataKey::generate()).unwrap();
+        assert!(ring.unwrap(&ctx("b"), &wrapped).is_err());
+        assert!(matches!(ring.unwrap(&ctx("c"), &wrapped), Err(Error::UnknownTenant(_))));
     }
 }

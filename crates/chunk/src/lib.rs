@@ -35,8 +35,9 @@ mod manifest;
 mod seal;
 
 pub use error::{Error, Result};
-pub use keys::{DataKey, KeyProvider, LocalKeyring, WrappedKey};
+pub use keys::{DataKey, KeyContext, KeyProvider, Keyring, LocalKeyring, WrappedKey};
 pub use manifest::{ChunkRef, Geometry, ImageConfig, LayerRegion, LayerSource, Manifest, Profile, SealedManifest, Source, MANIFEST_FORMAT};
 pub use seal::{
-    check_id, decrypt_in_place, is_zero, open, open_in_place, seal, seal_in_place, ChunkId, ChunkKey, Salt, SealedChunk, CHUNK_SIZE, SEALED_CHUNK_SIZE,
+    check_id, decrypt_in_place, is_zero, open, open_in_place, seal, seal_in_place, ChunkId, ChunkKey, DedupScope, Salt, SealedChunk, CHUNK_SIZE,
+    SEALED_CHUNK_SIZE,
 };

@@ -7,7 +7,7 @@ use base64::Engine;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::keys::{aead_open, aead_seal};
-use crate::{ChunkId, ChunkKey, DataKey, Error, KeyProvider, Result, WrappedKey, CHUNK_SIZE};
+use crate::{ChunkId, ChunkKey, DedupScope, Error, KeyContext, KeyProvider, Result, WrappedKey, CHUNK_SIZE};
 
 /// The manifest format this build writes and reads.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -25,6 +25,13 @@ pub struct Manifest {
     pub geometry: Geometry,
     /// Public id of the salt that sealed the chunks.
     pub salt_id: String,
+    /// The store generation whose salt sealed the chunks (0 before
+    /// generations; a migrated image keeps the epoch it was sealed in).
+    #[serde(default)]
+    pub salt_epoch: u64,
+    /// Which images could share this one's chunks.
+    #[serde(default)]
+    pub dedup_scope: DedupScope,
     /// Seconds since the epoch when the import finished.
     pub imported_at: u64,
     /// One entry per chunk of the disk: its id and key, or `None` for a hole.
@@ -164,9 +171,10 @@ impl Manifest {
         Ok(())
     }
 
-    /// Seals this manifest for `tenant` under a fresh data key.
-    pub fn seal(&self, tenant: &str, keys: &dyn KeyProvider) -> Result<SealedManifest> {
-        SealedManifest::seal_json(&serde_json::to_vec(self).expect("manifest serialises"), tenant, keys)
+    /// Seals this manifest for `tenant` under a fresh data key, bound to
+    /// the image's name.
+    pub fn seal(&self, tenant: &str, image: &str, keys: &dyn KeyProvider) -> Result<SealedManifest> {
+        SealedManifest::seal_json(&serde_json::to_vec(self).expect("manifest serialises"), KeyContext { tenant, image }, keys)
     }
 }
 
@@ -188,9 +196,10 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// Seals this profile for `tenant` under a fresh data key.
-    pub fn seal(&self, tenant: &str, keys: &dyn KeyProvider) -> Result<SealedManifest> {
-        SealedManifest::seal_json(&serde_json::to_vec(self).expect("profile serialises"), tenant, keys)
+    /// Seals this profile under a fresh data key, for the context of the
+    /// manifest it belongs to.
+    pub fn seal(&self, ctx: KeyContext, keys: &dyn KeyProvider) -> Result<SealedManifest> {
+        SealedManifest::seal_json(&serde_json::to_vec(self).expect("profile serialises"), ctx, keys)
     }
 }
 
@@ -200,6 +209,9 @@ impl Profile {
 pub struct SealedManifest {
     /// The tenant whose key wraps the data key.
     pub tenant: String,
+    /// The image name the data key is bound to (empty in manifests sealed
+    /// before names were bound).
+    pub image: String,
     /// The wrapped data key.
     pub wrapped_key: WrappedKey,
     /// nonce || ciphertext || tag of the manifest JSON.
@@ -210,6 +222,10 @@ pub struct SealedManifest {
 struct Envelope {
     format: u32,
     tenant: String,
+    // Absent in envelopes written before it, which keep their bytes (and
+    // so their ids).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    image: String,
     wrapped_key: String,
     sealed: String,
 }
@@ -220,6 +236,7 @@ impl SealedManifest {
         serde_json::to_vec(&Envelope {
             format: MANIFEST_FORMAT,
             tenant: self.tenant.clone(),
+            image: self.image.clone(),
             wrapped_key: B64.encode(&self.wrapped_key.0),
             sealed: B64.encode(&self.sealed),
         })
@@ -238,17 +255,27 @@ impl SealedManifest {
             return Err(Error::MalformedManifest(format!("envelope format {}", env.format)));
         }
         let b64 = |s: &str, what: &str| B64.decode(s).map_err(|e| Error::MalformedManifest(format!("{what}: {e}")));
-        Ok(SealedManifest { wrapped_key: WrappedKey(b64(&env.wrapped_key, "wrapped_key")?), sealed: b64(&env.sealed, "sealed")?, tenant: env.tenant })
+        Ok(SealedManifest {
+            wrapped_key: WrappedKey(b64(&env.wrapped_key, "wrapped_key")?),
+            sealed: b64(&env.sealed, "sealed")?,
+            tenant: env.tenant,
+            image: env.image,
+        })
     }
 
-    fn seal_json(plain: &[u8], tenant: &str, keys: &dyn KeyProvider) -> Result<SealedManifest> {
-        let data_key = DataKey::generate();
-        let sealed = aead_seal(&data_key.0, tenant.as_bytes(), plain);
-        Ok(SealedManifest { tenant: tenant.to_owned(), wrapped_key: keys.wrap(tenant, &data_key)?, sealed })
+    /// The context its data key was wrapped for.
+    pub fn context(&self) -> KeyContext<'_> {
+        KeyContext { tenant: &self.tenant, image: &self.image }
+    }
+
+    fn seal_json(plain: &[u8], ctx: KeyContext, keys: &dyn KeyProvider) -> Result<SealedManifest> {
+        let (data_key, wrapped_key) = keys.new_key(&ctx)?;
+        let sealed = aead_seal(&data_key.0, ctx.tenant.as_bytes(), plain);
+        Ok(SealedManifest { tenant: ctx.tenant.to_owned(), image: ctx.image.to_owned(), wrapped_key, sealed })
     }
 
     fn open_json(&self, keys: &dyn KeyProvider) -> Result<Vec<u8>> {
-        let data_key = keys.unwrap(&self.tenant, &self.wrapped_key)?;
+        let data_key = keys.unwrap(&self.context(), &self.wrapped_key)?;
         aead_open(&data_key.0, self.tenant.as_bytes(), &self.sealed).ok_or_else(|| Error::ManifestOpen { tenant: self.tenant.clone() })
     }
 
@@ -278,6 +305,8 @@ mod tests {
             config: ImageConfig { entrypoint: vec!["/bin/sh".into()], ..Default::default() },
             geometry: Geometry { disk_bytes: 2 * CHUNK_SIZE as u64, chunk_size: CHUNK_SIZE as u64, block_size: 4096, ..Default::default() },
             salt_id: salt.id().into(),
+            salt_epoch: 0,
+            dedup_scope: DedupScope::Global,
             imported_at: 0,
             chunks: vec![Some(ChunkRef { id: c.id, key: c.key }), None],
         }
@@ -289,7 +318,7 @@ mod tests {
         let mut ring = LocalKeyring::create(&dir.path().join("k")).unwrap();
         ring.ensure_tenant("t").unwrap();
         let m = sample(ring.salt());
-        let sealed = m.seal("t", &ring).unwrap();
+        let sealed = m.seal("t", "app", &ring).unwrap();
         let bytes = sealed.to_bytes();
         // Nothing of the chunk table is visible in the stored form.
         let id_hex = m.chunks[0].unwrap().id.to_hex();
@@ -303,7 +332,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ring = LocalKeyring::create(&dir.path().join("k")).unwrap();
         ring.ensure_tenant("t").unwrap();
-        let mut sealed = sample(ring.salt()).seal("t", &ring).unwrap();
+        let mut sealed = sample(ring.salt()).seal("t", "app", &ring).unwrap();
         let n = sealed.sealed.len();
         sealed.sealed[n / 2] ^= 0x40;
         assert!(matches!(sealed.open(&ring), Err(Error::ManifestOpen { .. })));

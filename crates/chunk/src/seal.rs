@@ -54,6 +54,62 @@ impl Salt {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// The salt of generation `epoch` and dedup `scope` (with `tenant`,
+    /// for a tenant scope), derived from this base salt: a new generation
+    /// of the store seals with a new salt, so chunks stop being shared
+    /// across a rotation, and tenants of a tenant scope never share one.
+    /// Epoch 0 of the global scope is the base salt itself (stores made
+    /// before generations keep their chunks' ids).
+    pub fn derive(&self, epoch: u64, scope: DedupScope, tenant: &str) -> Salt {
+        if epoch == 0 && scope == DedupScope::Global {
+            return self.clone();
+        }
+        let mut label = b"tessera salt v1\0".to_vec();
+        label.extend_from_slice(&epoch.to_be_bytes());
+        match scope {
+            DedupScope::Global => label.extend_from_slice(b"global"),
+            DedupScope::Tenant => {
+                label.extend_from_slice(b"tenant\0");
+                label.extend_from_slice(tenant.as_bytes());
+            }
+        }
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(hmac::sign(&self.key, &label).as_ref());
+        Salt::from_bytes(bytes)
+    }
+}
+
+/// Which images may share chunks: all of a generation's (`global`), or
+/// only one tenant's (`tenant`). Recorded in each manifest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupScope {
+    /// Every tenant's images share chunks.
+    #[default]
+    Global,
+    /// Only one tenant's images share chunks.
+    Tenant,
+}
+
+impl FromStr for DedupScope {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<DedupScope> {
+        match s {
+            "global" => Ok(DedupScope::Global),
+            "tenant" => Ok(DedupScope::Tenant),
+            _ => Err(Error::Parse { what: "dedup scope (global or tenant)", value: s.to_owned() }),
+        }
+    }
+}
+
+impl fmt::Display for DedupScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DedupScope::Global => "global",
+            DedupScope::Tenant => "tenant",
+        })
+    }
 }
 
 impl fmt::Debug for Salt {
@@ -212,6 +268,21 @@ mod tests {
         let a = seal(&Salt::from_bytes([1; 32]), chunk(3));
         let b = seal(&Salt::from_bytes([2; 32]), chunk(3));
         assert_ne!(a.id, b.id);
+    }
+
+    #[test]
+    fn derived_salts_split_epochs_and_tenants() {
+        let base = Salt::from_bytes([1; 32]);
+        let id = |s: &Salt| seal(s, chunk(3)).id;
+        assert_eq!(id(&base.derive(0, DedupScope::Global, "a")), id(&base), "epoch 0, global: the base salt");
+        assert_eq!(id(&base.derive(0, DedupScope::Global, "a")), id(&base.derive(0, DedupScope::Global, "b")));
+        assert_ne!(id(&base.derive(1, DedupScope::Global, "a")), id(&base));
+        assert_ne!(id(&base.derive(1, DedupScope::Global, "a")), id(&base.derive(2, DedupScope::Global, "a")));
+        assert_ne!(id(&base.derive(0, DedupScope::Tenant, "a")), id(&base.derive(0, DedupScope::Tenant, "b")));
+        assert_ne!(id(&base.derive(0, DedupScope::Tenant, "a")), id(&base));
+        assert_eq!(base.derive(3, DedupScope::Tenant, "a").id(), base.derive(3, DedupScope::Tenant, "a").id(), "deterministic");
+        assert_eq!("tenant".parse::<DedupScope>().unwrap(), DedupScope::Tenant);
+        assert!("everyone".parse::<DedupScope>().is_err());
     }
 
     #[test]

@@ -26,10 +26,14 @@ pub struct Cli {
     /// AWS_ENDPOINT_URL) or the shared files of AWS_PROFILE.
     #[arg(long, env = "TESSERA_STORE", global = true, value_name = "URL")]
     pub store: Option<String>,
-    /// The keyring that opens the store's manifests (default
-    /// $TESSERA_HOME/keyring.json); hosts sharing a store share a copy.
-    #[arg(long, env = "TESSERA_KEYRING", global = true, value_name = "FILE")]
-    pub keyring: Option<PathBuf>,
+    /// The keys that open the store's manifests: a keyring file (default
+    /// $TESSERA_HOME/keyring.json; hosts sharing a store share a copy), or a
+    /// key service, kms://KEY_ID[?endpoint=URL&region=R&tenant=T] (AWS KMS
+    /// API, standard AWS variables; AWS_ENDPOINT_URL_KMS too): no master
+    /// key on the host, and with tenant=T the host can read only tenant T's
+    /// images.
+    #[arg(long, env = "TESSERA_KEYRING", global = true, value_name = "FILE|URL")]
+    pub keyring: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -127,7 +131,8 @@ pub enum Command {
     Cachenode(CachenodeArgs),
     /// Remove an image name (and its manifest unless another name uses it).
     ///
-    /// Chunks stay in the store: other images may share them.
+    /// Chunks stay in the store (other images may share them) until
+    /// `tessera gc` reclaims what no image uses.
     Rm {
         /// Image names.
         #[arg(required = true)]
@@ -139,6 +144,61 @@ pub enum Command {
     /// store whose keyring is missing says so and where it was expected.
     #[command(subcommand)]
     Keyring(KeyringCommand),
+    /// Reclaim the store's space: advance garbage collection one safe step.
+    ///
+    /// The store is split into generations. Imports write only into the
+    /// active one. Each call does one step: rotate (a new active generation;
+    /// the old one is retired), migrate (once --lease has passed and no
+    /// import holds a lease on it, every name of a retired generation moves
+    /// into the active one with its chunks — hard links locally, server-side
+    /// copies on S3 — and the retired generation, now used by no name, is
+    /// expired), or delete (an expired generation, whole, after --grace).
+    /// What no image uses is never copied, and so goes with its generation.
+    /// A read of an expired generation is a bug: it raises
+    /// tessera_gc_expired_reads_total and an alarm, and the next call puts
+    /// the generation back to retired. Safe to run from cron; `tessera gc
+    /// --grace 0s --lease 0s --rotate-after 0s` run three times in a row on an
+    /// idle store leaves only live images' chunks.
+    Gc(GcArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// How long an expired generation is kept before it is deleted.
+    #[arg(long, default_value = "24h", value_parser = parse_long_duration, value_name = "DURATION")]
+    pub grace: std::time::Duration,
+    /// How long after a rotation names move out of the retired generation:
+    /// at least the longest import (imports hold leases of `import --lease`).
+    #[arg(long, default_value = "1h", value_parser = parse_long_duration, value_name = "DURATION")]
+    pub lease: std::time::Duration,
+    /// Rotate only when the active generation is at least this old.
+    #[arg(long, default_value = "7d", value_parser = parse_long_duration, value_name = "DURATION")]
+    pub rotate_after: std::time::Duration,
+    /// Print one JSON object: active, retired, expired, deleted,
+    /// deleted_chunks, deleted_bytes, live_images (and what the step did).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `90s`, `15m`, `24h`, `7d`, `0`.
+pub fn parse_long_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let unit_secs = match unit {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (use s, m, h, d)")),
+    };
+    let secs = n * unit_secs;
+    if !(0.0..=10.0 * 365.0 * 86_400.0).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,8 +207,15 @@ pub enum KeyringCommand {
     ///
     /// An existing keyring is never replaced. A store that already holds
     /// images needs the keyring that sealed them: a new one does not open
-    /// them, so restore that one from a backup if it was lost.
-    Init,
+    /// them, so restore that one from a backup if it was lost. With
+    /// --keyring kms://KEY the salt is made by the key service and kept,
+    /// wrapped, in the store.
+    Init {
+        /// Which images may share chunks by default: all (global) or only
+        /// one tenant's (tenant). `import --dedup-scope` overrides it.
+        #[arg(long, default_value = "global", value_name = "global|tenant")]
+        dedup_scope: tessera_chunk::DedupScope,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -543,6 +610,14 @@ pub struct ImportArgs {
     /// Sealing threads (default: one per core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
+    /// Which images may share this one's chunks: all (global) or only its
+    /// tenant's (tenant). Default: the keyring's (`keyring init --dedup-scope`).
+    #[arg(long, value_name = "global|tenant")]
+    pub dedup_scope: Option<tessera_chunk::DedupScope>,
+    /// Give up (naming nothing) if the import takes longer than this; `gc
+    /// --lease` must be at least as long.
+    #[arg(long, default_value = "1h", value_parser = parse_long_duration, value_name = "DURATION")]
+    pub lease: std::time::Duration,
     /// Print one JSON object with the result.
     #[arg(long)]
     pub json: bool,

@@ -6,8 +6,12 @@
 //!                             the blob digest and diff id as the stream ends
 //!   → seal_while              seal each finished chunk on all cores, stage it
 //!   → PutBatch::commit        every digest checked: chunks visible and durable
-//!   → Catalog                 sealed manifest, then the name (atomic, durable)
+//!   → Catalog                 sealed manifest and refs, then the name (atomic, durable)
 //! ```
+//!
+//! An import writes into the store's active generation under a lease
+//! ([`tessera_store::lifecycle::Lease`]), with that generation's salt for
+//! its dedup scope; an import that outlives its lease names nothing.
 //!
 //! Nothing becomes visible until the end: chunks are staged and committed
 //! only once every layer has streamed to its end with matching digests, and
@@ -20,9 +24,10 @@ mod seal_pool;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tessera_chunk::{ChunkRef, Geometry, ImageConfig, KeyProvider, LayerRegion, LayerSource, Manifest, Source, CHUNK_SIZE, MANIFEST_FORMAT};
+use tessera_chunk::{ChunkRef, DedupScope, Geometry, ImageConfig, LayerRegion, LayerSource, Manifest, Source, CHUNK_SIZE, MANIFEST_FORMAT};
 use tessera_flatten::{Flattener, Options as FlattenOptions};
 use tessera_oci::{Progress, PullOptions, Reference};
+use tessera_store::lifecycle::Lease;
 use tessera_store::{check_name, Home, ImageRef, Release};
 
 pub use seal_pool::{seal_while, PoolSink, Sealed};
@@ -75,11 +80,24 @@ pub struct ImportOptions {
     pub headroom_bytes: u64,
     /// Sealing threads (0: one per core).
     pub threads: usize,
+    /// Which images may share this one's chunks (default: the keyring's).
+    pub dedup_scope: Option<DedupScope>,
+    /// How long the import may take before it gives up naming its image
+    /// (the collector waits for it that long at most).
+    pub lease: std::time::Duration,
 }
 
 impl Default for ImportOptions {
     fn default() -> Self {
-        ImportOptions { name: None, tenant: "default".into(), pull: PullOptions::default(), headroom_bytes: 1 << 30, threads: 0 }
+        ImportOptions {
+            name: None,
+            tenant: "default".into(),
+            pull: PullOptions::default(),
+            headroom_bytes: 1 << 30,
+            threads: 0,
+            dedup_scope: None,
+            lease: tessera_store::lifecycle::DEFAULT_LEASE,
+        }
     }
 }
 
@@ -100,6 +118,10 @@ pub struct ImportReport {
     pub new_chunks: u64,
     /// Bytes of the chunks this import added.
     pub new_bytes: u64,
+    /// The store generation it was imported into.
+    pub generation: u64,
+    /// Which images may share its chunks.
+    pub dedup_scope: DedupScope,
     /// Wall-clock seconds.
     pub seconds: f64,
     /// The reference imported.
@@ -123,12 +145,16 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     let name = options.name.clone().unwrap_or_else(|| reference.default_name());
     check_name(&name).map_err(store_err)?;
     home.remove_stale_temporaries().map_err(store_err)?;
-    if let Some(local) = &home.store().local {
-        local.remove_legacy_temporaries().map_err(store_err)?;
+    if let Some(dir) = home.store().local_dir() {
+        tessera_store::LocalDirStore::open(&dir.join("chunks")).remove_legacy_temporaries().map_err(store_err)?;
     }
     let _spools = home.clean_spools_on_interrupt();
     let mut keyring = home.keyring_for_import().map_err(store_err)?;
     keyring.ensure_tenant(&options.tenant)?;
+    let lease = Lease::take(home.store(), options.lease).map_err(store_err)?;
+    let generation = lease.generation;
+    let scope = options.dedup_scope.unwrap_or_else(|| keyring.dedup_scope());
+    let salt = keyring.base_salt()?.derive(generation, scope, &options.tenant);
 
     let image =
         tessera_oci::resolve(&reference, &options.pull, &home.tmp_dir(), progress).map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
@@ -144,8 +170,9 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
 
     let threads = if options.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { options.threads };
     progress.start("flattening and sealing", image.layers.iter().map(|l| l.size).sum());
-    let batch = home.chunks.batch();
-    let (flat, sealed) = seal_while(keyring.salt(), batch.as_ref(), threads, |sink| {
+    let chunk_store = home.store().chunks(generation);
+    let batch = chunk_store.batch();
+    let (flat, sealed) = seal_while(&salt, batch.as_ref(), threads, |sink| {
         let mut flattener = Flattener::new(FlattenOptions { headroom_bytes: options.headroom_bytes, seed }, sink);
         let mut file_bytes = 0;
         for layer in &image.layers {
@@ -205,21 +232,40 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
             inodes_used: flat.inodes_used,
             inodes_total: flat.inodes_total,
         },
-        salt_id: keyring.salt().id().to_owned(),
+        salt_id: salt.id().to_owned(),
+        salt_epoch: generation,
+        dedup_scope: scope,
         imported_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         chunks,
     };
     manifest.validate()?;
-    let sealed_manifest = manifest.seal(&options.tenant, &keyring as &dyn KeyProvider)?;
-    let id = home.catalog.put_manifest(&sealed_manifest).map_err(store_err)?;
-    let previous = home.catalog.get(&name).ok();
-    home.catalog.set(&name, &ImageRef { manifest: id.to_hex(), tenant: options.tenant.clone() }).map_err(store_err)?;
+    let sealed_manifest = manifest.seal(&options.tenant, &name, keyring.as_ref())?;
+    let mut seen = std::collections::HashSet::new();
+    let refs: Vec<_> = manifest.chunks.iter().flatten().map(|c| c.id).filter(|id| seen.insert(*id)).collect();
+    let id = home.catalog.put_manifest(generation, &sealed_manifest, &refs).map_err(store_err)?;
+    lease.check().map_err(store_err)?;
+    let mine = ImageRef { manifest: id.to_hex(), tenant: options.tenant.clone(), generation };
+    let previous = home.catalog.set(&name, &mine).map_err(store_err)?;
+    if let Err(e) = lease.confirm() {
+        // Named after the lease ran out: the collector may have moved on
+        // without this image, so the name goes back to what it was.
+        let undone = match &previous {
+            Some(p) => home.catalog.replace(&name, &mine, p),
+            None if home.catalog.get(&name).ok().as_ref() == Some(&mine) => home.catalog.remove(&name).map(|_| true),
+            None => Ok(false),
+        };
+        if let Err(u) = undone {
+            tracing::error!("{name}: cannot take back a name set after the import's lease ran out: {u}");
+        }
+        return Err(store_err(e));
+    }
+    drop(lease);
     // The image is imported: what follows is tidying, and a failure there
     // is a warning, never a failed import.
     let mut warnings = flat.warnings;
     tracing::debug!("{name}: set to {}, replacing {previous:?}", id.to_hex());
-    if let Some(prev) = previous.filter(|p| p.manifest != id.to_hex()) {
-        let released = home.catalog.release_manifest(&prev.manifest);
+    if let Some(prev) = previous.filter(|p| (p.generation, &p.manifest) != (generation, &id.to_hex())) {
+        let released = home.catalog.release_manifest(prev.generation, &prev.manifest);
         tracing::debug!("{name}: releasing {}: {released:?}", prev.manifest);
         match released {
             Ok(Release::Removed | Release::InUse) => {}
@@ -240,6 +286,8 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
         holes,
         new_chunks: committed.new_chunks,
         new_bytes: committed.new_bytes,
+        generation,
+        dedup_scope: scope,
         seconds: started.elapsed().as_secs_f64(),
         source: shown,
         source_digest: image.manifest_digest.to_string(),

@@ -74,6 +74,20 @@ pub enum Error {
         /// Whether the store holds manifests that need it.
         needed: bool,
     },
+    /// An import held its lease on a generation longer than allowed.
+    #[error(
+        "the import outlived its lease on store generation {generation} ({seconds} s): nothing was named; run it again (chunks already stored are reused)"
+    )]
+    LeaseExpired {
+        /// The generation it imported into.
+        generation: u64,
+        /// The lease's length.
+        seconds: u64,
+    },
+    /// The lifecycle document changed under a collector or an import, or
+    /// says something this build cannot act on.
+    #[error("store lifecycle: {0}")]
+    Lifecycle(String),
     /// Sealing, opening or manifest error.
     #[error(transparent)]
     Chunk(#[from] tessera_chunk::Error),

@@ -11,10 +11,15 @@
 //! - [`Catalog`]: sealed manifests, start-up profiles, and the image names
 //!   that point at them. [`LocalCatalog`] keeps them in files.
 //!
-//! [`Store`] pairs the two, opened from a URL ([`Store::open`]); [`Home`] is
-//! `TESSERA_HOME`, a host's local state plus its store; [`readback`]
-//! rebuilds or checks an image from its manifest; [`interrupt`] removes an
-//! interrupted command's temporaries.
+//! - [`Control`]: the store's small documents (lifecycle, leases, alarms),
+//!   replaced whole by compare-and-swap.
+//!
+//! [`Store`] puts them together, a chunk store per generation, opened from
+//! a URL ([`Store::open`]); [`lifecycle`] collects garbage by generations;
+//! [`kms`] keeps keys in a key service; [`Home`] is `TESSERA_HOME`, a
+//! host's local state plus its store; [`readback`] rebuilds or checks an
+//! image from its manifest; [`interrupt`] removes an interrupted command's
+//! temporaries.
 //!
 //! ```
 //! use tessera_store::{ChunkStore, MemoryStore, Put};
@@ -27,12 +32,16 @@
 //! ```
 #![deny(missing_docs)]
 
+mod aws;
 mod catalog;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+mod control;
 mod error;
 mod home;
 pub mod interrupt;
+pub mod kms;
+pub mod lifecycle;
 mod local;
 mod local_catalog;
 mod memory;
@@ -43,14 +52,15 @@ mod url;
 
 pub use bytes::Bytes;
 pub use catalog::{check_name, Catalog, ImageRef, Listing, Release};
+pub use control::{Control, LocalControl, Version};
 pub use error::{Error, Result};
-pub use home::Home;
+pub use home::{Home, KeyringAt};
 pub use local::LocalDirStore;
 pub use local_catalog::LocalCatalog;
 pub use memory::MemoryStore;
 use tessera_chunk::ChunkId;
 pub use throttle::ThrottledStore;
-pub use url::{Store, StoreUrl};
+pub use url::{Deleted, Store, StoreUrl};
 
 /// What a put did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -43,8 +43,7 @@ impl LocalDirStore {
 
     /// Where chunk `id` lives.
     pub fn path_of(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.root.join(&hex[..2]).join(hex)
+        chunk_path(&self.root, id)
     }
 
     /// Removes temporaries of dead processes that releases before the
@@ -118,6 +117,35 @@ impl LocalDirStore {
         }
         Ok(out)
     }
+}
+
+/// Where chunk `id` lives in a store rooted at `root`.
+pub(crate) fn chunk_path(root: &Path, id: &ChunkId) -> PathBuf {
+    let hex = id.to_hex();
+    root.join(&hex[..2]).join(hex)
+}
+
+/// Puts chunk `id` of the store at `from` into the store at `to` as a hard
+/// link (a copy across file systems), durably; a chunk already there is fine.
+pub(crate) fn link_chunk(from: &Path, to: &Path, id: &ChunkId) -> Result<()> {
+    let (src, dst) = (chunk_path(from, id), chunk_path(to, id));
+    let dir = dst.parent().expect("chunk paths have a parent");
+    let link = || match fs::hard_link(&src, &dst) {
+        Err(e) if e.kind() == ErrorKind::NotFound && src.exists() => fs::create_dir_all(dir).and_then(|()| fs::hard_link(&src, &dst)),
+        other => other,
+    };
+    match link() {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::NotFound(*id)),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let bytes = fs::read(&src).map_err(|e| Error::io("read chunk", &src, e))?;
+            LocalDirStore::open(to).put(id, &bytes)?;
+            return Ok(());
+        }
+        Err(e) => return Err(Error::io("link chunk", &dst, e)),
+    }
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", dir, e))
 }
 
 /// Removes the temporaries in `staging` (named `PID-…`) whose writer `pid`

@@ -9,38 +9,46 @@ use tessera_chunk::{ChunkId, SealedManifest};
 use crate::catalog::is_manifest_id;
 use crate::{check_name, Catalog, Error, ImageRef, Result};
 
-/// Manifests (`HOME/manifests/ID`, profiles beside them as `ID.profile`)
-/// and names (`HOME/images/NAME.json`).
+/// Manifests (`HOME/manifests/ID` in generation 0, `HOME/gen/G/manifests/ID`
+/// in generation G; refs and profiles beside them as `ID.refs` and
+/// `ID.profile`) and names (`HOME/images/NAME.json`).
 ///
 /// Every file is written to a temporary, flushed and renamed into place,
 /// and its directory synced, so a name never points at a partial manifest.
 /// Opening writes nothing: the directories are made by the first write.
 pub struct LocalCatalog {
-    manifests: PathBuf,
+    root: PathBuf,
     images: PathBuf,
 }
 
 impl LocalCatalog {
     /// The catalog under `home`.
     pub fn open(home: &Path) -> LocalCatalog {
-        LocalCatalog { manifests: home.join("manifests"), images: home.join("images") }
+        LocalCatalog { root: home.to_owned(), images: home.join("images") }
     }
 
     fn ref_path(&self, name: &str) -> PathBuf {
         self.images.join(format!("{name}.json"))
     }
+
+    fn manifests(&self, generation: u64) -> PathBuf {
+        crate::url::local_generation_dir(&self.root, generation).join("manifests")
+    }
 }
 
 impl Catalog for LocalCatalog {
-    fn put_manifest(&self, sealed: &SealedManifest) -> Result<ChunkId> {
+    fn put_manifest(&self, generation: u64, sealed: &SealedManifest, refs: &[ChunkId]) -> Result<ChunkId> {
         let bytes = sealed.to_bytes();
         let id = ChunkId::of(&bytes);
-        write_durably(&self.manifests.join(id.to_hex()), &bytes)?;
+        let dir = self.manifests(generation);
+        // Refs first: a manifest is never without them.
+        write_durably(&dir.join(format!("{}.refs", id.to_hex())), &crate::catalog::encode_refs(refs))?;
+        write_durably(&dir.join(id.to_hex()), &bytes)?;
         Ok(id)
     }
 
-    fn get_manifest(&self, id: &str) -> Result<SealedManifest> {
-        let path = self.manifests.join(id);
+    fn get_manifest(&self, generation: u64, id: &str) -> Result<SealedManifest> {
+        let path = self.manifests(generation).join(id);
         if !is_manifest_id(id) {
             return Err(Error::Corrupt { path, reason: "not a manifest id".into() });
         }
@@ -51,8 +59,21 @@ impl Catalog for LocalCatalog {
         Ok(SealedManifest::from_bytes(&bytes)?)
     }
 
-    fn remove_manifest(&self, id: &str) -> Result<()> {
-        for path in [self.manifests.join(id), self.manifests.join(format!("{id}.profile"))] {
+    fn get_refs(&self, generation: u64, id: &str) -> Result<Option<Vec<ChunkId>>> {
+        let path = self.manifests(generation).join(format!("{id}.refs"));
+        if !is_manifest_id(id) {
+            return Err(Error::Corrupt { path, reason: "not a manifest id".into() });
+        }
+        match fs::read(&path) {
+            Ok(bytes) => crate::catalog::decode_refs(&bytes).map(Some).ok_or_else(|| Error::Corrupt { path, reason: "damaged refs".into() }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read refs", &path, e)),
+        }
+    }
+
+    fn remove_manifest(&self, generation: u64, id: &str) -> Result<()> {
+        let dir = self.manifests(generation);
+        for path in [dir.join(id), dir.join(format!("{id}.profile")), dir.join(format!("{id}.refs"))] {
             if let Err(e) = fs::remove_file(&path) {
                 if e.kind() != ErrorKind::NotFound {
                     return Err(Error::io("remove manifest", &path, e));
@@ -63,19 +84,30 @@ impl Catalog for LocalCatalog {
     }
 
     fn has_manifests(&self) -> Result<bool> {
-        match fs::read_dir(&self.manifests) {
-            Ok(mut entries) => Ok(entries.any(|e| e.is_ok_and(|e| e.file_name().to_str().is_some_and(is_manifest_id)))),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::io("list manifests", &self.manifests, e)),
+        let mut dirs = vec![self.manifests(0)];
+        if let Ok(entries) = fs::read_dir(self.root.join("gen")) {
+            dirs.extend(entries.flatten().map(|e| e.path().join("manifests")));
         }
+        for dir in dirs {
+            match fs::read_dir(&dir) {
+                Ok(mut entries) => {
+                    if entries.any(|e| e.is_ok_and(|e| e.file_name().to_str().is_some_and(is_manifest_id))) {
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("list manifests", &dir, e)),
+            }
+        }
+        Ok(false)
     }
 
-    fn put_profile(&self, id: &str, sealed: &SealedManifest) -> Result<()> {
-        write_durably(&self.manifests.join(format!("{id}.profile")), &sealed.to_bytes())
+    fn put_profile(&self, generation: u64, id: &str, sealed: &SealedManifest) -> Result<()> {
+        write_durably(&self.manifests(generation).join(format!("{id}.profile")), &sealed.to_bytes())
     }
 
-    fn get_profile(&self, id: &str) -> Result<Option<SealedManifest>> {
-        let path = self.manifests.join(format!("{id}.profile"));
+    fn get_profile(&self, generation: u64, id: &str) -> Result<Option<SealedManifest>> {
+        let path = self.manifests(generation).join(format!("{id}.profile"));
         match fs::read(&path) {
             Ok(bytes) => Ok(Some(SealedManifest::from_bytes(&bytes)?)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
@@ -90,6 +122,18 @@ impl Catalog for LocalCatalog {
         let previous = self.get(name).ok();
         write_durably(&self.ref_path(name), &serde_json::to_vec_pretty(r).expect("ref serialises"))?;
         Ok(previous)
+    }
+
+    fn replace(&self, name: &str, expected: &ImageRef, new: &ImageRef) -> Result<bool> {
+        check_name(name)?;
+        let _lock = NamesLock::take(&self.images)?;
+        match self.get(name) {
+            Ok(current) if current == *expected => {}
+            Ok(_) | Err(Error::NoSuchImage(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        write_durably(&self.ref_path(name), &serde_json::to_vec_pretty(new).expect("ref serialises"))?;
+        Ok(true)
     }
 
     fn get(&self, name: &str) -> Result<ImageRef> {
@@ -208,7 +252,7 @@ mod tests {
         let catalog = LocalCatalog::open(dir.path());
         assert!(catalog.list().unwrap().images.is_empty(), "an empty catalog lists nothing");
         assert!(!dir.path().join("images").exists(), "and writes nothing");
-        let r = ImageRef { manifest: "ab".repeat(32), tenant: "default".into() };
+        let r = ImageRef::new("ab".repeat(32), "default");
         catalog.set("good", &r).unwrap();
         catalog.set("bad", &r).unwrap();
         fs::write(dir.path().join("images/bad.json"), b"{ not json").unwrap();
@@ -216,11 +260,11 @@ mod tests {
         assert_eq!(listing.images, vec![("good".to_owned(), r.clone())]);
         assert_eq!(listing.bad.len(), 1);
         assert!(listing.may_use("cd".repeat(32).as_str()), "an unreadable name might use any manifest");
-        assert_eq!(catalog.release_manifest(&"cd".repeat(32)).unwrap(), Release::Unsure(vec!["bad".into()]));
+        assert_eq!(catalog.release_manifest(0, &"cd".repeat(32)).unwrap(), Release::Unsure(vec!["bad".into()]));
         assert_eq!(catalog.remove("bad").unwrap(), None);
         assert!(catalog.list().unwrap().bad.is_empty());
         assert!(!catalog.list().unwrap().may_use(&"cd".repeat(32)));
-        assert_eq!(catalog.release_manifest(&"ab".repeat(32)).unwrap(), Release::InUse);
+        assert_eq!(catalog.release_manifest(0, &"ab".repeat(32)).unwrap(), Release::InUse);
         assert!(matches!(catalog.remove("bad"), Err(Error::NoSuchImage(_))));
     }
 }

@@ -2,9 +2,15 @@
 //! in one bucket (under a prefix), shared by every host.
 //!
 //! ```text
-//! PREFIX/chunks/ab/ID          sealed chunks (put-if-absent)
-//! PREFIX/manifests/ID          sealed manifests (put-if-absent); ID.profile beside
+//! PREFIX/chunks/ab/ID          sealed chunks of generation 0 (put-if-absent)
+//! PREFIX/manifests/ID          sealed manifests of generation 0 (put-if-absent);
+//!                              ID.refs and ID.profile beside
+//! PREFIX/gen/G/chunks/ab/ID    the same for generation G
+//! PREFIX/gen/G/manifests/ID
 //! PREFIX/images/NAME.json      names, set by compare-and-swap on the ETag
+//! PREFIX/lifecycle.json        generations (see `lifecycle`), compare-and-swap
+//! PREFIX/leases/G/…            imports' leases on generation G
+//! PREFIX/alarms/…              reads of expired generations
 //! ```
 //!
 //! Chunks and manifests are written with `If-None-Match: *`: a 412 means
@@ -16,19 +22,20 @@
 //! errors, a few, with backoff) on the store's own runtime, with a timeout:
 //! the agent's origin bound and queue stay in charge of the load.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as Key;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig, UpdateVersion};
 use tessera_chunk::{ChunkId, SealedManifest};
 
 use crate::catalog::is_manifest_id;
+use crate::control::{Control, Version};
+use crate::url::{Backend, Deleted};
 use crate::{check_name, Bytes, Catalog, ChunkStore, Committed, Error, ImageRef, Put, PutBatch, Result};
 
 /// Where an S3 store is:
@@ -108,17 +115,19 @@ pub enum Op {
     Head,
     /// A LIST page.
     List,
-    /// DELETE.
+    /// DELETE (one request may delete up to 1,000 objects).
     Delete,
+    /// A server-side copy.
+    Copy,
 }
 
-const OPS: [(Op, &str); 5] = [(Op::Get, "get"), (Op::Put, "put"), (Op::Head, "head"), (Op::List, "list"), (Op::Delete, "delete")];
+const OPS: [(Op, &str); 6] = [(Op::Get, "get"), (Op::Put, "put"), (Op::Head, "head"), (Op::List, "list"), (Op::Delete, "delete"), (Op::Copy, "copy")];
 
 /// How many requests of each operation a store made, for chunks and for
 /// the catalog (manifests, profiles, names) apart.
 #[derive(Default, Debug)]
 pub struct Requests {
-    counts: [[AtomicU64; 5]; 2],
+    counts: [[AtomicU64; 6]; 2],
 }
 
 impl Requests {
@@ -201,9 +210,13 @@ impl S3 {
         }
     }
 
-    fn chunk_key(id: &ChunkId) -> String {
+    fn chunk_key(generation: u64, id: &ChunkId) -> String {
         let hex = id.to_hex();
-        format!("chunks/{}/{hex}", &hex[..2])
+        format!("{}chunks/{}/{hex}", generation_base(generation), &hex[..2])
+    }
+
+    fn manifest_key(generation: u64, file: &str) -> String {
+        format!("{}manifests/{file}", generation_base(generation))
     }
 
     /// The error of `op` on `key`, saying where and what kind.
@@ -288,9 +301,9 @@ impl S3 {
         })
     }
 
-    /// Calls `each` with the key (relative to `dir`) of every object under
-    /// `dir`, page by page, holding one page at a time.
-    fn list(&self, op: &'static str, dir: &str, each: &mut dyn FnMut(&str)) -> Result<()> {
+    /// Calls `each` with the key (relative to `dir`) and size of every
+    /// object under `dir`, page by page, holding one page at a time.
+    fn list(&self, op: &'static str, dir: &str, each: &mut dyn FnMut(&str, u64)) -> Result<()> {
         let prefix = self.key(dir);
         let strip = format!("{prefix}/");
         self.rt().block_on(async {
@@ -304,7 +317,7 @@ impl S3 {
                 }
                 let key = meta.location.to_string();
                 if let Some(rel) = key.strip_prefix(&strip) {
-                    each(rel);
+                    each(rel, meta.size);
                 }
             }
             Ok(())
@@ -386,11 +399,7 @@ fn with_aws_profile(mut b: AmazonS3Builder) -> AmazonS3Builder {
     if b.get_config_value(&AmazonS3ConfigKey::AccessKeyId).is_some() {
         return b;
     }
-    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let file = |var: &str, default: &str| std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| home.join(default));
-    let creds = ini_section(file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials"), &profile);
-    let config = ini_section(file("AWS_CONFIG_FILE", ".aws/config"), &if profile == "default" { profile.clone() } else { format!("profile {profile}") });
+    let (creds, config) = crate::aws::profile_keys();
     let get = |k: &str| creds.get(k).or_else(|| config.get(k)).cloned();
     if let (Some(id), Some(secret)) = (get("aws_access_key_id"), get("aws_secret_access_key")) {
         b = b.with_access_key_id(id).with_secret_access_key(secret);
@@ -406,46 +415,49 @@ fn with_aws_profile(mut b: AmazonS3Builder) -> AmazonS3Builder {
     b
 }
 
-/// The keys of `[section]` of an INI file (lower-cased), if any.
-fn ini_section(path: PathBuf, section: &str) -> HashMap<String, String> {
-    let Ok(text) = std::fs::read_to_string(path) else { return HashMap::new() };
-    let (mut current, mut out) = (String::new(), HashMap::new());
-    for line in text.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            current = s.split_whitespace().collect::<Vec<_>>().join(" ");
-        } else if current == section {
-            if let Some((k, v)) = line.split_once('=') {
-                out.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-            }
-        }
+/// The key prefix of generation `g` (empty for generation 0).
+fn generation_base(g: u64) -> String {
+    if g == 0 {
+        String::new()
+    } else {
+        format!("gen/{g}/")
     }
-    out
 }
 
-/// Sealed chunks in S3.
-pub struct S3ChunkStore(pub Arc<S3>);
+/// Sealed chunks of one generation in S3.
+pub struct S3ChunkStore {
+    s3: Arc<S3>,
+    generation: u64,
+}
+
+impl S3ChunkStore {
+    /// The chunks of `generation`.
+    pub fn new(s3: Arc<S3>, generation: u64) -> S3ChunkStore {
+        S3ChunkStore { s3, generation }
+    }
+
+    fn key(&self, id: &ChunkId) -> Key {
+        self.s3.key(&S3::chunk_key(self.generation, id))
+    }
+}
 
 impl ChunkStore for S3ChunkStore {
     fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<Put> {
-        let key = self.0.key(&S3::chunk_key(id));
-        self.0.rt().block_on(self.0.create("store chunk", &key, Bytes::copy_from_slice(bytes)))
+        let key = self.key(id);
+        self.s3.rt().block_on(self.s3.create("store chunk", &key, Bytes::copy_from_slice(bytes)))
     }
 
     fn get(&self, id: &ChunkId) -> Result<Bytes> {
-        let key = self.0.key(&S3::chunk_key(id));
-        self.0.get("read chunk", &key)?.map(|(b, _)| b).ok_or(Error::NotFound(*id))
+        self.s3.get("read chunk", &self.key(id))?.map(|(b, _)| b).ok_or(Error::NotFound(*id))
     }
 
     fn exists(&self, id: &ChunkId) -> Result<bool> {
-        self.0.head("check chunk", &self.0.key(&S3::chunk_key(id)))
+        self.s3.head("check chunk", &self.key(id))
     }
 
     fn list(&self) -> Result<Vec<ChunkId>> {
         let mut out = Vec::new();
-        self.0.list("list chunks", "chunks", &mut |rel| {
+        self.s3.list("list chunks", &format!("{}chunks", generation_base(self.generation)), &mut |rel, _| {
             if let Some(id) = rel.rsplit('/').next().and_then(|n| n.parse::<ChunkId>().ok()) {
                 out.push(id);
             }
@@ -454,10 +466,10 @@ impl ChunkStore for S3ChunkStore {
     }
 
     fn delete(&self, id: &ChunkId) -> Result<bool> {
-        let key = self.0.key(&S3::chunk_key(id));
+        let key = self.key(id);
         // S3 does not say whether a delete removed anything.
-        let there = self.0.head("delete chunk", &key)?;
-        self.0.delete("delete chunk", &key)?;
+        let there = self.s3.head("delete chunk", &key)?;
+        self.s3.delete("delete chunk", &key)?;
         Ok(there)
     }
 
@@ -468,7 +480,8 @@ impl ChunkStore for S3ChunkStore {
 
     fn batch(&self) -> Box<dyn PutBatch + '_> {
         Box::new(S3Batch {
-            s3: Arc::clone(&self.0),
+            s3: Arc::clone(&self.s3),
+            generation: self.generation,
             seen: Mutex::new(std::collections::HashSet::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(BATCH_IN_FLIGHT)),
             tasks: Mutex::new(Vec::new()),
@@ -478,11 +491,7 @@ impl ChunkStore for S3ChunkStore {
     }
 
     fn describe(&self) -> String {
-        format!("{} at {}", self.0.url, self.0.endpoint)
-    }
-
-    fn render(&self, out: &mut String) {
-        self.0.render(out);
+        format!("{} at {}", self.s3.url, self.s3.endpoint)
     }
 }
 
@@ -495,6 +504,7 @@ const BATCH_IN_FLIGHT: usize = 32;
 /// chunks no name points at.
 struct S3Batch {
     s3: Arc<S3>,
+    generation: u64,
     seen: Mutex<std::collections::HashSet<ChunkId>>,
     slots: Arc<tokio::sync::Semaphore>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -513,7 +523,7 @@ impl PutBatch for S3Batch {
         // Waits here while the batch has enough in flight: back-pressure.
         let slot = self.s3.rt().block_on(Arc::clone(&self.slots).acquire_owned()).expect("the semaphore is never closed");
         let (s3, failed, new) = (Arc::clone(&self.s3), Arc::clone(&self.failed), Arc::clone(&self.new));
-        let key = s3.key(&S3::chunk_key(id));
+        let key = s3.key(&S3::chunk_key(self.generation, id));
         let bytes = Bytes::copy_from_slice(bytes);
         let task = self.s3.rt().spawn(async move {
             let len = bytes.len() as u64;
@@ -573,16 +583,31 @@ impl S3Catalog {
 const SET_TRIES: usize = 16;
 
 impl Catalog for S3Catalog {
-    fn put_manifest(&self, sealed: &SealedManifest) -> Result<ChunkId> {
+    fn put_manifest(&self, generation: u64, sealed: &SealedManifest, refs: &[ChunkId]) -> Result<ChunkId> {
         let bytes = sealed.to_bytes();
         let id = ChunkId::of(&bytes);
-        let key = self.0.key(&format!("manifests/{}", id.to_hex()));
+        let refs_key = self.0.key(&S3::manifest_key(generation, &format!("{}.refs", id.to_hex())));
+        let key = self.0.key(&S3::manifest_key(generation, &id.to_hex()));
+        // Refs first: a manifest is never without them.
+        self.0.rt().block_on(self.0.create("store manifest refs", &refs_key, Bytes::from(crate::catalog::encode_refs(refs))))?;
         self.0.rt().block_on(self.0.create("store manifest", &key, Bytes::from(bytes)))?;
         Ok(id)
     }
 
-    fn get_manifest(&self, id: &str) -> Result<SealedManifest> {
-        let key = self.0.key(&format!("manifests/{id}"));
+    fn get_refs(&self, generation: u64, id: &str) -> Result<Option<Vec<ChunkId>>> {
+        let key = self.0.key(&S3::manifest_key(generation, &format!("{id}.refs")));
+        let path = PathBuf::from(format!("s3://{}/{key}", self.0.url.bucket));
+        if !is_manifest_id(id) {
+            return Err(Error::Corrupt { path, reason: "not a manifest id".into() });
+        }
+        match self.0.get("read manifest refs", &key)? {
+            Some((bytes, _)) => crate::catalog::decode_refs(&bytes).map(Some).ok_or(Error::Corrupt { path, reason: "damaged refs".into() }),
+            None => Ok(None),
+        }
+    }
+
+    fn get_manifest(&self, generation: u64, id: &str) -> Result<SealedManifest> {
+        let key = self.0.key(&S3::manifest_key(generation, id));
         let path = PathBuf::from(format!("s3://{}/{key}", self.0.url.bucket));
         if !is_manifest_id(id) {
             return Err(Error::Corrupt { path, reason: "not a manifest id".into() });
@@ -596,31 +621,39 @@ impl Catalog for S3Catalog {
         Ok(SealedManifest::from_bytes(&bytes)?)
     }
 
-    fn remove_manifest(&self, id: &str) -> Result<()> {
-        self.0.delete("remove manifest", &self.0.key(&format!("manifests/{id}")))?;
-        self.0.delete("remove profile", &self.0.key(&format!("manifests/{id}.profile")))
+    fn remove_manifest(&self, generation: u64, id: &str) -> Result<()> {
+        self.0.delete("remove manifest", &self.0.key(&S3::manifest_key(generation, id)))?;
+        self.0.delete("remove manifest refs", &self.0.key(&S3::manifest_key(generation, &format!("{id}.refs"))))?;
+        self.0.delete("remove profile", &self.0.key(&S3::manifest_key(generation, &format!("{id}.profile"))))
     }
 
     fn has_manifests(&self) -> Result<bool> {
-        let prefix = self.0.key("manifests");
-        self.0.requests.add(Op::List, &prefix);
-        self.0.rt().block_on(async {
-            let mut stream = self.0.client.list(Some(&prefix));
-            while let Some(meta) = stream.try_next().await.map_err(|e| self.0.error("list manifests", &prefix, e))? {
-                if meta.location.filename().is_some_and(is_manifest_id) {
-                    return Ok(true);
+        // Generation 0's manifests, then any generation's.
+        for dir in ["manifests", "gen"] {
+            let prefix = self.0.key(dir);
+            self.0.requests.add(Op::List, &prefix);
+            let found = self.0.rt().block_on(async {
+                let mut stream = self.0.client.list(Some(&prefix));
+                while let Some(meta) = stream.try_next().await.map_err(|e| self.0.error("list manifests", &prefix, e))? {
+                    if meta.location.filename().is_some_and(is_manifest_id) {
+                        return Ok(true);
+                    }
                 }
+                Ok::<_, Error>(false)
+            })?;
+            if found {
+                return Ok(true);
             }
-            Ok(false)
-        })
+        }
+        Ok(false)
     }
 
-    fn put_profile(&self, id: &str, sealed: &SealedManifest) -> Result<()> {
-        self.0.overwrite("store profile", &self.0.key(&format!("manifests/{id}.profile")), Bytes::from(sealed.to_bytes()))
+    fn put_profile(&self, generation: u64, id: &str, sealed: &SealedManifest) -> Result<()> {
+        self.0.overwrite("store profile", &self.0.key(&S3::manifest_key(generation, &format!("{id}.profile"))), Bytes::from(sealed.to_bytes()))
     }
 
-    fn get_profile(&self, id: &str) -> Result<Option<SealedManifest>> {
-        match self.0.get("read profile", &self.0.key(&format!("manifests/{id}.profile")))? {
+    fn get_profile(&self, generation: u64, id: &str) -> Result<Option<SealedManifest>> {
+        match self.0.get("read profile", &self.0.key(&S3::manifest_key(generation, &format!("{id}.profile"))))? {
             Some((bytes, _)) => Ok(Some(SealedManifest::from_bytes(&bytes)?)),
             None => Ok(None),
         }
@@ -654,6 +687,23 @@ impl Catalog for S3Catalog {
         ))
     }
 
+    fn replace(&self, name: &str, expected: &ImageRef, new: &ImageRef) -> Result<bool> {
+        check_name(name)?;
+        let key = self.name_key(name);
+        let Some((bytes, etag)) = self.0.get("read image name", &key)? else { return Ok(false) };
+        if serde_json::from_slice::<ImageRef>(&bytes).ok().as_ref() != Some(expected) {
+            return Ok(false);
+        }
+        let body = Bytes::from(serde_json::to_vec_pretty(new).expect("ref serialises"));
+        self.0.requests.add(Op::Put, &key);
+        let mode = PutMode::Update(UpdateVersion { e_tag: etag, version: None });
+        match self.0.rt().block_on(self.0.client.put_opts(&key, PutPayload::from(body), mode.into())) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.0.error("set image name", &key, e)),
+        }
+    }
+
     fn get(&self, name: &str) -> Result<ImageRef> {
         check_name(name)?;
         let key = self.name_key(name);
@@ -675,7 +725,7 @@ impl Catalog for S3Catalog {
         // S3 lists keys in order; one page of names is held at a time.
         let mut names = Vec::new();
         let mut result = Ok(());
-        self.0.list("list images", "images", &mut |rel| {
+        self.0.list("list images", "images", &mut |rel, _| {
             if let Some(name) = rel.strip_suffix(".json").filter(|n| check_name(n).is_ok()) {
                 names.push(name.to_owned());
                 if names.len() >= 1000 {
@@ -704,6 +754,127 @@ impl Catalog for S3Catalog {
     }
 }
 
+/// Control documents in S3: compare-and-swap on the ETag.
+pub struct S3Control(pub Arc<S3>);
+
+impl Control for S3Control {
+    fn read(&self, key: &str) -> Result<Option<(Bytes, Version)>> {
+        crate::control::check_key(key)?;
+        let k = self.0.key(key);
+        Ok(self.0.get("read", &k)?.map(|(b, etag)| (b, Version(etag.unwrap_or_default()))))
+    }
+
+    fn write(&self, key: &str, bytes: &[u8], expected: Option<&Version>) -> Result<bool> {
+        crate::control::check_key(key)?;
+        let k = self.0.key(key);
+        let mode = match expected {
+            None => PutMode::Create,
+            Some(v) => PutMode::Update(UpdateVersion { e_tag: Some(v.0.clone()), version: None }),
+        };
+        self.0.requests.add(Op::Put, &k);
+        match self.0.rt().block_on(self.0.client.put_opts(&k, PutPayload::from(Bytes::copy_from_slice(bytes)), mode.into())) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.0.error("write", &k, e)),
+        }
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        crate::control::check_key(key)?;
+        self.0.delete("remove", &self.0.key(key))
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<String>> {
+        crate::control::check_key(dir)?;
+        let mut out = Vec::new();
+        self.0.list("list", dir, &mut |rel, _| out.push(rel.to_owned()))?;
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Generations in S3: server-side copies, whole-prefix deletes.
+pub struct S3Backend(pub Arc<S3>);
+
+impl Backend for S3Backend {
+    fn open_chunks(&self, generation: u64) -> Arc<dyn ChunkStore> {
+        Arc::new(S3ChunkStore::new(Arc::clone(&self.0), generation))
+    }
+
+    fn copy_chunk(&self, id: &ChunkId, from: u64, to: u64) -> Result<()> {
+        let (src, dst) = (self.0.key(&S3::chunk_key(from, id)), self.0.key(&S3::chunk_key(to, id)));
+        self.0.requests.add(Op::Copy, &dst);
+        // Same bytes under the same id: a copy over a racing put is harmless.
+        self.0.rt().block_on(async {
+            match self.0.client.copy(&src, &dst).await {
+                Ok(()) => Ok(()),
+                Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(*id)),
+                Err(e) => Err(self.0.error("copy chunk", &src, e)),
+            }
+        })
+    }
+
+    fn delete_generation(&self, generation: u64) -> Result<Deleted> {
+        let base = generation_base(generation);
+        let mut out = Deleted::default();
+        for dir in ["chunks", "manifests"] {
+            let mut keys = Vec::new();
+            self.0.list("list generation", &format!("{base}{dir}"), &mut |rel, size| {
+                if dir == "chunks" {
+                    out.chunks += 1;
+                    out.bytes += size;
+                } else {
+                    out.others += 1;
+                }
+                keys.push(self.0.key(&format!("{base}{dir}/{rel}")));
+            })?;
+            while !keys.is_empty() {
+                let batch: Vec<Key> = keys.drain(..keys.len().min(1000)).collect();
+                let stream = futures::stream::iter(batch.into_iter().map(Ok)).boxed();
+                self.0.requests.add(Op::Delete, &self.0.key(&format!("{base}{dir}")));
+                self.0.rt().block_on(async {
+                    let mut results = self.0.client.delete_stream(stream);
+                    while let Some(r) = results.next().await {
+                        match r {
+                            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(self.0.error("delete generation", &self.0.key(&format!("{base}{dir}")), e)),
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn generations(&self) -> Result<Vec<u64>> {
+        let mut out = std::collections::BTreeSet::new();
+        for dir in ["chunks", "manifests"] {
+            let prefix = self.0.key(dir);
+            self.0.requests.add(Op::List, &prefix);
+            let any =
+                self.0.rt().block_on(async { self.0.client.list(Some(&prefix)).try_next().await.map_err(|e| self.0.error("list generations", &prefix, e)) })?;
+            if any.is_some() {
+                out.insert(0);
+            }
+        }
+        let prefix = self.0.key("gen");
+        self.0.requests.add(Op::List, &prefix);
+        let listed =
+            self.0.rt().block_on(async { self.0.client.list_with_delimiter(Some(&prefix)).await.map_err(|e| self.0.error("list generations", &prefix, e)) })?;
+        for p in listed.common_prefixes {
+            if let Some(g) = p.filename().and_then(|n| n.parse::<u64>().ok()).filter(|&g| g > 0) {
+                out.insert(g);
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    fn render(&self, out: &mut String) {
+        self.0.render(out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,16 +893,5 @@ mod tests {
         for bad in ["", "ab", "Upper", "b_b", "bucket?colour=red", "bucket?timeout=never"] {
             assert!(S3Url::parse("x", bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn profiles_are_read_from_the_shared_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let creds = dir.path().join("credentials");
-        std::fs::write(&creds, "[default]\naws_access_key_id = A\naws_secret_access_key = B\n[work]\naws_access_key_id=W\naws_secret_access_key = X\n")
-            .unwrap();
-        let s = ini_section(creds.clone(), "work");
-        assert_eq!(s.get("aws_access_key_id").map(String::as_str), Some("W"));
-        assert_eq!(ini_section(creds, "none").len(), 0);
     }
 }

@@ -75,8 +75,16 @@ fn store(url: &str) -> Store {
 fn the_chunk_store_suite_passes_on_s3() {
     let Some(moto) = Moto::start() else { return };
     let s = store(&moto.bucket("chunks-suite"));
-    conformance::run(s.chunks.as_ref());
-    conformance::run_concurrent(s.chunks.clone());
+    conformance::run(s.chunks(0).as_ref());
+    conformance::run_concurrent(s.chunks(0));
+    conformance::run(s.chunks(5).as_ref());
+}
+
+#[test]
+fn the_control_suite_passes_on_s3() {
+    let Some(moto) = Moto::start() else { return };
+    let s = store(&moto.bucket("control-suite"));
+    conformance::run_control(s.control.clone());
 }
 
 #[test]
@@ -98,13 +106,13 @@ fn exactly_one_of_many_racing_creates_wins() {
         let id = ChunkId::of(&bytes);
         let threads: Vec<_> = (0..12)
             .map(|_| {
-                let (chunks, bytes) = (s.chunks.clone(), bytes.clone());
+                let (chunks, bytes) = (s.chunks(0), bytes.clone());
                 std::thread::spawn(move || chunks.put(&id, &bytes).unwrap())
             })
             .collect();
         let created = threads.into_iter().map(|t| t.join().unwrap()).filter(|p| *p == Put::Created).count();
         assert_eq!(created, 1, "round {round}: {created} creates won");
-        assert!(s.chunks.get(&id).unwrap()[..] == bytes[..]);
+        assert!(s.chunks(0).get(&id).unwrap()[..] == bytes[..]);
     }
 }
 
@@ -112,14 +120,14 @@ fn exactly_one_of_many_racing_creates_wins() {
 fn a_missing_bucket_and_a_dead_server_are_clear_errors() {
     let Some(moto) = Moto::start() else { return };
     let s = store(&format!("s3://no-such-bucket?endpoint=http://{}&region=us-east-1", moto.addr));
-    let err = s.chunks.get(&ChunkId([1; 32])).unwrap_err().to_string();
+    let err = s.chunks(0).get(&ChunkId([1; 32])).unwrap_err().to_string();
     assert!(err.contains("no such bucket") && err.contains("s3://no-such-bucket"), "{err}");
     // Nothing listens here any more: an error naming the server, in bounded time.
     let addr = moto.addr.clone();
     drop(moto);
     let s = store(&format!("s3://gone?endpoint=http://{addr}&region=us-east-1"));
     let started = Instant::now();
-    let err = s.chunks.get(&ChunkId([1; 32])).unwrap_err().to_string();
+    let err = s.chunks(0).get(&ChunkId([1; 32])).unwrap_err().to_string();
     assert!(err.contains(&addr) && err.contains("did not answer"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30), "gave up after {:?}", started.elapsed());
 }

@@ -180,7 +180,7 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
         let until = first_output.get().copied().unwrap_or_else(Instant::now).min(started + Duration::from_secs(60));
         let chunks = disk.stop_recording(until);
         recorded = chunks.len();
-        if let Err(e) = tessera_agent::profile::save(home, &image_ref, chunks, until.duration_since(started).as_secs_f64()) {
+        if let Err(e) = tessera_agent::profile::save(home, &options.image, &image_ref, chunks, until.duration_since(started).as_secs_f64()) {
             tracing::warn!("{}: the start-up profile was not saved: {e}", options.image);
         }
     }

@@ -20,7 +20,7 @@ use tessera_import::ImportOptions;
 use tessera_oci::PullOptions;
 use tessera_store::{readback, Home, ImageRef, Store, StoreUrl};
 
-use crate::flags::{BenchCommand, Cli, Command, ImportArgs, KeyringCommand};
+use crate::flags::{BenchCommand, Cli, Command, GcArgs, ImportArgs, KeyringCommand};
 use crate::progress::{human, Bars};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -41,8 +41,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     };
     let store = Store::open(&url).with_context(|| format!("opening the store {url}"))?;
     let mut home = Home::with_store(&home_dir, store).with_context(|| format!("opening TESSERA_HOME {}", home_dir.display()))?;
-    if let Some(k) = cli.keyring {
-        home = home.with_keyring(k);
+    if let Some(k) = cli.keyring.as_deref().filter(|k| !k.is_empty()) {
+        home = home.with_keyring(tessera_store::KeyringAt::parse(k)?);
     }
     match command {
         Command::Serve(args) => serve::serve(home, args),
@@ -56,6 +56,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify { name, json } => verify(&home, &name, json),
         Command::Rm { names } => rm(&home, &names),
         Command::Keyring(command) => keyring(&home, command),
+        Command::Gc(args) => gc(&home, args),
         Command::Bench(b) => bench::bench(&home, b),
         Command::Cachenode(_) => unreachable!("handled above"),
     }
@@ -77,6 +78,8 @@ fn import(home: &Home, a: ImportArgs) -> Result<ExitCode> {
         pull: PullOptions { platform: a.platform, insecure: a.insecure, creds: a.creds },
         headroom_bytes: a.headroom,
         threads: a.threads,
+        dedup_scope: a.dedup_scope,
+        lease: a.lease,
     };
     let report = tessera_import::import(home, &a.source, &options, &bars);
     bars.done();
@@ -144,8 +147,8 @@ fn images(home: &Home, json: bool) -> Result<ExitCode> {
                 }
             }
         }
-        let keyring = keyring.as_ref().expect("opened above");
-        let row = match home.catalog.get_manifest(&r.manifest).and_then(|s| Ok(s.open(keyring)?)) {
+        let keyring: &dyn tessera_chunk::Keyring = keyring.as_deref().expect("opened above");
+        let row = match home.catalog.get_manifest(r.generation, &r.manifest).and_then(|s| Ok(s.open(keyring)?)) {
             Ok(m) => summary(&name, &r, &m),
             Err(e) => return eprintln!("tessera: warning: {name}: {e}"),
         };
@@ -184,6 +187,9 @@ fn inspect(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
     v["config_digest"] = json!(m.source.config_digest);
     v["platform"] = json!(m.source.platform);
     v["salt_id"] = json!(m.salt_id);
+    v["salt_epoch"] = json!(m.salt_epoch);
+    v["dedup_scope"] = json!(m.dedup_scope);
+    v["generation"] = json!(r.generation);
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -206,15 +212,17 @@ fn inspect(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
     );
     println!("metadata:    from chunk {}; headroom {}", g.metadata_chunk, human(g.headroom_bytes));
     println!("inodes:      {} of {}", g.inodes_used, g.inodes_total);
-    println!("manifest:    {} (tenant {})", r.manifest, r.tenant);
+    println!("manifest:    {} (tenant {}, store generation {})", r.manifest, r.tenant, r.generation);
+    println!("sealed:      salt {} of generation {}, dedup scope {}", m.salt_id, m.salt_epoch, m.dedup_scope);
     Ok(ExitCode::SUCCESS)
 }
 
 fn export(home: &Home, name: &str, file: &std::path::Path) -> Result<ExitCode> {
-    let (_, m) = home.manifest(name)?;
+    let (r, m) = home.manifest(name)?;
+    tessera_store::lifecycle::Watch::new(home.store()).note_read(r.generation, name);
     let bars = Bars::new(false);
     tessera_oci::Progress::start(&bars, "exporting", m.stored_chunks() as u64 * tessera_chunk::CHUNK_SIZE as u64);
-    let result = readback::export(&m, home.chunks.as_ref(), file, threads(), &|n| tessera_oci::Progress::advance(&bars, n));
+    let result = readback::export(&m, home.chunks_of(&r).as_ref(), file, threads(), &|n| tessera_oci::Progress::advance(&bars, n));
     bars.done();
     result.with_context(|| format!("exporting {name}"))?;
     println!("exported {name} to {} ({})", file.display(), human(m.geometry.disk_bytes));
@@ -222,10 +230,11 @@ fn export(home: &Home, name: &str, file: &std::path::Path) -> Result<ExitCode> {
 }
 
 fn verify(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
-    let (_, m) = home.manifest(name)?;
+    let (r, m) = home.manifest(name)?;
+    tessera_store::lifecycle::Watch::new(home.store()).note_read(r.generation, name);
     let bars = Bars::new(json);
     tessera_oci::Progress::start(&bars, "verifying", m.stored_chunks() as u64 * tessera_chunk::CHUNK_SIZE as u64);
-    let bad = readback::verify(&m, home.chunks.as_ref(), threads(), &|n| tessera_oci::Progress::advance(&bars, n));
+    let bad = readback::verify(&m, home.chunks_of(&r).as_ref(), threads(), &|n| tessera_oci::Progress::advance(&bars, n));
     bars.done();
     let bad = bad.with_context(|| format!("verifying {name}"))?;
     if json {
@@ -256,7 +265,7 @@ fn rm(home: &Home, names: &[String]) -> Result<ExitCode> {
                 println!("removed {name}");
                 match r {
                     None => eprintln!("tessera: warning: {name}: its name file could not be read, so its manifest stays in the store"),
-                    Some(r) => match home.catalog.release_manifest(&r.manifest) {
+                    Some(r) => match home.catalog.release_manifest(r.generation, &r.manifest) {
                         Ok(tessera_store::Release::Removed | tessera_store::Release::InUse) => {}
                         Ok(tessera_store::Release::Unsure(bad)) => eprintln!(
                             "tessera: warning: {name}: its manifest {} stays in the store: the name files of {} cannot be read, and might use it",
@@ -274,12 +283,42 @@ fn rm(home: &Home, names: &[String]) -> Result<ExitCode> {
 
 fn keyring(home: &Home, command: KeyringCommand) -> Result<ExitCode> {
     match command {
-        KeyringCommand::Init => {
-            let k = home.init_keyring()?;
-            println!("created the keyring {} (salt {})", k.path().display(), k.salt().id());
+        KeyringCommand::Init { dedup_scope } => {
+            println!("{}", home.init_keyring(dedup_scope)?);
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn gc(home: &Home, a: GcArgs) -> Result<ExitCode> {
+    // Keys are needed only for images imported before manifests listed
+    // their chunks; a collector without a keyring does without.
+    let keys = home.keyring().ok();
+    let options = tessera_store::lifecycle::GcOptions { grace: a.grace, lease: a.lease, rotate_after: a.rotate_after };
+    let report = tessera_store::lifecycle::step(home.store(), keys.as_deref().map(|k| k as &dyn tessera_chunk::KeyProvider), &options)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let list = |v: &[u64]| if v.is_empty() { "none".to_owned() } else { v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ") };
+    match report.step.as_str() {
+        "rotated" => println!("rotated: generation {} is active; {} retired", report.active, list(&report.retired)),
+        "migrated" => println!(
+            "moved {} images ({} chunks) into generation {}; expired: {}",
+            report.migrated_images,
+            report.copied_chunks,
+            report.active,
+            list(&report.expired)
+        ),
+        "deleted" => println!("deleted generations {}: {} chunks ({})", list(&report.deleted), report.deleted_chunks, human(report.deleted_bytes)),
+        "reinstated" => println!("generations {} were read after they expired (a bug): retired again, and kept", list(&report.reinstated)),
+        _ => {}
+    }
+    if let Some(w) = &report.waiting {
+        println!("waiting: {w}");
+    }
+    println!("active {}; retired {}; expired {}; {} live images", report.active, list(&report.retired), list(&report.expired), report.live_images);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn profile(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
