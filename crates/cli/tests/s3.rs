@@ -266,3 +266,53 @@ fn wrong_credentials_a_missing_bucket_and_a_failing_server_are_clear_errors() {
     assert!(text(&out).contains(&addr) && text(&out).contains("503"), "{}", text(&out));
     assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
 }
+
+#[test]
+fn gc_on_s3_reclaims_what_no_image_uses_by_server_side_copies() {
+    let Some(moto) = Moto::start() else { return };
+    if !have_tools() {
+        return;
+    }
+    let url = moto.bucket("collected", "");
+    use_store(&url);
+    let env = Env::new();
+    let dir = env.path("layout");
+    busybox_layout(&dir, "base");
+    for (i, tag) in ["a", "b"].iter().enumerate() {
+        add_layer(&dir, "base", tag, &[(&format!("data/{tag}"), &pseudo_random(3 << 20, 20 + i as u64))]);
+    }
+    env.import(&format!("oci:{}:a", dir.display()), "a", &[]);
+    env.import(&format!("oci:{}:b", dir.display()), "b", &[]);
+    let want = env.path("b.raw");
+    env.ok(&["export", "b", want.to_str().unwrap()]);
+    let store = tessera_store::Store::open(&tessera_store::StoreUrl::parse(&url).unwrap()).unwrap();
+    let refs = |name: &str| {
+        let r = store.catalog.get(name).unwrap();
+        let ids: std::collections::BTreeSet<String> =
+            store.catalog.get_refs(r.generation, &r.manifest).unwrap().unwrap().iter().map(|id| id.to_hex()).collect();
+        ids
+    };
+    let (a, b) = (refs("a"), refs("b"));
+    assert!(!a.is_disjoint(&b));
+    let chunk_gets = moto.requests("GET /collected/tessera/chunks/");
+
+    env.ok(&["rm", "a"]);
+    let steps: Vec<serde_json::Value> =
+        (0..3).map(|_| serde_json::from_str(&env.ok(&["gc", "--json", "--grace", "0s", "--lease", "0s", "--rotate-after", "0s"])).unwrap()).collect();
+    let kinds: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["rotated", "migrated", "deleted"], "{steps:#?}");
+    assert_eq!(steps[2]["deleted_chunks"].as_u64().unwrap() as usize, a.union(&b).count());
+
+    // The bucket holds exactly b's chunks, all in generation 1, copied by
+    // the server: no chunk passed through the collector.
+    let chunk_keys: Vec<String> = moto.keys("collected", "tessera/").into_iter().filter(|k| k.contains("/chunks/")).collect();
+    assert!(chunk_keys.iter().all(|k| k.starts_with("tessera/gen/1/chunks/")), "{chunk_keys:?}");
+    let left: std::collections::BTreeSet<String> = chunk_keys.iter().map(|k| k.rsplit('/').next().unwrap().to_owned()).collect();
+    assert_eq!(left, b);
+    assert_eq!(moto.requests("GET /collected/tessera/chunks/"), chunk_gets, "the collector read no chunk");
+    assert_eq!(moto.requests("PUT /collected/tessera/gen/1/chunks/"), b.len(), "one server-side copy per live chunk");
+    env.ok(&["verify", "b"]);
+    let out = env.path("b-after.raw");
+    env.ok(&["export", "b", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&want).unwrap());
+}

@@ -284,7 +284,7 @@ pub struct GcReport {
     pub deleted: Vec<u64>,
     /// Chunks deleted by this step.
     pub deleted_chunks: u64,
-    /// Their bytes.
+    /// Bytes this freed.
     pub deleted_bytes: u64,
     /// Names in the store.
     pub live_images: u64,
@@ -498,10 +498,9 @@ struct WatchState {
     alarmed: HashSet<(u64, String)>,
 }
 
-/// How long a reader trusts the lifecycle it read, for reads of the active
-/// generation and of others.
-const TRUST_ACTIVE: Duration = Duration::from_secs(10);
-const TRUST_OTHER: Duration = Duration::from_secs(1);
+/// How long a reader trusts the lifecycle it read (it reads it again only
+/// when it reads chunks from the origin).
+const TRUST: Duration = Duration::from_secs(2);
 
 impl Watch {
     /// A watch over `store`'s lifecycle.
@@ -513,8 +512,7 @@ impl Watch {
     /// generation is counted, logged (once per image) and alarmed.
     pub fn note_read(&self, generation: u64, image: &str) {
         let mut st = self.state.lock().expect("no panics while holding the lock");
-        let trust = if st.doc.as_ref().is_some_and(|d| d.active == generation) { TRUST_ACTIVE } else { TRUST_OTHER };
-        if st.read_at.is_none_or(|t| t.elapsed() >= trust) {
+        if st.read_at.is_none_or(|t| t.elapsed() >= TRUST) {
             st.read_at = Some(Instant::now());
             match Lifecycle::load(self.control.as_ref()) {
                 Ok((doc, _)) => st.doc = Some(doc),

@@ -274,7 +274,11 @@ struct LocalBatch<'s> {
 
 impl PutBatch for LocalBatch<'_> {
     fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
-        if !self.seen.lock().expect("no panics while holding the lock").insert(*id) || self.store.exists(id)? {
+        if !self.seen.lock().expect("no panics while holding the lock").insert(*id) {
+            return Ok(());
+        }
+        if self.store.exists(id)? {
+            tracing::debug!("chunk {id} is in the store already (dedup)");
             return Ok(());
         }
         let tmp = self.store.write_temporary(id, bytes, false)?;

@@ -225,7 +225,7 @@ impl S3 {
         let kind = match &e {
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => RemoteKind::Denied,
             _ if text.contains("NoSuchBucket") => RemoteKind::NoBucket,
-            _ if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") || text.contains("403") => RemoteKind::Denied,
+            _ if ["InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Access Denied", "403"].iter().any(|t| text.contains(t)) => RemoteKind::Denied,
             _ if text.contains("error sending request") || text.contains("timed out") || text.contains("Timeout") || text.contains(" 5") => {
                 RemoteKind::Unavailable
             }
@@ -533,7 +533,7 @@ impl PutBatch for S3Batch {
                     n.new_chunks += 1;
                     n.new_bytes += len;
                 }
-                Ok(Put::AlreadyPresent) => {}
+                Ok(Put::AlreadyPresent) => tracing::debug!("chunk {} is in the store already (dedup)", key),
                 Err(e) => {
                     failed.lock().expect("no panics while holding the lock").get_or_insert(e);
                 }

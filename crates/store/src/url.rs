@@ -57,7 +57,8 @@ impl std::fmt::Display for StoreUrl {
 pub struct Deleted {
     /// Chunks.
     pub chunks: u64,
-    /// Their bytes.
+    /// Bytes this freed (locally, a chunk another generation links to
+    /// frees nothing).
     pub bytes: u64,
     /// Other objects (manifests, refs, profiles).
     pub others: u64,
@@ -200,11 +201,11 @@ impl Backend for LocalBackend {
         let mut out = Deleted::default();
         let chunks = LocalDirStore::open(&dir.join("chunks"));
         for id in chunks.list()? {
-            let path = chunks.path_of(&id);
-            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            // A chunk still linked from another generation frees nothing.
+            let freed = std::fs::metadata(chunks.path_of(&id)).map(|m| if std::os::unix::fs::MetadataExt::nlink(&m) == 1 { m.len() } else { 0 }).unwrap_or(0);
             if chunks.delete(&id)? {
                 out.chunks += 1;
-                out.bytes += len;
+                out.bytes += freed;
             }
         }
         for sub in ["chunks", "manifests"] {

@@ -12,6 +12,17 @@ pub struct Moto {
     log: tempfile::NamedTempFile,
 }
 
+/// The Python that runs `moto_server` (its venv's, beside it), which has boto3.
+pub fn moto_python() -> String {
+    let program = std::env::var("TESSERA_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+    let beside = std::path::Path::new(&program).with_file_name("python3");
+    if beside.is_file() {
+        beside.display().to_string()
+    } else {
+        "python3".into()
+    }
+}
+
 /// `moto_server`, or `None` (a failure under CI) when it is not installed.
 pub fn moto_program() -> Option<String> {
     let program = std::env::var("TESSERA_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
@@ -28,14 +39,23 @@ impl Moto {
     /// turns IAM checks on), or `None` when it is not installed.
     pub fn start_with(env: &[(&str, &str)]) -> Option<Moto> {
         let program = moto_program()?;
+        let mut cmd = Command::new(&program);
+        cmd.envs(env.iter().copied());
+        Some(Moto::spawn(cmd))
+    }
+
+    /// Starts moto through `fixtures/moto_iam.py` (its IAM signature check
+    /// fixed for encoded query strings), for tests that turn IAM checks on.
+    pub fn start_for_iam() -> Option<Moto> {
+        moto_program()?;
+        let mut cmd = Command::new(moto_python());
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/moto_iam.py"));
+        Some(Moto::spawn(cmd))
+    }
+
+    fn spawn(mut cmd: Command) -> Moto {
         let log = tempfile::NamedTempFile::new().unwrap();
-        let mut child = Command::new(&program)
-            .args(["-H", "127.0.0.1", "-p", "0"])
-            .envs(env.iter().copied())
-            .stdout(log.reopen().unwrap())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
+        let mut child = cmd.args(["-H", "127.0.0.1", "-p", "0"]).stdout(log.reopen().unwrap()).stderr(log.reopen().unwrap()).spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = loop {
             let text = std::fs::read_to_string(log.path()).unwrap_or_default();
@@ -46,7 +66,7 @@ impl Moto {
             assert!(Instant::now() < deadline, "moto_server did not start:\n{text}");
             std::thread::sleep(Duration::from_millis(50));
         };
-        Some(Moto { child, addr, log })
+        Moto { child, addr, log }
     }
 
     pub fn start() -> Option<Moto> {
