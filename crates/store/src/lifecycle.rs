@@ -328,7 +328,7 @@ pub fn step(store: &Store, keys: Option<&dyn KeyProvider>, options: &GcOptions) 
                 tracing::error!("generation {g} was read after it expired (a bug): it is retired again, and kept");
             }
             report.step = "reinstated".into();
-            return finish(store, &doc, report);
+            return finish(store, &doc, report, None);
         }
     }
 
@@ -355,10 +355,10 @@ pub fn step(store: &Store, keys: Option<&dyn KeyProvider>, options: &GcOptions) 
         for g in &deleted {
             doc.generations.remove(g);
         }
+        report.step = if deleted.is_empty() { "reinstated" } else { "deleted" }.into();
         report.deleted = deleted;
         doc.save(control, version.as_ref())?;
-        report.step = "deleted".into();
-        return finish(store, &doc, report);
+        return finish(store, &doc, report, Some(listing.images.len()));
     }
 
     // Move names out of retired generations no import can still commit into.
@@ -380,7 +380,7 @@ pub fn step(store: &Store, keys: Option<&dyn KeyProvider>, options: &GcOptions) 
         if ready.is_empty() {
             report.step = "waiting".into();
             report.waiting = Some(waits.join("; "));
-            return finish(store, &doc, report);
+            return finish(store, &doc, report, None);
         }
         migrate(store, keys, &ready, doc.active, &mut report)?;
         // Expire what no name uses now.
@@ -405,7 +405,7 @@ pub fn step(store: &Store, keys: Option<&dyn KeyProvider>, options: &GcOptions) 
         if !waits.is_empty() {
             report.waiting = Some(waits.join("; "));
         }
-        return finish(store, &doc, report);
+        return finish(store, &doc, report, Some(listing.images.len()));
     }
 
     // Nothing on its way out: rotate, if the active generation is old enough.
@@ -418,7 +418,7 @@ pub fn step(store: &Store, keys: Option<&dyn KeyProvider>, options: &GcOptions) 
             now - doc.active_since.unwrap_or(now),
             options.rotate_after.as_secs()
         ));
-        return finish(store, &doc, report);
+        return finish(store, &doc, report, None);
     }
     let next = store.backend().generations()?.into_iter().chain([doc.active]).max().unwrap_or(0) + 1;
     doc.generations.insert(doc.active, Generation { state: State::Retired, since: now });
@@ -426,14 +426,19 @@ pub fn step(store: &Store, keys: Option<&dyn KeyProvider>, options: &GcOptions) 
     doc.active_since = Some(now);
     doc.save(control, version.as_ref())?;
     report.step = "rotated".into();
-    finish(store, &doc, report)
+    finish(store, &doc, report, None)
 }
 
-fn finish(store: &Store, doc: &Lifecycle, mut report: GcReport) -> Result<GcReport> {
+/// Fills in where the store stands; `names`: how many names the step's
+/// last listing found, if it made one.
+fn finish(store: &Store, doc: &Lifecycle, mut report: GcReport, names: Option<usize>) -> Result<GcReport> {
     report.active = doc.active;
     report.retired = doc.with_state(State::Retired);
     report.expired = doc.with_state(State::Expired);
-    report.live_images = store.catalog.list()?.images.len() as u64;
+    report.live_images = match names {
+        Some(n) => n as u64,
+        None => store.catalog.list()?.images.len() as u64,
+    };
     Ok(report)
 }
 
