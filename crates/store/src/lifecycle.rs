@@ -453,12 +453,9 @@ fn migrate(store: &Store, keys: Option<&dyn KeyProvider>, from: &[u64], to: u64,
         let g = r.generation;
         if manifests.insert((g, r.manifest.clone())) {
             let refs = refs_of(store, keys, name, r)?;
-            for id in &refs {
-                if copied.insert(*id) {
-                    store.backend().copy_chunk(id, g, to).map_err(|e| Error::Lifecycle(format!("moving image {name} into generation {to}: {e}")))?;
-                    report.copied_chunks += 1;
-                }
-            }
+            let fresh: Vec<ChunkId> = refs.iter().copied().filter(|id| copied.insert(*id)).collect();
+            store.backend().copy_chunks(&fresh, g, to).map_err(|e| Error::Lifecycle(format!("moving image {name} into generation {to}: {e}")))?;
+            report.copied_chunks += fresh.len() as u64;
             store.catalog.copy_manifest(&r.manifest, &refs, g, to)?;
         }
         let moved = ImageRef { generation: to, ..r.clone() };

@@ -796,21 +796,35 @@ impl Control for S3Control {
 /// Generations in S3: server-side copies, whole-prefix deletes.
 pub struct S3Backend(pub Arc<S3>);
 
+impl S3Backend {
+    async fn copy(&self, id: &ChunkId, from: u64, to: u64) -> Result<()> {
+        let (src, dst) = (self.0.key(&S3::chunk_key(from, id)), self.0.key(&S3::chunk_key(to, id)));
+        self.0.requests.add(Op::Copy, &dst);
+        // Same bytes under the same id: a copy over a racing put is harmless.
+        match self.0.client.copy(&src, &dst).await {
+            Ok(()) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(*id)),
+            Err(e) => Err(self.0.error("copy chunk", &src, e)),
+        }
+    }
+}
+
 impl Backend for S3Backend {
     fn open_chunks(&self, generation: u64) -> Arc<dyn ChunkStore> {
         Arc::new(S3ChunkStore::new(Arc::clone(&self.0), generation))
     }
 
     fn copy_chunk(&self, id: &ChunkId, from: u64, to: u64) -> Result<()> {
-        let (src, dst) = (self.0.key(&S3::chunk_key(from, id)), self.0.key(&S3::chunk_key(to, id)));
-        self.0.requests.add(Op::Copy, &dst);
-        // Same bytes under the same id: a copy over a racing put is harmless.
+        self.0.rt().block_on(self.copy(id, from, to))
+    }
+
+    fn copy_chunks(&self, ids: &[ChunkId], from: u64, to: u64) -> Result<()> {
         self.0.rt().block_on(async {
-            match self.0.client.copy(&src, &dst).await {
-                Ok(()) => Ok(()),
-                Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(*id)),
-                Err(e) => Err(self.0.error("copy chunk", &src, e)),
+            let mut copies = futures::stream::iter(ids.iter().map(|id| self.copy(id, from, to))).buffer_unordered(BATCH_IN_FLIGHT);
+            while let Some(r) = copies.next().await {
+                r?;
             }
+            Ok(())
         })
     }
 

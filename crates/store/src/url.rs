@@ -73,6 +73,11 @@ pub(crate) trait Backend: Send + Sync {
     /// the file system (no bytes pass through this process where it can
     /// help it); a chunk already there is fine.
     fn copy_chunk(&self, id: &ChunkId, from: u64, to: u64) -> Result<()>;
+    /// [`Backend::copy_chunk`] of each of `ids` (a remote backend runs
+    /// several at once).
+    fn copy_chunks(&self, ids: &[ChunkId], from: u64, to: u64) -> Result<()> {
+        ids.iter().try_for_each(|id| self.copy_chunk(id, from, to))
+    }
     /// Deletes everything of `generation`: chunks, manifests, refs, profiles.
     fn delete_generation(&self, generation: u64) -> Result<Deleted>;
     /// The generations that hold anything.
