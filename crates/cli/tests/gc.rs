@@ -265,8 +265,17 @@ fn an_import_paused_after_a_dedup_hit_while_gc_runs_still_yields_a_verifying_ima
     }
     // SAFETY: kill has no memory-safety preconditions.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    assert!(stat.split_whitespace().nth(2) == Some("T"), "the import is stopped mid-way: {stat}");
+    // The signal is delivered asynchronously: wait until the import is stopped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the import is still running");
+        // The state follows the command name, which is in parentheses.
+        if stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) == Some("T") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the import did not stop: {stat}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // Drain its log meanwhile so it never blocks on a full pipe.
     let drain = std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
 
