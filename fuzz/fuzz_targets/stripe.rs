@@ -13,6 +13,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = StripeHeader::parse(data);
+    // What a node checks before it keeps a stripe: never panics, and a
+    // stripe it accepts has a header that parses.
+    if StripeHeader::check(data).is_ok() {
+        assert!(StripeHeader::parse(data).is_some());
+    }
     // Five stripes cut from the input (some missing), rebuilt by a 4+1 code.
     let Some((&mask, rest)) = data.split_first() else { return };
     let part = rest.len() / 5;
