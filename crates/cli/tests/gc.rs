@@ -421,3 +421,27 @@ fn salts_rotate_with_generations_and_tenants_of_a_tenant_scope_share_nothing() {
         assert!(verifies(&env, name), "{name}");
     }
 }
+
+#[test]
+fn an_import_that_outlives_its_lease_names_nothing() {
+    if !have_tools() {
+        return;
+    }
+    let env = Env::new();
+    let layout = layouts(&env);
+    env.import(&source(&layout, "a"), "a", &[]);
+    let out = env.tessera(&["import", &source(&layout, "b"), "--name", "b", "--lease", "0s", "--headroom", "64MiB"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("outlived its lease"), "{}", text(&out));
+    assert_eq!(env.image_names(), vec!["a"]);
+    let out = env.tessera(&["import", &source(&layout, "b"), "--name", "a", "--lease", "0s", "--headroom", "64MiB"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let inspect: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "a", "--json"])).unwrap();
+    assert!(inspect["source"].as_str().unwrap().ends_with(":a"), "a still names the first import: {inspect}");
+    assert!(std::fs::read_dir(env.home().join("leases/0")).map(|d| d.count()).unwrap_or(0) == 0, "no lease is left behind");
+    // What the failed imports stored is garbage the collector reclaims.
+    let steps = gc_to_end(&env);
+    assert_eq!(steps.last().unwrap()["live_images"], 1);
+    assert_eq!(chunk_files(&env.home()).keys().cloned().collect::<BTreeSet<_>>(), refs(&env, "a"));
+    assert!(verifies(&env, "a"));
+}
