@@ -12,7 +12,7 @@ use tessera_store::{check_name, Home};
 
 use crate::device::{Device, ExportError, Exports};
 use crate::overlay::{Overlay, BLOCK};
-use crate::vdisk::VirtualDisk;
+use crate::vdisk::{ReadCounts, VirtualDisk};
 
 /// Exports backed by the catalog, looked up afresh at each handshake.
 pub struct CatalogExports {
@@ -27,6 +27,9 @@ pub struct CatalogExports {
     max_overlays: usize,
     /// Prefetch a disk's start-up profile when it is first opened.
     prefetch: bool,
+    /// Exports whose reads are counted apart (a VM's disk), shared by every
+    /// device opened on them.
+    tracked: Mutex<HashMap<String, Arc<ReadCounts>>>,
 }
 
 impl CatalogExports {
@@ -41,7 +44,23 @@ impl CatalogExports {
             open_overlays: Arc::new(OverlayTable::default()),
             max_overlays,
             prefetch: false,
+            tracked: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Counts the reads of every device opened on `export` from now on.
+    pub fn track(&self, export: &str) -> Arc<ReadCounts> {
+        Arc::clone(self.tracked.lock().expect("no panics while holding the lock").entry(export.to_owned()).or_default())
+    }
+
+    /// Stops counting `export` apart; returns its counts.
+    pub fn untrack(&self, export: &str) -> Option<Arc<ReadCounts>> {
+        self.tracked.lock().expect("no panics while holding the lock").remove(export)
+    }
+
+    /// The directory of the overlay of `export` (`NAME@LABEL`).
+    pub fn overlay_dir(&self, export: &str) -> PathBuf {
+        self.overlays.join(export)
     }
 
     /// Whether each image's start-up profile is prefetched when its disk is
@@ -122,7 +141,8 @@ impl Exports for CatalogExports {
             None => (export, None),
         };
         let disk = self.disk(name)?;
-        let Some(label) = label else { return Ok(Arc::new(ImageDevice(disk))) };
+        let counts = self.tracked.lock().expect("no panics while holding the lock").get(export).cloned().unwrap_or_default();
+        let Some(label) = label else { return Ok(Arc::new(ImageDevice(disk, counts))) };
         check_name(label).map_err(|_| ExportError::BadLabel(label.to_owned()))?;
         let dir = self.overlays.join(format!("{name}@{label}"));
         let lease = OverlayTable::lease(&self.open_overlays, export, self.max_overlays, || Overlay::open(&dir, disk.manifest_id(), disk.size()))?;
@@ -131,7 +151,7 @@ impl Exports for CatalogExports {
                 "{export} is open over an earlier version of {name}; reconnect once its connections have ended"
             ))));
         }
-        Ok(Arc::new(OverlayDevice { disk, lease }))
+        Ok(Arc::new(OverlayDevice { disk, lease, counts }))
     }
 }
 
@@ -160,7 +180,7 @@ fn image_allocation(disk: &VirtualDisk, offset: u64, len: u64, mut written: impl
 }
 
 /// `NAME`: the image, read-only.
-struct ImageDevice(Arc<VirtualDisk>);
+struct ImageDevice(Arc<VirtualDisk>, Arc<ReadCounts>);
 
 impl Device for ImageDevice {
     fn size(&self) -> u64 {
@@ -170,7 +190,7 @@ impl Device for ImageDevice {
         false
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_at(buf, offset).map_err(io::Error::other)
+        self.0.read_counted(buf, offset, Some(&self.1)).map_err(io::Error::other)
     }
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         self.0.read_cached(buf, offset).then_some(Ok(()))
@@ -282,6 +302,7 @@ impl Drop for Lease {
 struct OverlayDevice {
     disk: Arc<VirtualDisk>,
     lease: Lease,
+    counts: Arc<ReadCounts>,
 }
 
 impl Device for OverlayDevice {
@@ -292,7 +313,7 @@ impl Device for OverlayDevice {
         true
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.lease.overlay().read_at(&self.disk, buf, offset)
+        self.lease.overlay().read_counted(&self.disk, buf, offset, Some(&self.counts))
     }
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         let untouched = !self.lease.overlay().any_written(offset, buf.len() as u64);

@@ -36,6 +36,8 @@ pub mod overlay;
 pub mod policy;
 pub mod profile;
 pub mod vdisk;
+pub mod vhost;
+pub mod virtio_blk;
 
 use std::fmt::Write;
 use std::future::Future;

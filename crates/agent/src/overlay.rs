@@ -7,6 +7,15 @@
 //! as "nothing written") is replaced atomically. The overlay lives in a
 //! directory of its own, made by the first write (opening a label to read
 //! writes nothing), and outlives clients and agent restarts.
+//!
+//! Between flushes, each write also appends, before it is acknowledged, one
+//! record per block to a journal (`journal-N`: the block and the SHA-256 of
+//! the bytes written). If the agent dies (`kill -9`), the next one replays
+//! the journals over the saved bitmap, taking a block as written only if
+//! the data file holds exactly the bytes its record names: no acknowledged
+//! write is lost with the process, and a block whose bytes never reached
+//! the file (power lost before a flush) reads as it was before the write.
+//! A flush saves the bitmap and removes the journals it covers.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
@@ -17,7 +26,7 @@ use std::sync::{Mutex, OnceLock};
 
 use tessera_chunk::ChunkId;
 
-use crate::vdisk::VirtualDisk;
+use crate::vdisk::{ReadCounts, VirtualDisk};
 
 /// Overlay granularity.
 pub const BLOCK: u64 = 4096;
@@ -38,6 +47,8 @@ pub struct Overlay {
     flushing: Mutex<()>,
     /// The image version this overlay was made over.
     manifest_id: String,
+    /// The journal written now, and its number.
+    journal: Mutex<Option<(u64, File)>>,
 }
 
 /// An overlay's files on disk.
@@ -46,6 +57,9 @@ struct Files {
     _lock: File,
     data: File,
 }
+
+/// Bytes of one journal record: the block, then the SHA-256 of its bytes.
+const RECORD: usize = 8 + 32;
 
 /// `map` starts with this, a version, the disk size and a SHA-256 of the bits.
 const MAP_MAGIC: &[u8; 4] = b"TOVM";
@@ -68,13 +82,41 @@ impl Overlay {
             writing: Mutex::new(()),
             flushing: Mutex::new(()),
             manifest_id: manifest_id.to_owned(),
+            journal: Mutex::new(None),
         };
         if dir.join("base").exists() {
             let files = overlay.open_files(false)?;
-            *overlay.map.lock().expect("no panics while holding the lock") = load_map(dir, size, words)?;
+            let mut map = load_map(dir, size, words)?;
+            let replayed = replay_journals(dir, &files.data, size, &mut map)?;
+            if replayed > 0 {
+                tracing::info!("overlay {}: {replayed} blocks written after its last flush recovered from its journal", dir.display());
+            }
+            *overlay.map.lock().expect("no panics while holding the lock") = map;
             let _ = overlay.files.set(files);
         }
         Ok(overlay)
+    }
+
+    /// Journals the blocks of `bytes`, written from block `first`.
+    fn journal(&self, first: u64, bytes: &[u8]) -> io::Result<()> {
+        let mut records = Vec::with_capacity(bytes.len() / BLOCK as usize * RECORD);
+        for (i, block) in bytes.chunks(BLOCK as usize).enumerate() {
+            records.extend_from_slice(&(first + i as u64).to_le_bytes());
+            records.extend_from_slice(&block_hash(block));
+        }
+        self.append(&records)
+    }
+
+    /// Appends records to the journal, opening a new one if needed.
+    fn append(&self, records: &[u8]) -> io::Result<()> {
+        let mut journal = self.journal.lock().expect("no panics while holding the lock");
+        if journal.is_none() {
+            let next = journal_numbers(&self.dir)?.last().map(|n| n + 1).unwrap_or(0);
+            let f = OpenOptions::new().append(true).create_new(true).open(self.dir.join(format!("journal-{next}")))?;
+            *journal = Some((next, f));
+        }
+        let (_, f) = journal.as_mut().expect("opened above");
+        f.write_all(records)
     }
 
     /// Whether the overlay exists on disk (something was ever written).
@@ -148,6 +190,11 @@ impl Overlay {
 
     /// Reads `buf` at `offset`: written blocks from the overlay, the rest from `base`.
     pub fn read_at(&self, base: &VirtualDisk, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_counted(base, buf, offset, None)
+    }
+
+    /// [`Overlay::read_at`], counting the image's chunks read in `counts`.
+    pub fn read_counted(&self, base: &VirtualDisk, buf: &mut [u8], offset: u64, counts: Option<&ReadCounts>) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -168,7 +215,7 @@ impl Overlay {
             if here {
                 self.data().read_exact_at(part, pos)?;
             } else {
-                base.read_at(part, pos).map_err(io::Error::other)?;
+                base.read_counted(part, pos, counts).map_err(io::Error::other)?;
             }
             done = (end - offset) as usize;
         }
@@ -210,6 +257,7 @@ impl Overlay {
         }
         buf[(offset - aligned_start) as usize..(end - aligned_start) as usize].copy_from_slice(data);
         data_file.write_all_at(&buf, aligned_start)?;
+        self.journal(first, &buf)?;
         let mut map = self.map.lock().expect("no panics while holding the lock");
         for b in first..=last {
             map[(b / 64) as usize] |= 1 << (b % 64);
@@ -243,6 +291,13 @@ impl Overlay {
             }
             return Ok(());
         }
+        let zero = block_hash(&[0; BLOCK as usize]);
+        let mut records = Vec::new();
+        for b in inner_start / BLOCK..inner_end / BLOCK {
+            records.extend_from_slice(&b.to_le_bytes());
+            records.extend_from_slice(&zero);
+        }
+        self.append(&records)?;
         let mut map = self.map.lock().expect("no panics while holding the lock");
         for b in inner_start / BLOCK..inner_end / BLOCK {
             map[(b / 64) as usize] |= 1 << (b % 64);
@@ -258,9 +313,16 @@ impl Overlay {
         // Nothing was ever written: there is nothing to make durable.
         let Some(files) = self.files.get() else { return Ok(()) };
         let _f = self.flushing.lock().expect("no panics while holding the lock");
-        let bits: Vec<u8> = {
+        // The bits, and the journals that cover no more than them: taken
+        // together, between writes (which journal and set bits under
+        // `writing`), so a write is in the bitmap saved or in a journal kept.
+        // Every journal there now (those replayed when the overlay was
+        // opened, and the one being written, closed here) is covered.
+        let (bits, covered): (Vec<u8>, Option<u64>) = {
+            let _w = self.writing.lock().expect("no panics while holding the lock");
             let map = self.map.lock().expect("no panics while holding the lock");
-            map.iter().flat_map(|w| w.to_le_bytes()).collect()
+            self.journal.lock().expect("no panics while holding the lock").take();
+            (map.iter().flat_map(|w| w.to_le_bytes()).collect(), journal_numbers(&self.dir)?.last().copied())
         };
         files.data.sync_data()?;
         let mut file = Vec::with_capacity(MAP_HEADER + bits.len());
@@ -269,7 +331,14 @@ impl Overlay {
         file.extend_from_slice(&self.size.to_le_bytes());
         file.extend_from_slice(&ChunkId::of(&bits).0);
         file.extend_from_slice(&bits);
-        write_durably(&self.dir.join("map"), &file)
+        write_durably(&self.dir.join("map"), &file)?;
+        // The saved bitmap holds every block those journals name.
+        if let Some(last) = covered {
+            for n in journal_numbers(&self.dir)?.into_iter().filter(|&n| n <= last) {
+                fs::remove_file(self.dir.join(format!("journal-{n}")))?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether any block in `[offset, offset + len)` was written here.
@@ -330,6 +399,45 @@ fn load_map(dir: &Path, size: u64, words: usize) -> io::Result<Vec<u64>> {
     Ok(bits.chunks(8).map(|b| u64::from_le_bytes(b.try_into().expect("8-byte chunks"))).collect())
 }
 
+fn block_hash(block: &[u8]) -> [u8; 32] {
+    ChunkId::of(block).0
+}
+
+/// The numbers of the journals in `dir`, ascending.
+fn journal_numbers(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut out: Vec<u64> =
+        fs::read_dir(dir)?.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("journal-")).and_then(|n| n.parse().ok())).collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Sets the bits of journal records whose block holds exactly the bytes
+/// recorded; returns how many were set that the bitmap lacked.
+fn replay_journals(dir: &Path, data: &File, size: u64, map: &mut [u64]) -> io::Result<usize> {
+    let mut set = 0;
+    let mut block = vec![0u8; BLOCK as usize];
+    for n in journal_numbers(dir)? {
+        let bytes = fs::read(dir.join(format!("journal-{n}")))?;
+        for record in bytes.chunks_exact(RECORD) {
+            let b = u64::from_le_bytes(record[..8].try_into().expect("8 bytes"));
+            let start = b.saturating_mul(BLOCK);
+            if start >= size {
+                continue; // a torn or damaged record
+            }
+            let len = BLOCK.min(size - start) as usize;
+            if data.read_exact_at(&mut block[..len], start).is_err() || block_hash(&block[..len])[..] != record[8..] {
+                continue;
+            }
+            let (word, bit) = ((b / 64) as usize, 1u64 << (b % 64));
+            if map[word] & bit == 0 {
+                map[word] |= bit;
+                set += 1;
+            }
+        }
+    }
+    Ok(set)
+}
+
 fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp)?;
@@ -337,4 +445,82 @@ fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.sync_all()?;
     fs::rename(&tmp, path)?;
     File::open(path.parent().expect("overlay files have a parent"))?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tessera_cache::{Loader, LoaderOptions};
+    use tessera_chunk::{Geometry, Manifest, CHUNK_SIZE, MANIFEST_FORMAT};
+
+    use super::*;
+
+    /// A disk of holes: reads are zeros and fetch nothing.
+    fn holes(chunks: usize) -> VirtualDisk {
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            source: Default::default(),
+            config: Default::default(),
+            geometry: Geometry { disk_bytes: (chunks * CHUNK_SIZE) as u64, chunk_size: CHUNK_SIZE as u64, block_size: 4096, ..Default::default() },
+            salt_id: String::new(),
+            salt_epoch: 0,
+            dedup_scope: Default::default(),
+            imported_at: 0,
+            chunks: vec![None; chunks],
+        };
+        let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: 1 << 20 }, Vec::new()));
+        VirtualDisk::new("t", &tessera_store::ImageRef::new("ab".repeat(32), "t"), manifest, loader)
+    }
+
+    /// The overlay's files as a `kill -9` would leave them (the lock aside).
+    fn crash_copy(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for e in fs::read_dir(from).unwrap().flatten() {
+            if e.file_name() != "lock" {
+                fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+
+    fn read(o: &Overlay, base: &VirtualDisk, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xee; len];
+        o.read_at(base, &mut buf, offset).unwrap();
+        buf
+    }
+
+    #[test]
+    fn acknowledged_writes_survive_the_process_through_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = holes(2);
+        let size = base.size();
+        let o = Overlay::open(&dir.path().join("a"), "m", size).unwrap();
+        o.write_at(&base, &[7u8; 10_000], 4096 + 17).unwrap();
+        o.flush().unwrap();
+        o.write_at(&base, &[9u8; 8192], 65_536).unwrap();
+        o.zero(&base, 4096, 8192).unwrap();
+        assert!(journal_numbers(&dir.path().join("a")).unwrap().len() == 1, "the flush removed the journal it covered");
+
+        // After a crash, the next agent finds every acknowledged write.
+        crash_copy(&dir.path().join("a"), &dir.path().join("b"));
+        let back = Overlay::open(&dir.path().join("b"), "m", size).unwrap();
+        for (offset, len) in [(0u64, 4096 * 5), (65_536 - 100, 8192 + 200)] {
+            assert_eq!(read(&back, &base, offset, len), read(&o, &base, offset, len), "at {offset}");
+        }
+        assert_eq!(read(&back, &base, 65_536, 8192), vec![9u8; 8192]);
+        assert_eq!(read(&back, &base, 4096, 8192), vec![0u8; 8192], "the zeroed blocks");
+        assert_eq!(read(&back, &base, 4096 * 3, 100), vec![7u8; 100], "the flushed write past the zeroed blocks");
+        back.flush().unwrap();
+        assert!(journal_numbers(&dir.path().join("b")).unwrap().is_empty(), "replayed blocks are in the next saved bitmap");
+        drop(back);
+        let again = Overlay::open(&dir.path().join("b"), "m", size).unwrap();
+        assert_eq!(read(&again, &base, 65_536, 8192), vec![9u8; 8192]);
+
+        // A block whose bytes never reached the file reads as before the write.
+        crash_copy(&dir.path().join("a"), &dir.path().join("c"));
+        File::options().write(true).open(dir.path().join("c/data")).unwrap().write_all_at(&[1u8; 4096], 65_536).unwrap();
+        let torn = Overlay::open(&dir.path().join("c"), "m", size).unwrap();
+        assert_eq!(read(&torn, &base, 65_536, 4096), vec![0u8; 4096], "its record does not match: the base shows");
+        assert_eq!(read(&torn, &base, 65_536 + 4096, 4096), vec![9u8; 4096], "the other block of the write does");
+    }
 }

@@ -1,12 +1,31 @@
 //! A manifest as a disk: reads map to chunks, holes read as zeros without a
 //! fetch, and every chunk is checked before its bytes are served.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tessera_cache::{FetchContext, Loader, Plain};
+use tessera_cache::{FetchContext, Loader, Plain, Tier};
 use tessera_chunk::{ChunkRef, Manifest, CHUNK_SIZE};
+
+/// Chunks read through one device (one VM's disk, say), by the tier that
+/// had them: the agent's own counters are for all devices together.
+#[derive(Debug, Default)]
+pub struct ReadCounts([AtomicU64; Tier::ALL.len()]);
+
+impl ReadCounts {
+    fn add(&self, tier: Tier) {
+        if let Some(i) = Tier::ALL.iter().position(|t| *t == tier) {
+            self.0[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Chunk reads by tier label (`memory`, `disk`, `peer`, `cache`, `origin`).
+    pub fn by_tier(&self) -> BTreeMap<String, u64> {
+        Tier::ALL.iter().zip(&self.0).map(|(t, n)| (t.label().to_owned(), n.load(Ordering::Relaxed))).collect()
+    }
+}
 
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
@@ -134,11 +153,21 @@ impl VirtualDisk {
 
     /// Fills `buf` with the bytes at `offset`. Blocks on fetches.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
+        self.read_counted(buf, offset, None)
+    }
+
+    /// [`VirtualDisk::read_at`], counting each chunk read in `counts`.
+    pub fn read_counted(&self, buf: &mut [u8], offset: u64, counts: Option<&ReadCounts>) -> Result<(), ReadError> {
         if !self.in_range(buf, offset) {
             return Err(ReadError::OutOfRange { image: self.name.clone(), offset, len: buf.len(), size: self.size() });
         }
         self.fill(buf, offset, |index, r| match self.loader.read(r, &self.ctx) {
-            Ok((plain, _)) => Ok(Some(plain)),
+            Ok((plain, tier)) => {
+                if let Some(c) = counts {
+                    c.add(tier);
+                }
+                Ok(Some(plain))
+            }
             Err(source) => Err(ReadError::Chunk { image: self.name.clone(), index, source: Box::new(source) }),
         })
         .map(|_| ())

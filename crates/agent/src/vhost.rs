@@ -1,0 +1,432 @@
+//! vhost-user-blk: an attached export as a virtio-blk device that a VMM
+//! (QEMU, Firecracker, Cloud Hypervisor) drives through a unix socket,
+//! with the guest's memory shared, so no byte passes through a kernel
+//! block layer or a socket on its way to the guest.
+//!
+//! Each attached export has a socket `DIR/EXPORT.sock` and a thread that
+//! accepts one front end at a time and serves it until it goes away, then
+//! waits for the next (a VMM reconnecting after the agent restarted, say).
+//! The rust-vmm crates speak the vhost-user protocol and walk the rings;
+//! requests are parsed and checked by [`crate::virtio_blk`].
+//!
+//! **Completion order.** Each queue's requests are completed in the order
+//! they were made available, one after another. So after the agent dies,
+//! the used index says exactly which requests are done: QEMU (which cannot
+//! ask a dead back end where it was) restarts a queue at its used index,
+//! and the new agent replays the requests after it. Reads replay
+//! harmlessly; a write that was done but not acknowledged is done again
+//! with the same bytes. This is why `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`
+//! is not needed here: with in-order completion the used ring is the
+//! in-flight record. Several queues give a guest parallel requests.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::{QueueOwnedT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::device::{Device, ExportError, Exports};
+use crate::virtio_blk::{self, status, Disk, Request};
+
+/// Queues a device offers (the guest may use fewer).
+pub const NUM_QUEUES: usize = 4;
+/// Descriptors per queue.
+const QUEUE_SIZE: usize = 256;
+/// Segments per request.
+const SEG_MAX: u32 = 126;
+
+// Feature bits (virtio 1.2).
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_TOPOLOGY: u64 = 1 << 10;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Counters of every vhost-user device of an agent.
+#[derive(Default, Debug)]
+pub struct Stats {
+    /// Front ends that connected.
+    pub connections: AtomicU64,
+    /// Requests served.
+    pub requests: AtomicU64,
+    /// Requests answered with an error status (or none, when there was no
+    /// room for one).
+    pub errors: AtomicU64,
+}
+
+/// One device: an export served to one front end at a time.
+struct BlkBackend {
+    name: String,
+    device: Arc<dyn Device>,
+    memory: RwLock<Option<Memory>>,
+    event_idx: AtomicBool,
+    /// Held while a queue is being processed, so stopping a queue waits for
+    /// its requests to complete.
+    busy: Vec<Mutex<()>>,
+    stats: Arc<Stats>,
+}
+
+impl BlkBackend {
+    fn new(name: &str, device: Arc<dyn Device>, stats: Arc<Stats>) -> BlkBackend {
+        BlkBackend {
+            name: name.to_owned(),
+            device,
+            memory: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            busy: (0..NUM_QUEUES).map(|_| Mutex::new(())).collect(),
+            stats,
+        }
+    }
+
+    /// Serves every request queue `index` has, in order.
+    fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+        let _busy = self.busy[index].lock().expect("no panics while holding the lock");
+        let Some(memory) = self.memory.read().expect("no panics while holding the lock").clone() else { return Ok(()) };
+        let mem = memory.memory();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let chains: Vec<_> = vring.get_mut().get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect();
+            for chain in chains {
+                let head = chain.head_index();
+                let written = self.serve(&mem, chain);
+                vring.add_used(head, written).map_err(io::Error::other)?;
+                if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
+                    vring.signal_used_queue()?;
+                }
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Serves one request; returns the bytes written into guest memory.
+    fn serve<T>(&self, mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<T>) -> u32
+    where
+        T: std::ops::Deref + Clone,
+        T::Target: vm_memory::GuestMemory + Sized,
+    {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let (mut reader, mut writer) = match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
+            (Ok(r), Ok(w)) => (r, w),
+            // Descriptors outside guest memory, loops, too long a chain:
+            // nothing can be answered in them.
+            _ => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                return 0;
+            }
+        };
+        let mut header = [0u8; virtio_blk::HEADER_LEN];
+        let got = read_up_to(&mut reader, &mut header);
+        let writable = writer.available_bytes() as u64;
+        let disk = Disk { size: self.device.size(), writable: self.device.writable() };
+        let parsed = virtio_blk::parse(&header[..got], reader.available_bytes() as u64, writable, disk);
+        let Ok(mut status_writer) = writer.split_at(writable.saturating_sub(1) as usize) else {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        };
+        let (status, data) = match parsed {
+            Err(None) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                return 0;
+            }
+            Err(Some(s)) => (s, 0),
+            Ok(request) => self.execute(request, &mut reader, &mut writer),
+        };
+        if status != status::OK {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        match status_writer.write_all(&[status]) {
+            Ok(()) => data + 1,
+            Err(_) => data,
+        }
+    }
+
+    /// Does a checked request; returns its status and the data bytes
+    /// written into guest memory.
+    fn execute<B: vm_memory::bitmap::BitmapSlice>(&self, request: Request, reader: &mut Reader<'_, B>, writer: &mut Writer<'_, B>) -> (u8, u32) {
+        let io = |r: io::Result<()>, what: &str, at: u64| match r {
+            Ok(()) => status::OK,
+            Err(e) => {
+                tracing::warn!("{}: {what} at {at}: {e}", self.name);
+                status::IOERR
+            }
+        };
+        match request {
+            Request::Read { offset, len } => {
+                let mut buf = vec![0u8; len as usize];
+                let s = io(self.device.read(offset, &mut buf), "read", offset);
+                if s != status::OK {
+                    return (s, 0);
+                }
+                match writer.write_all(&buf) {
+                    Ok(()) => (status::OK, len as u32),
+                    Err(_) => (status::IOERR, 0),
+                }
+            }
+            Request::Write { offset, len } => {
+                let mut buf = vec![0u8; len as usize];
+                if reader.read_exact(&mut buf).is_err() {
+                    return (status::IOERR, 0);
+                }
+                (io(self.device.write(offset, &buf), "write", offset), 0)
+            }
+            Request::Flush => (io(self.device.flush(), "flush", 0), 0),
+            Request::GetId => {
+                let id = virtio_blk::id_of(&self.name);
+                let n = id.len().min(writer.available_bytes());
+                match writer.write_all(&id[..n]) {
+                    Ok(()) => (status::OK, n as u32),
+                    Err(_) => (status::IOERR, 0),
+                }
+            }
+        }
+    }
+}
+
+/// Reads as much of `buf` as the readable part holds.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    got
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_TOPOLOGY
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if !self.device.writable() {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = virtio_blk::config(self.device.size(), SEG_MAX, NUM_QUEUES as u16);
+        let start = (offset as usize).min(config.len());
+        let end = (offset as usize).saturating_add(size as usize).min(config.len());
+        let mut out = config[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        *self.memory.write().expect("no panics while holding the lock") = Some(mem);
+        Ok(())
+    }
+
+    /// One thread per queue: a slow read on one queue never holds up another.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..NUM_QUEUES).map(|q| 1u64 << q).collect()
+    }
+
+    fn stop_vring(&self, index: u32) -> io::Result<()> {
+        if let Some(b) = self.busy.get(index as usize) {
+            drop(b.lock().expect("no panics while holding the lock"));
+        }
+        Ok(())
+    }
+
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], _thread: usize) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event {evset:?}")));
+        }
+        let index = device_event as usize;
+        let Some(vring) = vrings.get(index) else { return Err(io::Error::other(format!("no queue {index}"))) };
+        self.process(index, vring)
+    }
+}
+
+/// One attached export: its socket and the thread serving it.
+struct Attached {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    listener: RawFd,
+    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The vhost-user-blk devices of an agent: one socket per attached export
+/// in a directory of its own.
+pub struct VhostUser {
+    dir: PathBuf,
+    exports: Arc<dyn Exports>,
+    attached: Mutex<HashMap<String, Attached>>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+impl VhostUser {
+    /// Devices with sockets in `dir` (made if missing), for `exports`.
+    pub fn new(dir: &Path, exports: Arc<dyn Exports>) -> io::Result<VhostUser> {
+        std::fs::create_dir_all(dir)?;
+        Ok(VhostUser { dir: dir.to_owned(), exports, attached: Mutex::new(HashMap::new()), stats: Arc::default() })
+    }
+
+    /// Where export `name`'s socket is.
+    pub fn socket_of(&self, export: &str) -> PathBuf {
+        self.dir.join(format!("{export}.sock"))
+    }
+
+    /// Attaches `export` (`NAME`, read-only, or `NAME@LABEL`): opens it and
+    /// listens on its socket, once; returns the socket.
+    pub fn attach(&self, export: &str) -> Result<PathBuf, ExportError> {
+        self.attach_with(export, None)
+    }
+
+    /// [`VhostUser::attach`] on a listener handed over by an agent that
+    /// served it before (its descriptor), or on a new one.
+    pub fn attach_with(&self, export: &str, handed_over: Option<std::os::unix::net::UnixListener>) -> Result<PathBuf, ExportError> {
+        let mut attached = self.attached.lock().expect("no panics while holding the lock");
+        if let Some(a) = attached.get(export) {
+            return Ok(a.path.clone());
+        }
+        let device = self.exports.open(export)?;
+        let path = self.socket_of(export);
+        let mut listener = match handed_over {
+            Some(l) => Listener::from(l),
+            None => Listener::new(&path, true).map_err(|e| ExportError::Overlay(io::Error::other(format!("listening on {}: {e}", path.display()))))?,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let connection = Arc::new(Mutex::new(None));
+        let fd = listener.as_raw_fd();
+        let (name, stats, stop2, conn2) = (export.to_owned(), Arc::clone(&self.stats), Arc::clone(&stop), Arc::clone(&connection));
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-{export}"))
+            .spawn(move || serve_socket(&name, device, &mut listener, &stats, &stop2, &conn2))
+            .map_err(|e| ExportError::Overlay(io::Error::other(e)))?;
+        tracing::info!("vhost-user-blk {export} on {}", path.display());
+        attached.insert(export.to_owned(), Attached { path: path.clone(), stop, listener: fd, connection, thread: Some(thread) });
+        Ok(path)
+    }
+
+    /// The attached exports and their sockets.
+    pub fn list(&self) -> Vec<(String, PathBuf)> {
+        self.attached.lock().expect("no panics while holding the lock").iter().map(|(k, a)| (k.clone(), a.path.clone())).collect()
+    }
+
+    /// The listening descriptor of each attached export, to hand over to an
+    /// agent taking over (which serves them from then on).
+    pub fn listeners(&self) -> Vec<(String, RawFd)> {
+        self.attached.lock().expect("no panics while holding the lock").iter().map(|(k, a)| (k.clone(), a.listener)).collect()
+    }
+
+    /// Stops serving `export`: its front end is disconnected, its socket
+    /// removed (unless `keep_socket`: a successor serves it), its device
+    /// flushed and closed.
+    pub fn detach(&self, export: &str, keep_socket: bool) -> bool {
+        let a = self.attached.lock().expect("no panics while holding the lock").remove(export);
+        match a {
+            Some(a) => {
+                stop(a, keep_socket);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Detaches everything.
+    pub fn stop_all(&self, keep_sockets: bool) {
+        let all: Vec<Attached> = self.attached.lock().expect("no panics while holding the lock").drain().map(|(_, a)| a).collect();
+        for a in all {
+            stop(a, keep_sockets);
+        }
+    }
+}
+
+fn stop(mut a: Attached, keep_socket: bool) {
+    a.stop.store(true, Ordering::SeqCst);
+    // Wake the accept, and end the connection being served.
+    // SAFETY: shutdown takes a descriptor and a flag; the listener stays
+    // open (owned by the serving thread) until that thread ends.
+    unsafe { libc::shutdown(a.listener, libc::SHUT_RDWR) };
+    if let Some(c) = a.connection.lock().expect("no panics while holding the lock").take() {
+        c.shutdown();
+    }
+    if let Some(t) = a.thread.take() {
+        let _ = t.join();
+    }
+    if !keep_socket {
+        let _ = std::fs::remove_file(&a.path);
+    }
+}
+
+/// Accepts front ends on `listener` one after another until stopped.
+fn serve_socket(name: &str, device: Arc<dyn Device>, listener: &mut Listener, stats: &Arc<Stats>, stop: &AtomicBool, current: &Mutex<Option<ShutdownHandle>>) {
+    while !stop.load(Ordering::SeqCst) {
+        let backend = Arc::new(BlkBackend::new(name, Arc::clone(&device), Arc::clone(stats)));
+        let mut daemon = match VhostUserDaemon::new(name.to_owned(), backend, GuestMemoryAtomic::new(GuestMemoryMmap::new())) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("vhost-user-blk {name}: {e}");
+                return;
+            }
+        };
+        if let Err(e) = daemon.start(listener) {
+            if !stop.load(Ordering::SeqCst) {
+                tracing::error!("vhost-user-blk {name}: accepting a front end: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            continue;
+        }
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        *current.lock().expect("no panics while holding the lock") = daemon.shutdown_handle();
+        tracing::debug!("vhost-user-blk {name}: a front end connected");
+        if let Err(e) = daemon.wait() {
+            tracing::warn!("vhost-user-blk {name}: the front end's connection ended: {e}");
+        }
+        current.lock().expect("no panics while holding the lock").take();
+        drop(daemon);
+        if let Err(e) = device.flush() {
+            tracing::error!("vhost-user-blk {name}: flushing after the front end left: {e}");
+        }
+    }
+}
