@@ -63,6 +63,16 @@ impl CatalogExports {
         self.overlays.join(export)
     }
 
+    /// Whether a device has the overlay of `export` open.
+    pub fn is_overlay_open(&self, export: &str) -> bool {
+        self.open_overlays.has(export)
+    }
+
+    /// The store's home.
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
     /// Whether each image's start-up profile is prefetched when its disk is
     /// first opened.
     pub fn prefetch_profiles(&mut self, on: bool) {
@@ -100,7 +110,7 @@ impl CatalogExports {
         if self.prefetch {
             match crate::profile::load(&self.home, &r) {
                 // Runs to its end in the background.
-                Ok(Some(p)) => drop(crate::profile::Prefetcher::start(Arc::clone(&disk), p.chunks, crate::profile::PREFETCH_THREADS)),
+                Ok(Some(p)) => drop(crate::profile::Prefetcher::start(Arc::clone(&disk), p.chunks, crate::profile::PREFETCH_THREADS, None)),
                 Ok(None) => {}
                 Err(e) => tracing::warn!("{name}: cannot read its start-up profile: {e}"),
             }
@@ -193,7 +203,7 @@ impl Device for ImageDevice {
         self.0.read_counted(buf, offset, Some(&self.1)).map_err(io::Error::other)
     }
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
-        self.0.read_cached(buf, offset).then_some(Ok(()))
+        self.0.read_cached(buf, offset, Some(&self.1)).then_some(Ok(()))
     }
     fn write(&self, _: u64, _: &[u8]) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EPERM))
@@ -252,6 +262,11 @@ impl OverlayTable {
         let overlay = Arc::new(open().map_err(ExportError::Overlay)?);
         slots.insert(export.to_owned(), Slot::Open { overlay: Arc::clone(&overlay), users: 1 });
         Ok(Lease { table: Arc::clone(table), export: export.to_owned(), overlay: Some(overlay) })
+    }
+
+    /// Whether overlay `name` is open or closing.
+    fn has(&self, name: &str) -> bool {
+        self.slots.lock().expect("no panics while holding the lock").contains_key(name)
     }
 
     /// The overlays open now.
@@ -317,7 +332,7 @@ impl Device for OverlayDevice {
     }
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         let untouched = !self.lease.overlay().any_written(offset, buf.len() as u64);
-        (untouched && self.disk.read_cached(buf, offset)).then_some(Ok(()))
+        (untouched && self.disk.read_cached(buf, offset, Some(&self.counts))).then_some(Ok(()))
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.lease.overlay().write_at(&self.disk, data, offset)

@@ -27,7 +27,9 @@
 //! ```
 #![deny(missing_docs)]
 
+mod attach;
 mod background;
+pub mod control;
 pub mod device;
 pub mod exports;
 pub mod fuse;
@@ -41,6 +43,7 @@ pub mod virtio_blk;
 
 use std::fmt::Write;
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -50,6 +53,7 @@ use tessera_cache::{ChunkSource, DiskCache, Loader, LoaderOptions, Origin};
 use tessera_store::{Home, ThrottledStore};
 use tokio::net::{TcpListener, UnixListener};
 
+pub use crate::attach::{take_over, Inherited};
 pub use crate::background::Background;
 use crate::device::Exports;
 use crate::exports::CatalogExports;
@@ -104,6 +108,9 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] tessera_store::Error),
+    /// A disk could not be attached to a VM, or detached.
+    #[error("{0}")]
+    Attach(String),
 }
 
 /// Where the NBD server listens.
@@ -180,6 +187,10 @@ pub struct AgentOptions {
     pub tls: Option<NbdTls>,
     /// Serve NBD in clear on addresses other than loopback.
     pub allow_plaintext_nbd: bool,
+    /// Serve vhost-user-blk devices, with their sockets in this directory.
+    pub vhost_user: Option<PathBuf>,
+    /// Serve the control socket here (attach and detach VM disks, hand over).
+    pub control: Option<PathBuf>,
 }
 
 /// The TLS of the NBD TCP listeners (unix sockets stay local and clear).
@@ -215,6 +226,8 @@ impl AgentOptions {
             prefetch: false,
             tls: None,
             allow_plaintext_nbd: false,
+            vhost_user: None,
+            control: None,
         }
     }
 }
@@ -239,6 +252,16 @@ pub struct Agent {
     pub loader: Arc<Loader>,
     /// The NBD server (its bounds and counters).
     pub nbd: Arc<Server>,
+    /// The vhost-user-blk devices, if served.
+    pub vhost: Option<Arc<vhost::VhostUser>>,
+    attachments: std::sync::Mutex<std::collections::HashMap<String, attach::Attachment>>,
+    /// The listeners bound (address, descriptor), for a handover.
+    listener_fds: std::sync::Mutex<Vec<(String, std::os::fd::RawFd)>>,
+    /// Listeners handed over by the agent this one took over from.
+    inherited: std::sync::Mutex<Option<attach::Inherited>>,
+    /// Told when the agent handed itself over and must stop.
+    handed_over: Arc<tokio::sync::Notify>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Agent {
@@ -286,7 +309,32 @@ impl Agent {
                 Some(Arc::new(nbd::Tls { config, policy }))
             }
         };
-        Ok(Agent { options, tls, exports, loader, nbd })
+        let vhost = match &options.vhost_user {
+            Some(dir) => Some(Arc::new(
+                vhost::VhostUser::new(dir, exports.clone() as Arc<dyn Exports>)
+                    .map_err(|source| Error::Listen { addr: format!("vhost-user {}", dir.display()), source })?,
+            )),
+            None => None,
+        };
+        Ok(Agent {
+            options,
+            tls,
+            exports,
+            loader,
+            nbd,
+            vhost,
+            attachments: Default::default(),
+            listener_fds: Default::default(),
+            inherited: Default::default(),
+            handed_over: Arc::new(tokio::sync::Notify::new()),
+            stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        })
+    }
+
+    /// Serves, from [`Agent::run`] on, on the listeners handed over by the
+    /// agent this one takes over from ([`take_over`]).
+    pub fn inherit(&self, inherited: Inherited) {
+        *self.inherited.lock().expect("no panics while holding the lock") = Some(inherited);
     }
 
     /// All metrics, in Prometheus text.
@@ -300,25 +348,38 @@ impl Agent {
     }
 
     /// Listens, calls `ready` with the addresses bound, and serves until
-    /// `shutdown` completes; then flushes overlays and removes its unix
-    /// sockets.
+    /// `shutdown` completes (or the agent hands itself over to a successor);
+    /// then flushes overlays and removes its sockets (unless handed over:
+    /// the successor serves them).
     pub async fn run(self: Arc<Self>, ready: impl FnOnce(&Bound), shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let mut tasks = Vec::new();
         let mut sockets = Vec::new();
         let mut bound = Bound::default();
         let listen_err = |addr: String| move |source| Error::Listen { addr, source };
+        let mut inherited = self.inherited.lock().expect("no panics while holding the lock").take().unwrap_or_default();
         for frontend in &self.options.frontends {
             let Frontend::Nbd(l) = frontend;
+            let handed = inherited.nbd.remove(&l.to_string());
             match l {
                 Listen::Unix(path) => {
-                    if let Some(dir) = path.parent() {
-                        std::fs::create_dir_all(dir).map_err(listen_err(l.to_string()))?;
-                    }
-                    // A socket left by an agent that died is in the way.
-                    if std::os::unix::net::UnixStream::connect(path).is_err() {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    let listener = UnixListener::bind(path).map_err(listen_err(l.to_string()))?;
+                    let listener = match handed {
+                        Some(fd) => {
+                            let std = std::os::unix::net::UnixListener::from(fd);
+                            std.set_nonblocking(true).map_err(listen_err(l.to_string()))?;
+                            UnixListener::from_std(std).map_err(listen_err(l.to_string()))?
+                        }
+                        None => {
+                            if let Some(dir) = path.parent() {
+                                std::fs::create_dir_all(dir).map_err(listen_err(l.to_string()))?;
+                            }
+                            // A socket left by an agent that died is in the way.
+                            if std::os::unix::net::UnixStream::connect(path).is_err() {
+                                let _ = std::fs::remove_file(path);
+                            }
+                            UnixListener::bind(path).map_err(listen_err(l.to_string()))?
+                        }
+                    };
+                    self.listener_fds.lock().expect("no panics while holding the lock").push((l.to_string(), listener.as_raw_fd()));
                     sockets.push(path.clone());
                     bound.nbd.push(l.to_string());
                     let server = self.nbd.clone();
@@ -336,11 +397,19 @@ impl Agent {
                     }));
                 }
                 Listen::Tcp(addr) => {
-                    let listener = TcpListener::bind(addr).await.map_err(listen_err(addr.clone()))?;
+                    let listener = match handed {
+                        Some(fd) => {
+                            let std = std::net::TcpListener::from(fd);
+                            std.set_nonblocking(true).map_err(listen_err(addr.clone()))?;
+                            TcpListener::from_std(std).map_err(listen_err(addr.clone()))?
+                        }
+                        None => TcpListener::bind(addr).await.map_err(listen_err(addr.clone()))?,
+                    };
                     let local = listener.local_addr().map_err(listen_err(addr.clone()))?;
                     if self.tls.is_none() && !local.ip().is_loopback() && !self.options.allow_plaintext_nbd {
                         return Err(Error::Plaintext(local.to_string()));
                     }
+                    self.listener_fds.lock().expect("no panics while holding the lock").push((l.to_string(), listener.as_raw_fd()));
                     bound.nbd.push(local.to_string());
                     let server = self.nbd.clone();
                     let tls = self.tls.clone();
@@ -367,19 +436,109 @@ impl Agent {
             let me = Arc::clone(&self);
             tasks.push(tokio::spawn(tessera_cache::metrics::serve(listener, Arc::new(move || me.render_metrics()))));
         }
+        // The VMs' disks of the agent before this one, then the control socket.
+        self.restore_attached(std::mem::take(&mut inherited.vhost));
+        let control = match &self.options.control {
+            None => None,
+            Some(path) => {
+                let listener = match inherited.control.take() {
+                    Some(l) => l,
+                    None => bind_control(path).map_err(listen_err(format!("control socket {}", path.display())))?,
+                };
+                self.listener_fds.lock().expect("no panics while holding the lock").insert(0, ("control".into(), listener.as_raw_fd()));
+                let (me, stop) = (Arc::clone(&self) as Arc<dyn control::Controlled>, Arc::clone(&self.stopping));
+                let thread = std::thread::Builder::new()
+                    .name("tessera-control".into())
+                    .spawn(move || control::serve(listener, me, stop))
+                    .map_err(listen_err(format!("control socket {}", path.display())))?;
+                Some((path.clone(), thread))
+            }
+        };
         ready(&bound);
-        shutdown.await;
+        let handed_over = self.handed_over.clone();
+        let was_handed_over = tokio::select! {
+            () = shutdown => false,
+            () = handed_over.notified() => true,
+        };
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         for t in tasks {
             t.abort();
+        }
+        if let Some((path, thread)) = control {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            if !was_handed_over {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if !was_handed_over {
+            if let Some(v) = &self.vhost {
+                let v = Arc::clone(v);
+                let _ = tokio::task::spawn_blocking(move || v.stop_all()).await;
+            }
         }
         self.exports.flush_all();
         // Waiting for the caches to be written sleeps: not on a worker thread.
         let loader = Arc::clone(&self.loader);
         let _ = tokio::task::spawn_blocking(move || loader.drain()).await;
-        for s in sockets {
-            let _ = std::fs::remove_file(s);
+        if !was_handed_over {
+            for s in sockets {
+                let _ = std::fs::remove_file(s);
+            }
         }
         Ok(())
+    }
+}
+
+/// Binds the control socket at `path` (mode 0600: only its user may attach
+/// disks), replacing one left by an agent that died; refuses if an agent
+/// answers there.
+fn bind_control(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another agent answers there (stop it, or start this one with --takeover to take over from it)",
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
+}
+
+impl control::Controlled for Agent {
+    fn attach(&self, export: &str, disk: control::DiskKind, profile: control::ProfileMode) -> Result<control::Attached, String> {
+        Agent::attach(self, export, disk, profile).map_err(|e| e.to_string())
+    }
+
+    fn detach(&self, export: &str, record_until: Option<std::time::Duration>, discard: bool) -> Result<control::Detached, String> {
+        Agent::detach(self, export, record_until, discard).map_err(|e| e.to_string())
+    }
+
+    fn status(&self) -> control::Status {
+        Agent::status(self)
+    }
+
+    fn handover(&self) -> Result<(control::Handover, Vec<std::os::fd::RawFd>), String> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("this agent is stopping".into());
+        }
+        Ok(self.handover_fds())
+    }
+
+    fn handed_over(&self) {
+        // No new control connection, NBD connection or vhost-user front end
+        // here from now on; the VMs' disks are quiesced and released.
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(v) = &self.vhost {
+            v.hand_over();
+        }
+        self.attachments.lock().expect("no panics while holding the lock").clear();
+        self.exports.flush_all();
+        tracing::info!("handed over to a successor; stopping");
+        self.handed_over.notify_one();
     }
 }
 

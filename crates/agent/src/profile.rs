@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tessera_chunk::{Profile, MANIFEST_FORMAT};
 use tessera_store::{Home, ImageRef};
 
-use crate::vdisk::VirtualDisk;
+use crate::vdisk::{ReadCounts, VirtualDisk};
 
 /// Threads a prefetch uses: enough to keep a remote origin busy while the
 /// guest boots, few enough to leave room for the guest's own reads.
@@ -24,13 +24,14 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    /// Starts fetching `chunks` of `disk`, in order, on `threads` threads.
-    pub fn start(disk: Arc<VirtualDisk>, chunks: Vec<u64>, threads: usize) -> Prefetcher {
+    /// Starts fetching `chunks` of `disk`, in order, on `threads` threads,
+    /// counting them in `counts` (the device they are fetched for).
+    pub fn start(disk: Arc<VirtualDisk>, chunks: Vec<u64>, threads: usize, counts: Option<Arc<ReadCounts>>) -> Prefetcher {
         let stop = Arc::new(AtomicBool::new(false));
         let queue = Arc::new(Mutex::new(chunks.into_iter()));
         let threads = (0..threads.max(1))
             .map(|_| {
-                let (queue, disk, stop) = (queue.clone(), disk.clone(), stop.clone());
+                let (queue, disk, stop, counts) = (queue.clone(), disk.clone(), stop.clone(), counts.clone());
                 std::thread::spawn(move || loop {
                     let next = queue.lock().expect("no panics while holding the lock").next();
                     let Some(index) = next else { return };
@@ -39,7 +40,7 @@ impl Prefetcher {
                     }
                     // A chunk that fails here fails again, and is reported,
                     // when the guest reads it.
-                    let _ = disk.warm(index);
+                    let _ = disk.warm(index, counts.as_deref());
                 })
             })
             .collect();

@@ -78,9 +78,13 @@ impl VirtualDisk {
 
     /// Fetches chunk `index` into the caches (a no-op for a hole), as a
     /// read would; for prefetching.
-    pub fn warm(&self, index: u64) -> Result<(), tessera_cache::Error> {
+    pub fn warm(&self, index: u64, counts: Option<&ReadCounts>) -> Result<(), tessera_cache::Error> {
         match self.manifest.chunks.get(index as usize) {
-            Some(Some(r)) => self.loader.read(r, &self.ctx).map(|_| ()),
+            Some(Some(r)) => self.loader.read(r, &self.ctx).map(|(_, tier)| {
+                if let Some(c) = counts {
+                    c.add(tier);
+                }
+            }),
             _ => Ok(()),
         }
     }
@@ -136,8 +140,8 @@ impl VirtualDisk {
 
     /// Fills `buf` with the bytes at `offset` if every chunk it needs is a
     /// hole or in memory; returns false (with `buf` partly filled) otherwise.
-    /// Never blocks on I/O.
-    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+    /// Never blocks on I/O. Counts each chunk read in `counts` as a memory read.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64, counts: Option<&ReadCounts>) -> bool {
         if !self.in_range(buf, offset) || buf.is_empty() {
             return false;
         }
@@ -148,7 +152,16 @@ impl VirtualDisk {
             None => true,
             Some(r) => self.loader.in_memory(&r.id),
         });
-        all_there && self.fill(buf, offset, |_, r| Ok::<_, ()>(self.loader.cached(r))).unwrap_or(false)
+        all_there
+            && self
+                .fill(buf, offset, |_, r| {
+                    let plain = self.loader.cached(r);
+                    if let (Some(c), Some(_)) = (counts, &plain) {
+                        c.add(Tier::Memory);
+                    }
+                    Ok::<_, ()>(plain)
+                })
+                .unwrap_or(false)
     }
 
     /// Fills `buf` with the bytes at `offset`. Blocks on fetches.

@@ -74,6 +74,8 @@ struct BlkBackend {
     device: Arc<dyn Device>,
     memory: RwLock<Option<Memory>>,
     event_idx: AtomicBool,
+    /// Set when the device is being handed over: no new request is taken.
+    draining: AtomicBool,
     /// Held while a queue is being processed, so stopping a queue waits for
     /// its requests to complete.
     busy: Vec<Mutex<()>>,
@@ -87,14 +89,27 @@ impl BlkBackend {
             device,
             memory: RwLock::new(None),
             event_idx: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             busy: (0..NUM_QUEUES).map(|_| Mutex::new(())).collect(),
             stats,
+        }
+    }
+
+    /// Takes no new request, and waits for those being served to complete:
+    /// then the used ring says exactly what is done.
+    fn quiesce(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        for b in &self.busy {
+            drop(b.lock().expect("no panics while holding the lock"));
         }
     }
 
     /// Serves every request queue `index` has, in order.
     fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
         let _busy = self.busy[index].lock().expect("no panics while holding the lock");
+        if self.draining.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let Some(memory) = self.memory.read().expect("no panics while holding the lock").clone() else { return Ok(()) };
         let mem = memory.memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
@@ -104,6 +119,11 @@ impl BlkBackend {
             }
             let chains: Vec<_> = vring.get_mut().get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect();
             for chain in chains {
+                // Handing over: what is not completed is left for the
+                // successor, which starts at the used index.
+                if self.draining.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
                 let head = chain.head_index();
                 let written = self.serve(&mem, chain);
                 vring.add_used(head, written).map_err(io::Error::other)?;
@@ -268,6 +288,11 @@ impl VhostUserBackend for BlkBackend {
         (0..NUM_QUEUES).map(|q| 1u64 << q).collect()
     }
 
+    /// Each queue thread's way to be told to stop (when its front end goes).
+    fn exit_event(&self, _thread: usize) -> Option<(vmm_sys_util::event::EventConsumer, vmm_sys_util::event::EventNotifier)> {
+        vmm_sys_util::event::new_event_consumer_and_notifier(vmm_sys_util::event::EventFlag::NONBLOCK).ok()
+    }
+
     fn stop_vring(&self, index: u32) -> io::Result<()> {
         if let Some(b) = self.busy.get(index as usize) {
             drop(b.lock().expect("no panics while holding the lock"));
@@ -290,8 +315,14 @@ struct Attached {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     listener: RawFd,
-    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+    connection: Arc<Mutex<Option<Connection>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The front end being served, and its device.
+struct Connection {
+    handle: ShutdownHandle,
+    backend: Arc<BlkBackend>,
 }
 
 /// The vhost-user-blk devices of an agent: one socket per attached export
@@ -311,6 +342,11 @@ impl VhostUser {
         Ok(VhostUser { dir: dir.to_owned(), exports, attached: Mutex::new(HashMap::new()), stats: Arc::default() })
     }
 
+    /// The directory of the sockets.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where export `name`'s socket is.
     pub fn socket_of(&self, export: &str) -> PathBuf {
         self.dir.join(format!("{export}.sock"))
@@ -323,7 +359,7 @@ impl VhostUser {
     }
 
     /// [`VhostUser::attach`] on a listener handed over by an agent that
-    /// served it before (its descriptor), or on a new one.
+    /// served it before, or on a new one.
     pub fn attach_with(&self, export: &str, handed_over: Option<std::os::unix::net::UnixListener>) -> Result<PathBuf, ExportError> {
         let mut attached = self.attached.lock().expect("no panics while holding the lock");
         if let Some(a) = attached.get(export) {
@@ -331,9 +367,13 @@ impl VhostUser {
         }
         let device = self.exports.open(export)?;
         let path = self.socket_of(export);
-        let mut listener = match handed_over {
-            Some(l) => Listener::from(l),
-            None => Listener::new(&path, true).map_err(|e| ExportError::Overlay(io::Error::other(format!("listening on {}: {e}", path.display()))))?,
+        let listener = match handed_over {
+            Some(l) => l,
+            None => {
+                let _ = std::fs::remove_file(&path);
+                std::os::unix::net::UnixListener::bind(&path)
+                    .map_err(|e| ExportError::Overlay(io::Error::other(format!("listening on {}: {e}", path.display()))))?
+            }
         };
         let stop = Arc::new(AtomicBool::new(false));
         let connection = Arc::new(Mutex::new(None));
@@ -341,87 +381,117 @@ impl VhostUser {
         let (name, stats, stop2, conn2) = (export.to_owned(), Arc::clone(&self.stats), Arc::clone(&stop), Arc::clone(&connection));
         let thread = std::thread::Builder::new()
             .name(format!("vhost-{export}"))
-            .spawn(move || serve_socket(&name, device, &mut listener, &stats, &stop2, &conn2))
+            .spawn(move || serve_socket(&name, device, listener, &stats, &stop2, &conn2))
             .map_err(|e| ExportError::Overlay(io::Error::other(e)))?;
-        tracing::info!("vhost-user-blk {export} on {}", path.display());
+        tracing::debug!("vhost-user-blk {export} on {}", path.display());
         attached.insert(export.to_owned(), Attached { path: path.clone(), stop, listener: fd, connection, thread: Some(thread) });
         Ok(path)
     }
 
-    /// The attached exports and their sockets.
-    pub fn list(&self) -> Vec<(String, PathBuf)> {
-        self.attached.lock().expect("no panics while holding the lock").iter().map(|(k, a)| (k.clone(), a.path.clone())).collect()
+    /// The attached exports.
+    pub fn list(&self) -> Vec<String> {
+        self.attached.lock().expect("no panics while holding the lock").keys().cloned().collect()
     }
 
     /// The listening descriptor of each attached export, to hand over to an
-    /// agent taking over (which serves them from then on).
+    /// agent taking over; valid until [`VhostUser::stop_all`].
     pub fn listeners(&self) -> Vec<(String, RawFd)> {
         self.attached.lock().expect("no panics while holding the lock").iter().map(|(k, a)| (k.clone(), a.listener)).collect()
     }
 
-    /// Stops serving `export`: its front end is disconnected, its socket
-    /// removed (unless `keep_socket`: a successor serves it), its device
-    /// flushed and closed.
-    pub fn detach(&self, export: &str, keep_socket: bool) -> bool {
+    /// Stops serving `export`: no front end is accepted, the one connected
+    /// is disconnected, the socket removed, the device flushed and closed.
+    pub fn detach(&self, export: &str) -> bool {
         let a = self.attached.lock().expect("no panics while holding the lock").remove(export);
-        match a {
-            Some(a) => {
-                stop(a, keep_socket);
-                true
-            }
-            None => false,
+        a.map(|a| stop(a, Stop::Detach)).is_some()
+    }
+
+    /// Hands every device over: no new request is taken, those being served
+    /// complete, then front ends are disconnected (they reconnect to the
+    /// successor, which holds the listeners); sockets stay.
+    pub fn hand_over(&self) {
+        let all: Vec<Attached> = self.attached.lock().expect("no panics while holding the lock").drain().map(|(_, a)| a).collect();
+        for a in all {
+            stop(a, Stop::HandOver);
         }
     }
 
-    /// Detaches everything.
-    pub fn stop_all(&self, keep_sockets: bool) {
+    /// Detaches everything (the agent is stopping).
+    pub fn stop_all(&self) {
         let all: Vec<Attached> = self.attached.lock().expect("no panics while holding the lock").drain().map(|(_, a)| a).collect();
         for a in all {
-            stop(a, keep_sockets);
+            stop(a, Stop::Detach);
         }
     }
 }
 
-fn stop(mut a: Attached, keep_socket: bool) {
+#[derive(PartialEq, Eq)]
+enum Stop {
+    Detach,
+    HandOver,
+}
+
+fn stop(mut a: Attached, how: Stop) {
     a.stop.store(true, Ordering::SeqCst);
-    // Wake the accept, and end the connection being served.
-    // SAFETY: shutdown takes a descriptor and a flag; the listener stays
-    // open (owned by the serving thread) until that thread ends.
-    unsafe { libc::shutdown(a.listener, libc::SHUT_RDWR) };
     if let Some(c) = a.connection.lock().expect("no panics while holding the lock").take() {
-        c.shutdown();
+        if how == Stop::HandOver {
+            c.backend.quiesce();
+        }
+        c.handle.shutdown();
     }
     if let Some(t) = a.thread.take() {
         let _ = t.join();
     }
-    if !keep_socket {
+    if how == Stop::Detach {
         let _ = std::fs::remove_file(&a.path);
     }
 }
 
+/// Waits up to 100 ms for a front end to connect.
+fn pending(listener: RawFd) -> bool {
+    let mut p = libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll reads and writes one pollfd we own.
+    unsafe { libc::poll(&mut p, 1, 100) > 0 && p.revents & libc::POLLIN != 0 }
+}
+
 /// Accepts front ends on `listener` one after another until stopped.
-fn serve_socket(name: &str, device: Arc<dyn Device>, listener: &mut Listener, stats: &Arc<Stats>, stop: &AtomicBool, current: &Mutex<Option<ShutdownHandle>>) {
+fn serve_socket(
+    name: &str,
+    device: Arc<dyn Device>,
+    listener: std::os::unix::net::UnixListener,
+    stats: &Arc<Stats>,
+    stop: &AtomicBool,
+    current: &Mutex<Option<Connection>>,
+) {
+    let fd = listener.as_raw_fd();
+    let mut listener = Listener::from(listener);
     while !stop.load(Ordering::SeqCst) {
+        if !pending(fd) {
+            continue;
+        }
         let backend = Arc::new(BlkBackend::new(name, Arc::clone(&device), Arc::clone(stats)));
-        let mut daemon = match VhostUserDaemon::new(name.to_owned(), backend, GuestMemoryAtomic::new(GuestMemoryMmap::new())) {
+        let mut daemon = match VhostUserDaemon::new(name.to_owned(), Arc::clone(&backend), GuestMemoryAtomic::new(GuestMemoryMmap::new())) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!("vhost-user-blk {name}: {e}");
                 return;
             }
         };
-        if let Err(e) = daemon.start(listener) {
-            if !stop.load(Ordering::SeqCst) {
-                tracing::error!("vhost-user-blk {name}: accepting a front end: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
+        if let Err(e) = daemon.start(&mut listener) {
+            tracing::error!("vhost-user-blk {name}: accepting a front end: {e}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
             continue;
         }
         stats.connections.fetch_add(1, Ordering::Relaxed);
-        *current.lock().expect("no panics while holding the lock") = daemon.shutdown_handle();
+        if let Some(handle) = daemon.shutdown_handle() {
+            *current.lock().expect("no panics while holding the lock") = Some(Connection { handle, backend });
+        }
         tracing::debug!("vhost-user-blk {name}: a front end connected");
-        if let Err(e) = daemon.wait() {
-            tracing::warn!("vhost-user-blk {name}: the front end's connection ended: {e}");
+        match daemon.wait() {
+            Ok(()) | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage)) => {
+                tracing::debug!("vhost-user-blk {name}: the front end went away")
+            }
+            Err(e) => tracing::warn!("vhost-user-blk {name}: the front end's connection ended: {e}"),
         }
         current.lock().expect("no panics while holding the lock").take();
         drop(daemon);

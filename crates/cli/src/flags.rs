@@ -255,6 +255,22 @@ pub struct ServeArgs {
     /// who can reach them reads every image and writes to every label.
     #[arg(long)]
     pub allow_plaintext_nbd: bool,
+    /// The control socket `tessera run` attaches VM disks through (default
+    /// $TESSERA_HOME/agent.sock; mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Serve VM disks as vhost-user-blk devices, one socket per attached
+    /// disk in DIR (default $TESSERA_HOME/vhost-user): NAME read-only,
+    /// NAME@LABEL copy-on-write. QEMU: -object
+    /// memory-backend-memfd,id=mem,size=512M,share=on -M q35,memory-backend=mem
+    /// -chardev socket,id=d,path=SOCK,reconnect=1 -device vhost-user-blk-pci,chardev=d.
+    #[arg(long, value_name = "DIR")]
+    pub vhost_user: Option<PathBuf>,
+    /// Take over from the agent running on the control socket: it hands its
+    /// listeners and its VMs' disks over, finishes the requests it has,
+    /// and stops; the VMs reconnect here without noticing.
+    #[arg(long)]
+    pub takeover: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -431,6 +447,15 @@ pub struct RunArgs {
     /// Neither use nor record a start-up profile.
     #[arg(long)]
     pub no_profile: bool,
+    /// How the VM reaches its disk: vhost-user (vhost-user-blk: the agent
+    /// reads and writes guest memory directly) or nbd.
+    #[arg(long, default_value = "vhost-user", value_parser = ["vhost-user", "nbd"])]
+    pub disk: String,
+    /// The control socket of the agent to use (default: the host's agent at
+    /// $TESSERA_HOME/agent.sock when one runs, else a private one for this
+    /// run, in-process).
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
     #[command(flatten)]
     pub cache: CacheArgs,
     /// The command's arguments, in place of the image's cmd.

@@ -17,10 +17,18 @@ pub enum RootDisk {
         /// The export (`NAME@LABEL`).
         export: String,
     },
+    /// A vhost-user-blk device: the agent serves the guest's memory
+    /// directly. QEMU reconnects (every second) if the agent goes away.
+    VhostUser {
+        /// The device's socket.
+        socket: PathBuf,
+        /// Request queues.
+        queues: u32,
+    },
 }
 
 impl RootDisk {
-    /// QEMU's `-drive` and `-device` arguments for it.
+    /// QEMU's arguments for it.
     fn args(&self) -> Vec<String> {
         match self {
             RootDisk::Nbd { socket, export } => vec![
@@ -29,7 +37,18 @@ impl RootDisk {
                 "-device".into(),
                 "virtio-blk-pci,drive=root".into(),
             ],
+            RootDisk::VhostUser { socket, queues } => vec![
+                "-chardev".into(),
+                format!("socket,id=root,path={},reconnect=1", socket.display()),
+                "-device".into(),
+                format!("vhost-user-blk-pci,chardev=root,num-queues={queues}"),
+            ],
         }
+    }
+
+    /// Whether the guest's memory must be shared with the device's back end.
+    fn shares_memory(&self) -> bool {
+        matches!(self, RootDisk::VhostUser { .. })
     }
 }
 
@@ -58,7 +77,14 @@ impl Launch<'_> {
     /// Spawns QEMU; it waits for a client on each serial socket before booting.
     pub fn spawn(&self) -> Result<Child, Error> {
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", self.accel.name(), "-M", "q35", "-nodefaults", "-no-reboot", "-nographic"])
+        let machine = if self.root.shares_memory() {
+            // vhost-user: guest memory in a memfd the back end maps.
+            cmd.arg("-object").arg(format!("memory-backend-memfd,id=mem,size={}M,share=on", self.memory_mib));
+            "q35,memory-backend=mem"
+        } else {
+            "q35"
+        };
+        cmd.args(["-accel", self.accel.name(), "-M", machine, "-nodefaults", "-no-reboot", "-nographic"])
             .args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()])
             .arg("-kernel")
             .arg(self.kernel)

@@ -10,9 +10,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tessera_agent::profile::{Prefetcher, PREFETCH_THREADS};
+use tessera_agent::control::{self, Attached, Detached, DiskKind, ProfileMode};
 use tessera_agent::{Agent, AgentOptions, Background, Frontend, Listen};
-use tessera_cache::Tier;
 use tessera_chunk::CHUNK_SIZE;
 use tessera_store::Home;
 
@@ -45,6 +44,11 @@ pub struct RunOptions {
     pub stdout: Box<dyn Write + Send>,
     /// Where the program's stderr goes.
     pub stderr: Box<dyn Write + Send>,
+    /// How the VM reaches its disk.
+    pub disk: DiskKind,
+    /// The control socket of the agent to use; `None`: the host's agent
+    /// (`$TESSERA_HOME/agent.sock`) if one runs, else a private one.
+    pub agent: Option<PathBuf>,
 }
 
 /// The cold-start report (`tessera run --json`).
@@ -69,25 +73,73 @@ pub struct Report {
     /// Bytes of the chunks fetched from below the memory cache.
     pub bytes_fetched: u64,
     /// Chunks served, by the tier that had them.
-    pub chunks_fetched: BTreeMap<&'static str, u64>,
+    pub chunks_fetched: BTreeMap<String, u64>,
     /// Whether a recorded profile was prefetched.
     pub profile: bool,
     /// Chunks of the profile prefetched, or recorded by this run.
     pub profile_chunks: usize,
     /// From the start to the program's first output.
     pub seconds_to_first_output: Option<f64>,
+    /// `shared` (the host's agent) or `private` (one started for this run).
+    pub agent: &'static str,
+    /// `vhost-user` or `nbd`.
+    pub disk: &'static str,
+}
+
+/// The agent serving a run's disk: the host's, over its control socket,
+/// or one of the run's own, in this process.
+enum RunAgent {
+    Shared(control::Client),
+    Private(Background),
+}
+
+impl RunAgent {
+    fn attach(&mut self, export: &str, disk: DiskKind, profile: ProfileMode) -> Result<Attached, Error> {
+        match self {
+            RunAgent::Shared(c) => c.attach(export, disk, profile).map_err(|e| Error::Qemu(format!("the agent at {}: {e}", c.path().display()))),
+            RunAgent::Private(b) => Ok(b.agent().attach(export, disk, profile)?),
+        }
+    }
+
+    /// Detaches; a shared agent that restarted meanwhile is asked again on
+    /// a new connection.
+    fn detach(&mut self, export: &str, until: Option<Duration>) -> Result<Detached, Error> {
+        match self {
+            RunAgent::Private(b) => Ok(b.agent().detach(export, until, true)?),
+            RunAgent::Shared(c) => {
+                let path = c.path().to_owned();
+                if let Ok(d) = c.detach(export, until, true) {
+                    return Ok(d);
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    if let Ok(mut again) = control::Client::connect(&path) {
+                        let r = again.detach(export, until, true);
+                        *c = again;
+                        return r.map_err(|e| Error::Qemu(format!("the agent at {}: {e}", path.display())));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Error::Qemu(format!("the agent at {} is gone", path.display())));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            RunAgent::Shared(_) => "shared",
+            RunAgent::Private(_) => "private",
+        }
+    }
 }
 
 /// Runs `options.image` in a microVM, on a private agent of `home` with
 /// `agent` options (its frontends are this run's own socket).
 pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Result<Report, Error> {
     let started = Instant::now();
-    let (image_ref, manifest) = home.manifest(&options.image)?;
-    let profile = match options.profile {
-        // A profile that cannot be read is recorded again.
-        true => tessera_agent::profile::load(home, &image_ref).ok().flatten(),
-        false => None,
-    };
+    let (_, manifest) = home.manifest(&options.image)?;
     if let Some(bad) = options.env.iter().find(|e| !e.contains('=')) {
         return Err(Error::BadEnv(bad.clone()));
     }
@@ -108,28 +160,27 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
     let image = crate::build_initramfs(&options.guest, &kernel, &spec)?;
     std::fs::write(&initrd, image).map_err(Error::io("writing", &initrd))?;
 
-    // The agent, in-process, on a socket of this run's own; the VM writes
-    // to an overlay of its own, removed afterwards.
-    let socket = dir.join("nbd.sock");
-    agent.frontends = vec![Frontend::Nbd(Listen::Unix(socket.clone()))];
-    let overlays = agent.cache_dir.join("overlays");
-    let background = Background::start(Agent::new(home.clone(), agent)?)?;
-    let export = format!("{}@{id}", options.image);
-    let _overlay = Cleanup(vec![overlays.join(&export)]);
-
-    // With a profile, fetch what start-up will read while the VM boots;
-    // without one, record it.
-    let disk = background.agent().exports.disk(&options.image)?;
-    let prefetcher = match &profile {
-        Some(p) => Some(Prefetcher::start(disk.clone(), p.chunks.clone(), PREFETCH_THREADS)),
+    // The host's agent if one runs (the VMs of a host share its caches),
+    // else one of this run's own, in-process. The VM writes to an overlay
+    // of its own, removed afterwards.
+    let shared = match &options.agent {
+        Some(path) => Some(control::Client::connect(path).map_err(|e| Error::Qemu(format!("no agent answers at {}: {e}", path.display())))?),
+        None => control::Client::connect(&home.root().join("agent.sock")).ok(),
+    };
+    let mut runner = match shared {
+        Some(c) => RunAgent::Shared(c),
         None => {
-            if options.profile {
-                disk.start_recording();
-            }
-            None
+            agent.frontends = vec![Frontend::Nbd(Listen::Unix(dir.join("nbd.sock")))];
+            agent.vhost_user = Some(dir.join("vhost-user"));
+            agent.control = None;
+            RunAgent::Private(Background::start(Agent::new(home.clone(), agent)?)?)
         }
     };
+    let agent_label = runner.label();
+    let export = format!("{}@{id}", options.image);
+    let attached = runner.attach(&export, options.disk, if options.profile { ProfileMode::Auto } else { ProfileMode::Off })?;
     let first_output = Arc::new(OnceLock::<Instant>::new());
+    let attach_time = Instant::now();
 
     let accel = accel::pick(options.accel, &kernel, &options.kernel_dir);
     let console = dir.join("console.log");
@@ -137,7 +188,12 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
     let launch = Launch {
         kernel: &kernel.vmlinuz,
         initrd: &initrd,
-        root: RootDisk::Nbd { socket, export },
+        root: match attached.disk {
+            DiskKind::Nbd => RootDisk::Nbd { socket: attached.socket.clone(), export: attached.export.clone() },
+            DiskKind::VhostUser => {
+                RootDisk::VhostUser { socket: attached.socket.clone(), queues: options.cpus.clamp(1, tessera_agent::vhost::NUM_QUEUES as u32) }
+            }
+        },
         memory_mib: options.memory_mib,
         cpus: options.cpus,
         accel,
@@ -145,49 +201,51 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
         console: (!options.console_to_stderr).then_some(console.as_path()),
     };
     let vm_started = Instant::now();
-    let mut qemu = launch.spawn()?;
-    let seconds_to_vm_start = started.elapsed().as_secs_f64();
-    let out = connect(&sockets[0], &mut qemu)?;
-    let err = connect(&sockets[1], &mut qemu)?;
-    let control = connect(&sockets[2], &mut qemu)?;
-    let out_t = forward(out, std::mem::replace(&mut options.stdout, Box::new(std::io::sink())), first_output.clone());
-    let err_t = forward(err, std::mem::replace(&mut options.stderr, Box::new(std::io::sink())), first_output.clone());
-    let control_t = std::thread::spawn(move || {
-        let mut entry = None;
-        let mut code = None;
-        for line in BufReader::new(control).lines() {
-            let Ok(line) = line else { break };
-            let line = line.trim().to_owned();
-            if line == "start" {
-                entry = Some(Instant::now());
-            } else if let Some(c) = line.strip_prefix("exit ") {
-                code = c.parse::<i32>().ok();
+    let vm = (|| -> Result<_, Error> {
+        let mut qemu = launch.spawn()?;
+        let seconds_to_vm_start = started.elapsed().as_secs_f64();
+        let connected = (|| Ok::<_, Error>((connect(&sockets[0], &mut qemu)?, connect(&sockets[1], &mut qemu)?, connect(&sockets[2], &mut qemu)?)))();
+        let (out, err, control) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                return Err(e);
             }
-        }
-        (entry, code)
-    });
-    let status = qemu.wait().map_err(|e| Error::Qemu(e.to_string()))?;
-    let (entry, code) = control_t.join().expect("the control reader does not panic");
-    let _ = out_t.join();
-    let _ = err_t.join();
+        };
+        let out_t = forward(out, std::mem::replace(&mut options.stdout, Box::new(std::io::sink())), first_output.clone());
+        let err_t = forward(err, std::mem::replace(&mut options.stderr, Box::new(std::io::sink())), first_output.clone());
+        let control_t = std::thread::spawn(move || {
+            let mut entry = None;
+            let mut code = None;
+            for line in BufReader::new(control).lines() {
+                let Ok(line) = line else { break };
+                let line = line.trim().to_owned();
+                if line == "start" {
+                    entry = Some(Instant::now());
+                } else if let Some(c) = line.strip_prefix("exit ") {
+                    code = c.parse::<i32>().ok();
+                }
+            }
+            (entry, code)
+        });
+        let status = qemu.wait().map_err(|e| Error::Qemu(e.to_string()))?;
+        let (entry, code) = control_t.join().expect("the control reader does not panic");
+        let _ = out_t.join();
+        let _ = err_t.join();
+        Ok((status, entry, code, seconds_to_vm_start))
+    })();
     let seconds_total = started.elapsed().as_secs_f64();
-    if let Some(p) = prefetcher {
-        p.stop();
+    // Detached however the VM ended. The profile: what was read until the
+    // first output (or the end).
+    let until = first_output.get().copied().unwrap_or_else(Instant::now).saturating_duration_since(attach_time);
+    let detached = runner.detach(&export, Some(until));
+    if let RunAgent::Private(b) = runner {
+        b.stop()?;
     }
-    // The profile: what was read until the first output (or the end, at most a minute in).
-    let mut recorded = 0;
-    if profile.is_none() && options.profile {
-        let until = first_output.get().copied().unwrap_or_else(Instant::now).min(started + Duration::from_secs(60));
-        let chunks = disk.stop_recording(until);
-        recorded = chunks.len();
-        if let Err(e) = tessera_agent::profile::save(home, &options.image, &image_ref, chunks, until.duration_since(started).as_secs_f64()) {
-            tracing::warn!("{}: the start-up profile was not saved: {e}", options.image);
-        }
-    }
-    let stats = &background.agent().loader.stats;
-    let chunks_fetched: BTreeMap<&'static str, u64> = Tier::ALL.iter().map(|t| (t.label(), stats.reads(*t))).collect();
-    let beyond_memory: u64 = Tier::ALL.iter().filter(|t| **t != Tier::Memory).map(|t| stats.reads(*t)).sum();
-    background.stop()?;
+    let (status, entry, code, seconds_to_vm_start) = vm?;
+    let detached = detached?;
+    let beyond_memory: u64 = detached.chunks_fetched.iter().filter(|(t, _)| t.as_str() != "memory").map(|(_, n)| n).sum();
     let Some(exit_code) = code else {
         let log = std::fs::read_to_string(&console).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(15).collect();
@@ -208,10 +266,12 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
         exit_code,
         disk_bytes: manifest.geometry.disk_bytes,
         bytes_fetched: beyond_memory * CHUNK_SIZE as u64,
-        chunks_fetched,
-        profile: profile.is_some(),
-        profile_chunks: profile.as_ref().map(|p| p.chunks.len()).unwrap_or(recorded),
+        chunks_fetched: detached.chunks_fetched,
+        profile: attached.prefetching,
+        profile_chunks: if attached.prefetching { attached.profile_chunks } else { detached.profile_recorded },
         seconds_to_first_output: first_output.get().map(|t| t.duration_since(started).as_secs_f64()),
+        agent: agent_label,
+        disk: attached.disk.label(),
     })
 }
 

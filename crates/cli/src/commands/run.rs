@@ -45,14 +45,18 @@ pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
         guest: std::env::current_exe()?.with_file_name("tessera-guest"),
         stdout: Box::new(std::io::stdout()),
         stderr: Box::new(std::io::stderr()),
+        disk: if a.disk == "nbd" { tessera_agent::control::DiskKind::Nbd } else { tessera_agent::control::DiskKind::VhostUser },
+        agent: a.agent,
     };
     let report = tessera_vm::run::run(&home, agent, options)?;
     if a.report {
         let fetched = report.bytes_fetched;
         eprintln!(
-            "tessera: {} ({}, {}): vm started {:.2} s, entrypoint {:.2} s, done {:.2} s, exit {}; fetched {} of {} ({:.1}%)",
+            "tessera: {} ({}, {} agent, {} disk, {}): vm started {:.2} s, entrypoint {:.2} s, done {:.2} s, exit {}; fetched {} of {} ({:.1}%)",
             report.image,
             report.accel,
+            report.agent,
+            report.disk,
             match (report.profile, report.profile_chunks) {
                 (true, n) => format!("prefetched a profile of {n} chunks"),
                 (false, 0) => "no profile".to_owned(),

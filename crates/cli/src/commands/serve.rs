@@ -27,8 +27,26 @@ pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
         (Some(cert), Some(key)) => Some(tessera_agent::NbdTls { cert, key, client_ca: a.tls_client_ca, policy: a.exports_policy }),
         _ => None,
     };
+    let default_control = home.root().join("agent.sock");
+    let control = a.control.clone().unwrap_or_else(|| default_control.clone());
+    // Several agents may serve one home: only the first takes the default
+    // control socket (an explicit --control that is taken is an error).
+    let taken = !a.takeover && a.control.is_none() && std::os::unix::net::UnixStream::connect(&default_control).is_ok();
+    if taken {
+        eprintln!("tessera: warning: another agent answers on {}; this one has no control socket", default_control.display());
+    }
+    options.control = (!taken).then(|| control.clone());
+    options.vhost_user = Some(a.vhost_user.unwrap_or_else(|| home.root().join("vhost-user")));
+    let inherited = if a.takeover {
+        Some(tessera_agent::take_over(&control).with_context(|| format!("taking over from the agent at {}", control.display()))?)
+    } else {
+        None
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(128).build()?;
     let agent = Arc::new(Agent::new(home, options).context("starting the agent")?);
+    if let Some(i) = inherited {
+        agent.inherit(i);
+    }
     let ready_file = a.ready_file;
     // A ready file that cannot be written stops the agent: whoever waits for it would wait forever.
     let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
@@ -36,11 +54,13 @@ pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
     runtime.block_on(agent.clone().run(
         |bound| {
             let line = format!(
-                "tessera: serving NBD on {}{}",
+                "tessera: serving NBD on {}{}{}",
                 bound.nbd.join(", "),
-                bound.metrics.as_deref().map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
+                bound.metrics.as_deref().map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default(),
+                if taken { String::new() } else { format!("; control socket {}", control.display()) }
             );
-            if let Err(e) = crate::ready::announce(&line, &json!({"nbd": bound.nbd, "metrics": bound.metrics}), ready_file.as_deref()) {
+            let ready = json!({"nbd": bound.nbd, "metrics": bound.metrics, "control": (!taken).then_some(&control), "pid": std::process::id()});
+            if let Err(e) = crate::ready::announce(&line, &ready, ready_file.as_deref()) {
                 let _ = failed_tx.send(e);
             }
         },

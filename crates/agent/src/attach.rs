@@ -1,0 +1,272 @@
+//! Disks attached to VMs: what `tessera run` asks of an agent, shared or
+//! its own, and what an agent hands to the one that takes over from it.
+//!
+//! An attachment serves one export to one VM (vhost-user-blk, or NBD on
+//! the agent's unix socket), counts the chunks that VM read by tier, and
+//! prefetches or records the image's start-up profile. The vhost-user
+//! attachments of an agent with a control socket are listed in
+//! `VHOST_DIR/attached.json`, so an agent started after one that died
+//! (`kill -9`) listens on the same sockets again and the VMs reconnect.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::control::{Attached, Detached, DiskKind, Handover, ProfileMode, Status};
+use crate::profile::{Prefetcher, PREFETCH_THREADS};
+use crate::vdisk::VirtualDisk;
+use crate::{Agent, Error, Frontend, Listen};
+
+/// One export served to a VM.
+pub(crate) struct Attachment {
+    disk: DiskKind,
+    started: Instant,
+    prefetcher: Option<Prefetcher>,
+    recording: Option<Arc<VirtualDisk>>,
+}
+
+/// Listeners handed over by the agent this one takes over from.
+#[derive(Default)]
+pub struct Inherited {
+    /// The control socket's listener.
+    pub control: Option<std::os::unix::net::UnixListener>,
+    /// NBD listeners by listen address (`unix:PATH`, `HOST:PORT`).
+    pub nbd: HashMap<String, OwnedFd>,
+    /// The vhost-user listeners of attached exports.
+    pub vhost: Vec<(String, std::os::unix::net::UnixListener)>,
+}
+
+impl std::fmt::Debug for Inherited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Inherited({} NBD, {} vhost-user)", self.nbd.len(), self.vhost.len())
+    }
+}
+
+/// Takes over from the agent whose control socket is `control`: it hands
+/// its listeners over, quiesces its VMs' disks and stops.
+pub fn take_over(control: &Path) -> Result<Inherited, Error> {
+    let fail = |e: std::io::Error| Error::Listen { addr: format!("taking over from the agent at {}", control.display()), source: e };
+    let client = crate::control::Client::connect(control).map_err(fail)?;
+    let (what, fds) = client.handover().map_err(fail)?;
+    let mut fds = fds.into_iter();
+    let mut inherited = Inherited::default();
+    for l in what.listeners {
+        let fd = fds.next().expect("counted by the client");
+        if l == "control" {
+            inherited.control = Some(std::os::unix::net::UnixListener::from(fd));
+        } else {
+            inherited.nbd.insert(l, fd);
+        }
+    }
+    for export in what.attached {
+        inherited.vhost.push((export, std::os::unix::net::UnixListener::from(fds.next().expect("counted by the client"))));
+    }
+    Ok(inherited)
+}
+
+impl Agent {
+    /// Serves `export` (`NAME` or `NAME@LABEL`) to a VM: over vhost-user-blk
+    /// (a socket of its own) or NBD (the agent's unix socket); with
+    /// `profile`, prefetches the image's start-up profile or records one.
+    pub fn attach(&self, export: &str, disk: DiskKind, profile: ProfileMode) -> Result<Attached, Error> {
+        let name = export.split('@').next().unwrap_or(export);
+        let counts;
+        let socket = match disk {
+            DiskKind::VhostUser => {
+                let vhost = self.vhost.as_ref().ok_or_else(|| Error::Attach(format!("{export}: this agent serves no vhost-user devices")))?;
+                counts = self.exports.track(export);
+                match vhost.attach(export) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.exports.untrack(export);
+                        return Err(Error::Attach(format!("{export}: {e}")));
+                    }
+                }
+            }
+            DiskKind::Nbd => {
+                let socket = self.options.frontends.iter().find_map(|f| match f {
+                    Frontend::Nbd(Listen::Unix(p)) => Some(p.clone()),
+                    _ => None,
+                });
+                let socket = socket.ok_or_else(|| Error::Attach(format!("{export}: this agent has no NBD unix socket")))?;
+                // Opened by the VMM over NBD; check it opens now, to say why not.
+                counts = self.exports.track(export);
+                if let Err(e) = crate::device::Exports::open(self.exports.as_ref(), export) {
+                    self.exports.untrack(export);
+                    return Err(Error::Attach(format!("{export}: {e}")));
+                }
+                socket
+            }
+        };
+        let mut attachment = Attachment { disk, started: Instant::now(), prefetcher: None, recording: None };
+        let (mut prefetching, mut profile_chunks) = (false, 0);
+        if profile == ProfileMode::Auto {
+            match self.exports.disk(name) {
+                Ok(vdisk) => match self
+                    .exports
+                    .home()
+                    .catalog
+                    .get(name)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| crate::profile::load(self.exports.home(), &r).map_err(|e| e.to_string()))
+                {
+                    Ok(Some(p)) => {
+                        prefetching = true;
+                        profile_chunks = p.chunks.len();
+                        attachment.prefetcher = Some(Prefetcher::start(vdisk, p.chunks, PREFETCH_THREADS, Some(counts)));
+                    }
+                    Ok(None) => {
+                        vdisk.start_recording();
+                        attachment.recording = Some(vdisk);
+                    }
+                    Err(e) => tracing::warn!("{name}: cannot read its start-up profile: {e}"),
+                },
+                Err(e) => tracing::warn!("{name}: {e}"),
+            }
+        }
+        self.attachments.lock().expect("no panics while holding the lock").insert(export.to_owned(), attachment);
+        self.save_attached();
+        Ok(Attached { socket, export: export.to_owned(), disk, prefetching, profile_chunks })
+    }
+
+    /// Stops serving `export` to its VM; records the profile read up to
+    /// `record_until` after the attach (if one was being recorded); with
+    /// `discard`, removes its overlay.
+    pub fn detach(&self, export: &str, record_until: Option<Duration>, discard: bool) -> Result<Detached, Error> {
+        let attachment = self.attachments.lock().expect("no panics while holding the lock").remove(export);
+        if let Some(vhost) = &self.vhost {
+            vhost.detach(export);
+        }
+        self.save_attached();
+        let counts = self.exports.untrack(export);
+        let mut out = Detached { chunks_fetched: counts.map(|c| c.by_tier()).unwrap_or_default(), profile_recorded: 0 };
+        if let Some(a) = attachment {
+            if let Some(p) = a.prefetcher {
+                p.stop();
+            }
+            if let Some(vdisk) = a.recording {
+                let until = a.started + record_until.unwrap_or(Duration::from_secs(60)).min(Duration::from_secs(60));
+                let chunks = vdisk.stop_recording(until);
+                out.profile_recorded = chunks.len();
+                let name = export.split('@').next().unwrap_or(export);
+                let saved = self.exports.home().catalog.get(name).map_err(|e| e.to_string()).and_then(|r| {
+                    crate::profile::save(self.exports.home(), name, &r, chunks, until.duration_since(a.started).as_secs_f64()).map_err(|e| e.to_string())
+                });
+                if let Err(e) = saved {
+                    tracing::warn!("{name}: the start-up profile was not saved: {e}");
+                    out.profile_recorded = 0;
+                }
+            }
+        } else if !discard {
+            return Err(Error::Attach(format!("{export} is not attached")));
+        }
+        if discard && export.contains('@') {
+            // The overlay closes with its last device; a VMM still connected
+            // over NBD keeps it open a moment longer.
+            let dir = self.exports.overlay_dir(export);
+            for _ in 0..50 {
+                if !self.exports.is_overlay_open(export) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(out)
+    }
+
+    /// What the agent serves.
+    pub fn status(&self) -> Status {
+        Status {
+            pid: std::process::id(),
+            attached: self.attachments.lock().expect("no panics while holding the lock").keys().cloned().collect(),
+            nbd: self
+                .options
+                .frontends
+                .iter()
+                .map(|f| match f {
+                    Frontend::Nbd(l) => l.to_string(),
+                })
+                .collect(),
+            vhost_user: self.vhost.as_ref().map(|v| v.dir().to_owned()),
+        }
+    }
+
+    /// Where the vhost-user attachments are listed, if they are kept.
+    fn attached_file(&self) -> Option<PathBuf> {
+        self.options.control.as_ref()?;
+        self.vhost.as_ref().map(|v| v.dir().join("attached.json"))
+    }
+
+    /// Lists the vhost-user attachments (for an agent that restarts after
+    /// this one dies).
+    fn save_attached(&self) {
+        let Some(file) = self.attached_file() else { return };
+        let list: Vec<String> = self
+            .attachments
+            .lock()
+            .expect("no panics while holding the lock")
+            .iter()
+            .filter(|(_, a)| a.disk == DiskKind::VhostUser)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let tmp = file.with_extension("tmp");
+        let written = std::fs::write(&tmp, serde_json::to_vec(&list).expect("names serialise")).and_then(|()| std::fs::rename(&tmp, &file));
+        if let Err(e) = written {
+            tracing::warn!("cannot keep the list of attached disks in {}: {e}", file.display());
+        }
+    }
+
+    /// Serves again the vhost-user attachments of the agent before this one
+    /// (handed over, or listed by one that died), so their VMs reconnect.
+    pub(crate) fn restore_attached(&self, handed: Vec<(String, std::os::unix::net::UnixListener)>) {
+        let Some(vhost) = &self.vhost else { return };
+        let mut restore: Vec<(String, Option<std::os::unix::net::UnixListener>)> = handed.into_iter().map(|(e, l)| (e, Some(l))).collect();
+        if let Some(file) = self.attached_file() {
+            if let Ok(bytes) = std::fs::read(&file) {
+                for e in serde_json::from_slice::<Vec<String>>(&bytes).unwrap_or_default() {
+                    if !restore.iter().any(|(x, _)| *x == e) {
+                        restore.push((e, None));
+                    }
+                }
+            }
+        }
+        for (export, listener) in restore {
+            self.exports.track(&export);
+            match vhost.attach_with(&export, listener) {
+                Ok(p) => {
+                    tracing::info!("serving {export} again on {} for the VM attached before", p.display());
+                    self.attachments
+                        .lock()
+                        .expect("no panics while holding the lock")
+                        .insert(export, Attachment { disk: DiskKind::VhostUser, started: Instant::now(), prefetcher: None, recording: None });
+                }
+                Err(e) => {
+                    self.exports.untrack(&export);
+                    tracing::error!("cannot serve {export} again: {e}");
+                }
+            }
+        }
+        self.save_attached();
+    }
+
+    /// The listeners to hand over: the NBD ones (by address) and the
+    /// vhost-user ones (by export).
+    pub(crate) fn handover_fds(&self) -> (Handover, Vec<RawFd>) {
+        let mut what = Handover::default();
+        let mut fds = Vec::new();
+        for (addr, fd) in self.listener_fds.lock().expect("no panics while holding the lock").iter() {
+            what.listeners.push(addr.clone());
+            fds.push(fd.as_raw_fd());
+        }
+        if let Some(v) = &self.vhost {
+            for (export, fd) in v.listeners() {
+                what.attached.push(export);
+                fds.push(fd);
+            }
+        }
+        (what, fds)
+    }
+}
