@@ -72,6 +72,9 @@ impl Agent {
     /// `profile`, prefetches the image's start-up profile or records one.
     pub fn attach(&self, export: &str, disk: DiskKind, profile: ProfileMode) -> Result<Attached, Error> {
         let name = export.split('@').next().unwrap_or(export);
+        if self.attachments.lock().expect("no panics while holding the lock").contains_key(export) {
+            return Err(Error::Attach(format!("{export} is already attached to a VM (one VM per export; a NAME@LABEL overlay gives each VM its own)")));
+        }
         let counts;
         let socket = match disk {
             DiskKind::VhostUser => {

@@ -447,6 +447,11 @@ pub struct RunArgs {
     /// Neither use nor record a start-up profile.
     #[arg(long)]
     pub no_profile: bool,
+    /// Boot from the image itself, read-only (the disk advertises it), with
+    /// a fresh tmpfs on /tmp: no overlay is made. An agent serves an image
+    /// read-only to one VM at a time.
+    #[arg(long)]
+    pub read_only: bool,
     /// How the VM reaches its disk: vhost-user (vhost-user-blk: the agent
     /// reads and writes guest memory directly) or nbd.
     #[arg(long, default_value = "vhost-user", value_parser = ["vhost-user", "nbd"])]

@@ -25,6 +25,7 @@ struct Spec {
     env: Vec<Vec<u8>>,
     workdir: Vec<u8>,
     user: String,
+    read_only: bool,
 }
 
 /// Runs as the VM's init: never returns (powers the VM off).
@@ -54,10 +55,14 @@ fn cstr(s: &[u8]) -> CString {
 }
 
 fn mount(src: &str, target: &str, fstype: &str) -> Result<(), String> {
+    mount_with(src, target, fstype, 0)
+}
+
+fn mount_with(src: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> Result<(), String> {
     let _ = std::fs::create_dir_all(target);
     let (s, t, f) = (cstr(src.as_bytes()), cstr(target.as_bytes()), cstr(fstype.as_bytes()));
     // SAFETY: all pointers are valid NUL-terminated strings; data may be null.
-    let r = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    let r = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, std::ptr::null()) };
     if r != 0 {
         return Err(format!("mount {src} on {target}: {}", std::io::Error::last_os_error()));
     }
@@ -76,6 +81,7 @@ fn read_spec() -> Result<Spec, String> {
             "env" => spec.env.push(value),
             "workdir" => spec.workdir = value,
             "user" => spec.user = String::from_utf8_lossy(&value).into_owned(),
+            "readonly" => spec.read_only = value == b"1",
             _ => {}
         }
     }
@@ -128,9 +134,19 @@ fn run(control: &mut Option<File>) -> Result<i32, String> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    mount("/dev/vda", "/newroot", "ext4")?;
+    if spec.read_only {
+        mount_with("/dev/vda", "/newroot", "ext4", libc::MS_RDONLY)?;
+        if Path::new("/newroot/tmp").is_dir() {
+            mount("tmpfs", "/newroot/tmp", "tmpfs")?;
+        }
+    } else {
+        mount("/dev/vda", "/newroot", "ext4")?;
+    }
     for (src, dir, fs) in [("proc", "/newroot/proc", "proc"), ("sysfs", "/newroot/sys", "sysfs"), ("devtmpfs", "/newroot/dev", "devtmpfs")] {
-        mount(src, dir, fs)?;
+        // A read-only root that lacks the mount point goes without.
+        if !spec.read_only || Path::new(dir).is_dir() {
+            mount(src, dir, fs)?;
+        }
     }
     let (uid, gid) = resolve_user(&spec.user)?;
     let stdout = serial("/dev/ttyS1")?;

@@ -111,6 +111,9 @@ pub fn build(guest: &Path, kernel: &Kernel, spec: &RunSpec) -> Result<Vec<u8>, E
         text.push_str(&format!("env {}\n", hex::encode(e)));
     }
     text.push_str(&format!("workdir {}\nuser {}\n", hex::encode(&spec.workdir), hex::encode(&spec.user)));
+    if spec.read_only {
+        text.push_str("readonly 31\n");
+    }
     c.file("tessera/spec", 0o644, text.as_bytes());
     c.entry("TRAILER!!!", 0, &[]);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

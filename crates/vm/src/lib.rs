@@ -99,6 +99,8 @@ pub struct RunSpec {
     pub workdir: String,
     /// `USER[:GROUP]`, names or numbers.
     pub user: String,
+    /// Mount the root read-only (with a fresh tmpfs on `/tmp`).
+    pub read_only: bool,
 }
 
 impl RunSpec {
@@ -114,7 +116,7 @@ impl RunSpec {
             merged.retain(|m| m.split('=').next() != Some(key));
             merged.push(e.clone());
         }
-        RunSpec { argv, env: merged, workdir: config.working_dir.clone(), user: config.user.clone() }
+        RunSpec { argv, env: merged, workdir: config.working_dir.clone(), user: config.user.clone(), read_only: false }
     }
 }
 

@@ -46,6 +46,10 @@ pub struct RunOptions {
     pub stderr: Box<dyn Write + Send>,
     /// How the VM reaches its disk.
     pub disk: DiskKind,
+    /// Attach the image itself (`NAME`, read-only; one VM at a time per
+    /// agent) rather than a copy-on-write overlay; the guest gets a tmpfs
+    /// on `/tmp`.
+    pub read_only: bool,
     /// The control socket of the agent to use; `None`: the host's agent
     /// (`$TESSERA_HOME/agent.sock`) if one runs, else a private one.
     pub agent: Option<PathBuf>,
@@ -143,7 +147,8 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
     if let Some(bad) = options.env.iter().find(|e| !e.contains('=')) {
         return Err(Error::BadEnv(bad.clone()));
     }
-    let spec = RunSpec::from_config(&manifest.config, &options.args, &options.env);
+    let mut spec = RunSpec::from_config(&manifest.config, &options.args, &options.env);
+    spec.read_only = options.read_only;
     if spec.argv.is_empty() {
         return Err(Error::NoEntrypoint(options.image.clone()));
     }
@@ -177,7 +182,7 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
         }
     };
     let agent_label = runner.label();
-    let export = format!("{}@{id}", options.image);
+    let export = if options.read_only { options.image.clone() } else { format!("{}@{id}", options.image) };
     let attached = runner.attach(&export, options.disk, if options.profile { ProfileMode::Auto } else { ProfileMode::Off })?;
     let first_output = Arc::new(OnceLock::<Instant>::new());
     let attach_time = Instant::now();

@@ -40,6 +40,7 @@ pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
         env: a.env,
         args: a.args,
         profile: !a.no_profile,
+        read_only: a.read_only,
         console_to_stderr: a.verbose,
         kernel_dir: kernel_dir(),
         guest: std::env::current_exe()?.with_file_name("tessera-guest"),

@@ -364,6 +364,11 @@ impl Served {
         self.child.id()
     }
 
+    /// Whether the agent has exited (reaped if so).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
     /// Resident memory of the agent, bytes.
     pub fn rss(&self) -> u64 {
         rss(self.pid())
