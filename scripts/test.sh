@@ -34,6 +34,12 @@ sudo_cmd=""
 [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
 $sudo_cmd systemctl disable --now docker-registry >/dev/null 2>&1 || true
 
+# The guest kernel the VM tests boot on microvm (built once, cached beside
+# Debian's kernel in the tests' kernel directory), built while clippy runs.
+mkdir -p target/tmp
+sh scripts/guest-kernel.sh "$(pwd)/target/tmp/kernel" >target/guest-kernel.log 2>&1 &
+kernel_build=$!
+
 # The declared checks are enforced: formatting, and clippy (which denies
 # undocumented unsafe blocks) with every warning an error.
 if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
@@ -41,6 +47,7 @@ if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 
 fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+wait "$kernel_build" || { tail -30 target/guest-kernel.log >&2; echo "building the guest kernel failed" >&2; exit 1; }
 
 if [ -n "$soak" ]; then
     exec cargo test --release -p tessera-cli --test hardening -- --ignored --exact soak --nocapture "$@"

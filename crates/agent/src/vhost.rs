@@ -38,8 +38,9 @@ use crate::virtio_blk::{self, status, Disk, Request};
 
 /// Queues a device offers (the guest may use fewer).
 pub const NUM_QUEUES: usize = 4;
-/// Descriptors per queue.
-const QUEUE_SIZE: usize = 256;
+/// Descriptors per queue, at most (virtio-mmio guests take QEMU's
+/// maximum, 1024).
+const QUEUE_SIZE: usize = 1024;
 /// Segments per request.
 const SEG_MAX: u32 = 126;
 

@@ -452,6 +452,12 @@ pub struct RunArgs {
     /// read-only to one VM at a time.
     #[arg(long)]
     pub read_only: bool,
+    /// The guest kernel: built (the one scripts/guest-kernel.sh builds into
+    /// the kernel cache, booted directly on QEMU's microvm machine), debian
+    /// (Debian's cloud kernel, on q35), or auto (built if the cache holds
+    /// it, else debian).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "built", "debian"])]
+    pub kernel: String,
     /// How the VM reaches its disk: vhost-user (vhost-user-blk: the agent
     /// reads and writes guest memory directly) or nbd.
     #[arg(long, default_value = "vhost-user", value_parser = ["vhost-user", "nbd"])]

@@ -72,6 +72,11 @@ fn exit_codes_and_crashes_are_propagated() {
     let env = imported();
     assert_eq!(run(&env, &["bb", "--accel", "tcg", "--", "-c", "exit 3"]).status.code(), Some(3));
     assert_eq!(run(&env, &["bb", "--accel", "tcg", "--", "-c", "kill -SEGV $$"]).status.code(), Some(139));
+    // Debian's kernel on q35 (serial ports, PCI), over NBD: the other path.
+    let o = run(&env, &["bb", "--accel", "tcg", "--kernel", "debian", "--disk", "nbd", "--json", "--", "-c", "exit 4"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(report["disk"], "nbd");
 }
 
 #[test]
@@ -83,7 +88,7 @@ fn runs_are_private_and_the_image_never_changes() {
     let script = |v: &str| format!("echo {v} > /tmp/x; sleep 1; cat /tmp/x");
     let (sa, sb) = (script("A"), script("B"));
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| run(&env, &["bb", "--accel", "tcg", "--", "-c", &sa]));
+        let a = s.spawn(|| run(&env, &["bb", "--accel", "tcg", "--disk", "nbd", "--", "-c", &sa]));
         let b = s.spawn(|| run(&env, &["bb", "--accel", "tcg", "--", "-c", &sb]));
         (a.join().unwrap(), b.join().unwrap())
     });

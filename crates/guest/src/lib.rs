@@ -4,12 +4,16 @@
 //! It reads `/tessera/spec` from the initramfs, loads the virtio modules,
 //! mounts `/dev/vda` (the image, served lazily over NBD by the host) as the
 //! root, and runs the entrypoint there with the image's environment, working
-//! directory and user. The program's stdout and stderr go to the serial
-//! ports ttyS1 and ttyS2; ttyS3 carries `start` when the program is about to
-//! run and `exit N` when it has ended. Then the VM powers off.
+//! directory and user. The program's stdout and stderr go to ports 1 and 2
+//! (virtio-serial `vport0p1`, `vport0p2` on `microvm`; serial `ttyS1`,
+//! `ttyS2` on `q35`); port 3 carries `start` when the program is about to
+//! run and `exit N` when it has ended. Then the VM reboots, which QEMU
+//! (`-no-reboot`) takes as the end.
 //!
 //! The spec is one line per item, `KEY HEX` with the value hex-encoded:
-//! `module` (a `.ko` path, in load order), `arg`, `env`, `workdir`, `user`.
+//! `module` (a `.ko` path, in load order), `arg`, `env`, `workdir`, `user`,
+//! `readonly` (`1`: mount the root read-only, a tmpfs on `/tmp`), `ports`
+//! (`virtio`: wait for the virtio-serial ports).
 
 use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions};
@@ -26,6 +30,8 @@ struct Spec {
     workdir: Vec<u8>,
     user: String,
     read_only: bool,
+    /// The host's ports are virtio-serial (`microvm`), not serial ports.
+    virtio_ports: bool,
 }
 
 /// Runs as the VM's init: never returns (powers the VM off).
@@ -35,18 +41,21 @@ pub fn main() {
         Ok(code) => code,
         Err(msg) => {
             let line = format!("tessera-guest: {msg}\n");
-            let _ = std::fs::OpenOptions::new().write(true).open("/dev/ttyS2").and_then(|mut f| f.write_all(line.as_bytes()));
+            let _ = std::fs::OpenOptions::new().write(true).open(port(2)).and_then(|mut f| f.write_all(line.as_bytes()));
             let _ = std::io::stderr().write_all(line.as_bytes());
+            // And the kernel log, which reaches the console whatever the ports.
+            let _ = std::fs::OpenOptions::new().write(true).open("/dev/kmsg").and_then(|mut f| f.write_all(line.as_bytes()));
             125
         }
     };
     if let Some(c) = control.as_mut() {
         let _ = writeln!(c, "exit {code}");
     }
-    // SAFETY: sync and reboot take no pointers; as PID 1 we may power off.
+    // SAFETY: sync and reboot take no pointers; as PID 1 we may reboot.
+    // A reboot needs no ACPI (microvm has none): QEMU exits on it.
     unsafe {
         libc::sync();
-        libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
+        libc::reboot(libc::LINUX_REBOOT_CMD_RESTART);
     }
 }
 
@@ -82,6 +91,7 @@ fn read_spec() -> Result<Spec, String> {
             "workdir" => spec.workdir = value,
             "user" => spec.user = String::from_utf8_lossy(&value).into_owned(),
             "readonly" => spec.read_only = value == b"1",
+            "ports" => spec.virtio_ports = value == b"virtio",
             _ => {}
         }
     }
@@ -99,6 +109,21 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Opens a serial port for writing, in raw mode (no newline translation).
+/// Port `n` to the host: virtio-serial (`/dev/vportDpN`, D the virtio
+/// device's index) where the VM has it, else a serial port.
+fn port(n: u8) -> String {
+    let suffix = format!("p{n}");
+    let virtio = std::fs::read_dir("/dev").ok().and_then(|dir| {
+        dir.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned())).find(|name| {
+            name.strip_prefix("vport").and_then(|rest| rest.strip_suffix(&suffix)).is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        })
+    });
+    match virtio {
+        Some(name) => format!("/dev/{name}"),
+        None => format!("/dev/ttyS{n}"),
+    }
+}
+
 fn serial(path: &str) -> Result<File, String> {
     let f = OpenOptions::new().read(true).write(true).open(path).map_err(|e| format!("{path}: {e}"))?;
     // SAFETY: termios is plain data; the descriptor is valid for `f`'s lifetime.
@@ -116,8 +141,15 @@ fn run(control: &mut Option<File>) -> Result<i32, String> {
     mount("proc", "/proc", "proc")?;
     mount("sysfs", "/sys", "sysfs")?;
     mount("devtmpfs", "/dev", "devtmpfs")?;
-    *control = Some(serial("/dev/ttyS3")?);
     let spec = read_spec()?;
+    if spec.virtio_ports {
+        // The host adds virtio-serial ports once the driver is up: wait.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !port(3).starts_with("/dev/vport") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    *control = Some(serial(&port(3))?);
     for m in &spec.modules {
         let f = File::open(m).map_err(|e| format!("{m}: {e}"))?;
         let empty = cstr(b"");
@@ -149,8 +181,8 @@ fn run(control: &mut Option<File>) -> Result<i32, String> {
         }
     }
     let (uid, gid) = resolve_user(&spec.user)?;
-    let stdout = serial("/dev/ttyS1")?;
-    let stderr = serial("/dev/ttyS2")?;
+    let stdout = serial(&port(1))?;
+    let stderr = serial(&port(2))?;
     if let Some(c) = control.as_mut() {
         let _ = writeln!(c, "start");
     }

@@ -58,9 +58,9 @@ pub fn pick(wanted: AccelChoice, kernel: &Kernel, memo_dir: &Path) -> Accel {
 
 fn probe_kvm(kernel: &Kernel) -> Accel {
     let child = std::process::Command::new("qemu-system-x86_64")
-        .args(["-accel", "kvm", "-M", "q35", "-nodefaults", "-no-reboot", "-display", "none", "-m", "128"])
+        .args(["-accel", "kvm", "-M", if kernel.built { "microvm" } else { "q35" }, "-nodefaults", "-no-reboot", "-display", "none", "-m", "128"])
         .arg("-kernel")
-        .arg(&kernel.vmlinuz)
+        .arg(&kernel.image)
         .args(["-append", "panic=-1"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

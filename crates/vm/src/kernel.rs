@@ -1,6 +1,10 @@
-//! The guest kernel: Debian's `linux-image-cloud-amd64`, downloaded with
-//! `apt-get download` and unpacked with `dpkg-deb -x` into a cache
-//! directory, never installed on the host.
+//! The guest kernel: one built for the job by `scripts/guest-kernel.sh`
+//! (an uncompressed `vmlinux` booted directly on QEMU's `microvm`
+//! machine, with its drivers built in) when the cache directory holds one,
+//! else Debian's `linux-image-cloud-amd64`, downloaded with `apt-get
+//! download` and unpacked with `dpkg-deb -x` into the cache directory,
+//! never installed on the host (booted on `q35`, its virtio modules loaded
+//! from the initramfs).
 
 use std::fs::{self, File};
 use std::os::unix::io::AsRawFd;
@@ -15,10 +19,23 @@ pub const MODULES: [&str; 6] = ["virtio_ring", "virtio", "virtio_pci_modern_dev"
 /// An unpacked guest kernel.
 #[derive(Clone, Debug)]
 pub struct Kernel {
-    /// `boot/vmlinuz-…`.
-    pub vmlinuz: PathBuf,
-    /// The `.ko` files of [`MODULES`], in order.
+    /// `boot/vmlinuz-…` (Debian's), or `tessera-…/vmlinux` (built).
+    pub image: PathBuf,
+    /// The `.ko` files of [`MODULES`], in order (none for a built kernel).
     pub modules: Vec<PathBuf>,
+    /// Built by `scripts/guest-kernel.sh`: boots on `microvm`.
+    pub built: bool,
+}
+
+/// Which guest kernel a run boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// The built one if the cache holds it, else Debian's.
+    Auto,
+    /// The one built by `scripts/guest-kernel.sh` (an error if absent).
+    Built,
+    /// Debian's.
+    Debian,
 }
 
 fn run(cmd: &mut Command) -> Result<String, Error> {
@@ -31,7 +48,29 @@ fn run(cmd: &mut Command) -> Result<String, Error> {
 }
 
 impl Kernel {
-    /// The kernel unpacked under `dir`, fetching it the first time (one
+    /// The kernel `choice` names, from `dir`.
+    pub fn pick(dir: &Path, choice: KernelChoice) -> Result<Kernel, Error> {
+        match (choice, Kernel::built_in(dir)) {
+            (KernelChoice::Built | KernelChoice::Auto, Some(k)) => Ok(k),
+            (KernelChoice::Built, None) => Err(Error::Kernel(format!("{} holds no kernel built for tessera: run scripts/guest-kernel.sh {0}", dir.display()))),
+            _ => Kernel::ensure(dir),
+        }
+    }
+
+    /// The newest `tessera-*/vmlinux` under `dir`.
+    fn built_in(dir: &Path) -> Option<Kernel> {
+        let mut found: Vec<PathBuf> = fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("tessera-")))
+            .map(|p| p.join("vmlinux"))
+            .filter(|p| p.is_file())
+            .collect();
+        found.sort();
+        found.pop().map(|image| Kernel { image, modules: Vec::new(), built: true })
+    }
+
+    /// Debian's kernel unpacked under `dir`, fetching it the first time (one
     /// process at a time: a lock file guards the download).
     pub fn ensure(dir: &Path) -> Result<Kernel, Error> {
         fs::create_dir_all(dir).map_err(Error::io("creating the kernel directory", dir))?;
@@ -89,6 +128,6 @@ impl Kernel {
                 }
             })
             .collect::<Result<_, _>>()?;
-        Ok(Kernel { vmlinuz, modules })
+        Ok(Kernel { image: vmlinuz, modules, built: false })
     }
 }

@@ -19,7 +19,7 @@ pub mod run;
 
 pub use accel::Accel;
 pub use initramfs::build as build_initramfs;
-pub use kernel::{Kernel, MODULES};
+pub use kernel::{Kernel, KernelChoice, MODULES};
 pub use qemu::{Launch, RootDisk};
 
 use std::path::PathBuf;

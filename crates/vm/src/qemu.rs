@@ -28,20 +28,21 @@ pub enum RootDisk {
 }
 
 impl RootDisk {
-    /// QEMU's arguments for it.
-    fn args(&self) -> Vec<String> {
+    /// QEMU's arguments for it: a PCI device on `q35`, an MMIO one on `microvm`.
+    fn args(&self, microvm: bool) -> Vec<String> {
+        let bus = if microvm { "device" } else { "pci" };
         match self {
             RootDisk::Nbd { socket, export } => vec![
                 "-drive".into(),
                 format!("file=nbd+unix:///{export}?socket={},format=raw,if=none,id=root,cache=none", socket.display()),
                 "-device".into(),
-                "virtio-blk-pci,drive=root".into(),
+                format!("virtio-blk-{bus},drive=root"),
             ],
             RootDisk::VhostUser { socket, queues } => vec![
                 "-chardev".into(),
                 format!("socket,id=root,path={},reconnect=1", socket.display()),
                 "-device".into(),
-                format!("vhost-user-blk-pci,chardev=root,num-queues={queues}"),
+                format!("vhost-user-blk{},chardev=root,num-queues={queues}", if microvm { "" } else { "-pci" }),
             ],
         }
     }
@@ -56,6 +57,9 @@ impl RootDisk {
 pub struct Launch<'a> {
     /// Guest kernel.
     pub kernel: &'a Path,
+    /// Boot on `microvm` (a kernel with its drivers built in, booted
+    /// directly: no firmware, PCI or ACPI) rather than `q35`.
+    pub microvm: bool,
     /// Initramfs file.
     pub initrd: &'a Path,
     /// The root disk.
@@ -66,7 +70,9 @@ pub struct Launch<'a> {
     pub cpus: u32,
     /// CPU provider.
     pub accel: Accel,
-    /// Where ttyS1..ttyS3 listen (unix sockets QEMU creates and waits on).
+    /// Where the program's stdout, stderr and the guest's control channel
+    /// listen (unix sockets QEMU creates and waits on): serial ports
+    /// ttyS1..ttyS3 on `q35`, virtio-serial ports vport0p1..3 on `microvm`.
     pub sockets: [PathBuf; 3],
     /// Console log file (QEMU's own messages go beside it, `.qemu`);
     /// `None` sends both to our stderr.
@@ -77,28 +83,50 @@ impl Launch<'_> {
     /// Spawns QEMU; it waits for a client on each serial socket before booting.
     pub fn spawn(&self) -> Result<Child, Error> {
         let mut cmd = Command::new("qemu-system-x86_64");
-        let machine = if self.root.shares_memory() {
+        let mut machine = if self.microvm {
+            // No option ROMs, ACPI or RTC; the PIT and PIC the kernel's
+            // timer set-up wants; one ISA serial port for the console.
+            "microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=on,acpi=off".to_owned()
+        } else {
+            "q35".to_owned()
+        };
+        if self.root.shares_memory() {
             // vhost-user: guest memory in a memfd the back end maps.
             cmd.arg("-object").arg(format!("memory-backend-memfd,id=mem,size={}M,share=on", self.memory_mib));
-            "q35,memory-backend=mem"
+            machine.push_str(",memory-backend=mem");
+        }
+        // reboot=t: the guest's last act is a reboot (a triple fault, which
+        // needs no ACPI), which -no-reboot turns into QEMU's exit.
+        let cmdline = if self.microvm {
+            "console=ttyS0 panic=-1 quiet reboot=t tsc=reliable no_timer_check nowatchdog noapictimer"
         } else {
-            "q35"
+            "console=ttyS0 panic=-1 quiet reboot=t"
         };
-        cmd.args(["-accel", self.accel.name(), "-M", machine, "-nodefaults", "-no-reboot", "-nographic"])
+        cmd.args(["-accel", self.accel.name(), "-M", &machine, "-nodefaults", "-no-reboot", "-nographic"])
             .args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()])
             .arg("-kernel")
             .arg(self.kernel)
             .arg("-initrd")
             .arg(self.initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
-            .args(self.root.args());
+            .args(["-append", cmdline])
+            .args(self.root.args(self.microvm));
+        if self.microvm {
+            cmd.args(["-global", "virtio-mmio.force-legacy=false"]);
+        }
         match self.console {
             Some(log) => cmd.arg("-serial").arg(format!("file:{}", log.display())),
             None => cmd.args(["-serial", "stdio"]),
         };
+        if self.microvm {
+            cmd.args(["-device", "virtio-serial-device,max_ports=4"]);
+        }
         for (i, s) in self.sockets.iter().enumerate() {
             cmd.arg("-chardev").arg(format!("socket,id=s{i},path={},server=on,wait=on", s.display()));
-            cmd.arg("-serial").arg(format!("chardev:s{i}"));
+            if self.microvm {
+                cmd.arg("-device").arg(format!("virtserialport,chardev=s{i},nr={}", i + 1));
+            } else {
+                cmd.arg("-serial").arg(format!("chardev:s{i}"));
+            }
         }
         cmd.stdin(Stdio::null());
         match self.console {

@@ -16,7 +16,7 @@ use tessera_chunk::CHUNK_SIZE;
 use tessera_store::Home;
 
 use crate::accel::{self, AccelChoice};
-use crate::{Error, Kernel, Launch, RootDisk, RunSpec};
+use crate::{Error, Kernel, KernelChoice, Launch, RootDisk, RunSpec};
 
 /// What to run, and how.
 pub struct RunOptions {
@@ -38,6 +38,8 @@ pub struct RunOptions {
     pub console_to_stderr: bool,
     /// Where the guest kernel is kept.
     pub kernel_dir: PathBuf,
+    /// Which guest kernel to boot.
+    pub kernel: KernelChoice,
     /// The `tessera-guest` binary (PID 1 in the VM).
     pub guest: PathBuf,
     /// Where the program's stdout goes.
@@ -88,6 +90,8 @@ pub struct Report {
     pub agent: &'static str,
     /// `vhost-user` or `nbd`.
     pub disk: &'static str,
+    /// `built` (on microvm) or `debian` (on q35).
+    pub kernel: &'static str,
 }
 
 /// The agent serving a run's disk: the host's, over its control socket,
@@ -152,7 +156,7 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
     if spec.argv.is_empty() {
         return Err(Error::NoEntrypoint(options.image.clone()));
     }
-    let kernel = Kernel::ensure(&options.kernel_dir)?;
+    let kernel = Kernel::pick(&options.kernel_dir, options.kernel)?;
     if !options.guest.exists() {
         return Err(Error::Tool { command: options.guest.display().to_string(), reason: "missing: it is built with tessera (cargo build)".into() });
     }
@@ -191,7 +195,8 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
     let console = dir.join("console.log");
     let sockets = [dir.join("stdout.sock"), dir.join("stderr.sock"), dir.join("control.sock")];
     let launch = Launch {
-        kernel: &kernel.vmlinuz,
+        kernel: &kernel.image,
+        microvm: kernel.built,
         initrd: &initrd,
         root: match attached.disk {
             DiskKind::Nbd => RootDisk::Nbd { socket: attached.socket.clone(), export: attached.export.clone() },
@@ -277,6 +282,7 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
         seconds_to_first_output: first_output.get().map(|t| t.duration_since(started).as_secs_f64()),
         agent: agent_label,
         disk: attached.disk.label(),
+        kernel: if kernel.built { "built" } else { "debian" },
     })
 }
 

@@ -7,6 +7,7 @@ use anyhow::Result;
 use tessera_store::Home;
 use tessera_vm::accel::AccelChoice;
 use tessera_vm::run::RunOptions;
+use tessera_vm::KernelChoice;
 
 use super::options::{agent_options, bound_allocator};
 use crate::flags::{LimitArgs, RunArgs};
@@ -41,6 +42,11 @@ pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
         args: a.args,
         profile: !a.no_profile,
         read_only: a.read_only,
+        kernel: match a.kernel.as_str() {
+            "built" => KernelChoice::Built,
+            "debian" => KernelChoice::Debian,
+            _ => KernelChoice::Auto,
+        },
         console_to_stderr: a.verbose,
         kernel_dir: kernel_dir(),
         guest: std::env::current_exe()?.with_file_name("tessera-guest"),
@@ -53,9 +59,10 @@ pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
     if a.report {
         let fetched = report.bytes_fetched;
         eprintln!(
-            "tessera: {} ({}, {} agent, {} disk, {}): vm started {:.2} s, entrypoint {:.2} s, done {:.2} s, exit {}; fetched {} of {} ({:.1}%)",
+            "tessera: {} ({}, {} kernel, {} agent, {} disk, {}): vm started {:.2} s, entrypoint {:.2} s, done {:.2} s, exit {}; fetched {} of {} ({:.1}%)",
             report.image,
             report.accel,
+            report.kernel,
             report.agent,
             report.disk,
             match (report.profile, report.profile_chunks) {
