@@ -9,7 +9,7 @@
 //! (`kill -9`) listens on the same sockets again and the VMs reconnect.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +44,21 @@ impl std::fmt::Debug for Inherited {
     }
 }
 
+/// Checks an export named by a client: `NAME` or `NAME@LABEL`, each a
+/// valid name (no path can be made of it); returns `NAME`.
+fn check_export(export: &str) -> Result<&str, Error> {
+    let (name, label) = match export.split_once('@') {
+        Some((n, l)) => (n, Some(l)),
+        None => (export, None),
+    };
+    let valid = tessera_store::check_name(name).is_ok() && label.is_none_or(|l| tessera_store::check_name(l).is_ok());
+    if valid {
+        Ok(name)
+    } else {
+        Err(Error::Attach(format!("{export:?} is not an export: NAME or NAME@LABEL, each 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit")))
+    }
+}
+
 /// Takes over from the agent whose control socket is `control`: it hands
 /// its listeners over, quiesces its VMs' disks and stops.
 pub fn take_over(control: &Path) -> Result<Inherited, Error> {
@@ -71,10 +86,27 @@ impl Agent {
     /// (a socket of its own) or NBD (the agent's unix socket); with
     /// `profile`, prefetches the image's start-up profile or records one.
     pub fn attach(&self, export: &str, disk: DiskKind, profile: ProfileMode) -> Result<Attached, Error> {
-        let name = export.split('@').next().unwrap_or(export);
-        if self.attachments.lock().expect("no panics while holding the lock").contains_key(export) {
-            return Err(Error::Attach(format!("{export} is already attached to a VM (one VM per export; a NAME@LABEL overlay gives each VM its own)")));
+        let name = check_export(export)?;
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) || self.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Attach(format!("{export}: this agent is handing over to a successor; attach there")));
         }
+        // Reserved first, so two attaches of one export cannot both go on.
+        {
+            let mut attachments = self.attachments.lock().expect("no panics while holding the lock");
+            if attachments.contains_key(export) {
+                return Err(Error::Attach(format!("{export} is already attached to a VM (one VM per export; a NAME@LABEL overlay gives each VM its own)")));
+            }
+            attachments.insert(export.to_owned(), Attachment { disk, started: Instant::now(), prefetcher: None, recording: None });
+        }
+        let attached = self.attach_reserved(export, name, disk, profile);
+        if attached.is_err() {
+            self.attachments.lock().expect("no panics while holding the lock").remove(export);
+        }
+        attached
+    }
+
+    /// [`Agent::attach`] once `export` is reserved.
+    fn attach_reserved(&self, export: &str, name: &str, disk: DiskKind, profile: ProfileMode) -> Result<Attached, Error> {
         let counts;
         let socket = match disk {
             DiskKind::VhostUser => {
@@ -129,7 +161,24 @@ impl Agent {
                 Err(e) => tracing::warn!("{name}: {e}"),
             }
         }
-        self.attachments.lock().expect("no panics while holding the lock").insert(export.to_owned(), attachment);
+        let unreserved = match self.attachments.lock().expect("no panics while holding the lock").get_mut(export) {
+            Some(reserved) => {
+                *reserved = attachment;
+                None
+            }
+            None => Some(attachment),
+        };
+        if let Some(attachment) = unreserved {
+            // Detached while it was being attached.
+            if let Some(p) = attachment.prefetcher {
+                p.stop();
+            }
+            if let Some(v) = &self.vhost {
+                v.detach(export);
+            }
+            self.exports.untrack(export);
+            return Err(Error::Attach(format!("{export} was detached while it was being attached")));
+        }
         self.save_attached();
         Ok(Attached { socket, export: export.to_owned(), disk, prefetching, profile_chunks })
     }
@@ -138,6 +187,7 @@ impl Agent {
     /// `record_until` after the attach (if one was being recorded); with
     /// `discard`, removes its overlay.
     pub fn detach(&self, export: &str, record_until: Option<Duration>, discard: bool) -> Result<Detached, Error> {
+        check_export(export)?;
         let attachment = self.attachments.lock().expect("no panics while holding the lock").remove(export);
         if let Some(vhost) = &self.vhost {
             vhost.detach(export);
@@ -175,7 +225,11 @@ impl Agent {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            let _ = std::fs::remove_dir_all(&dir);
+            if self.exports.is_overlay_open(export) {
+                tracing::warn!("{export}: its overlay is still open (a client still connected); it is kept, not removed");
+            } else {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
         }
         Ok(out)
     }
@@ -207,15 +261,10 @@ impl Agent {
     /// this one dies).
     fn save_attached(&self) {
         let Some(file) = self.attached_file() else { return };
-        let list: Vec<String> = self
-            .attachments
-            .lock()
-            .expect("no panics while holding the lock")
-            .iter()
-            .filter(|(_, a)| a.disk == DiskKind::VhostUser)
-            .map(|(k, _)| k.clone())
-            .collect();
-        let tmp = file.with_extension("tmp");
+        // Written under the lock: the file is always the latest list.
+        let attachments = self.attachments.lock().expect("no panics while holding the lock");
+        let list: Vec<&String> = attachments.iter().filter(|(_, a)| a.disk == DiskKind::VhostUser).map(|(k, _)| k).collect();
+        let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
         let written = std::fs::write(&tmp, serde_json::to_vec(&list).expect("names serialise")).and_then(|()| std::fs::rename(&tmp, &file));
         if let Err(e) = written {
             tracing::warn!("cannot keep the list of attached disks in {}: {e}", file.display());
@@ -229,7 +278,11 @@ impl Agent {
         let mut restore: Vec<(String, Option<std::os::unix::net::UnixListener>)> = handed.into_iter().map(|(e, l)| (e, Some(l))).collect();
         if let Some(file) = self.attached_file() {
             if let Ok(bytes) = std::fs::read(&file) {
-                for e in serde_json::from_slice::<Vec<String>>(&bytes).unwrap_or_default() {
+                let listed = serde_json::from_slice::<Vec<String>>(&bytes).unwrap_or_else(|e| {
+                    tracing::error!("{}: {e}; the disks it listed are not served again", file.display());
+                    Vec::new()
+                });
+                for e in listed {
                     if !restore.iter().any(|(x, _)| *x == e) {
                         restore.push((e, None));
                     }
@@ -257,12 +310,19 @@ impl Agent {
 
     /// The listeners to hand over: the NBD ones (by address) and the
     /// vhost-user ones (by export).
-    pub(crate) fn handover_fds(&self) -> (Handover, Vec<RawFd>) {
+    /// Copies of the descriptors, so none is closed before it is sent.
+    pub(crate) fn handover_fds(&self) -> (Handover, Vec<OwnedFd>) {
         let mut what = Handover::default();
         let mut fds = Vec::new();
         for (addr, fd) in self.listener_fds.lock().expect("no panics while holding the lock").iter() {
-            what.listeners.push(addr.clone());
-            fds.push(fd.as_raw_fd());
+            // SAFETY: the listeners listed are open for the agent's life.
+            match unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) }.try_clone_to_owned() {
+                Ok(fd) => {
+                    what.listeners.push(addr.clone());
+                    fds.push(fd);
+                }
+                Err(e) => tracing::error!("cannot hand {addr} over: {e}"),
+            }
         }
         if let Some(v) = &self.vhost {
             for (export, fd) in v.listeners() {

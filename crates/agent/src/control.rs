@@ -14,7 +14,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -135,6 +135,11 @@ pub struct Handover {
     pub attached: Vec<String>,
 }
 
+/// Control connections served at once.
+const MAX_CONNECTIONS: usize = 64;
+/// Bytes of one request line.
+const MAX_LINE: usize = 64 << 10;
+
 /// What the agent does for its control socket.
 pub trait Controlled: Send + Sync {
     /// Serves `export` to a VM.
@@ -145,9 +150,11 @@ pub trait Controlled: Send + Sync {
     fn status(&self) -> Status;
     /// The descriptors to hand over and what they are; after they are
     /// sent, [`Controlled::handed_over`] is called.
-    fn handover(&self) -> Result<(Handover, Vec<RawFd>), String>;
+    fn handover(&self) -> Result<(Handover, Vec<OwnedFd>), String>;
     /// The successor has the descriptors: quiesce and stop.
     fn handed_over(&self);
+    /// The descriptors could not be sent: carry on serving.
+    fn handover_failed(&self) {}
 }
 
 /// Serves the control socket on `listener` until `stop` is set (on
@@ -161,30 +168,43 @@ pub fn serve(listener: UnixListener, agent: Arc<dyn Controlled>, stop: Arc<Atomi
         if unsafe { libc::poll(&mut p, 1, 100) } <= 0 || stop.load(Ordering::SeqCst) {
             continue;
         }
-        let Ok((stream, _)) = listener.accept() else { continue };
+        let Ok((mut stream, _)) = listener.accept() else { continue };
         // A local socket (mode 0600), but still bounded.
-        if active.load(Ordering::SeqCst) >= 64 {
+        if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = stream.write_all(format!("{}\n", json_err(format!("the agent has {MAX_CONNECTIONS} control connections open: try again"))).as_bytes());
             continue;
         }
         active.fetch_add(1, Ordering::SeqCst);
         let (agent, active) = (Arc::clone(&agent), Arc::clone(&active));
         std::thread::spawn(move || {
-            serve_one(stream, agent.as_ref(), control_fd);
+            serve_one(stream, agent.as_ref());
             active.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
 
 /// Answers one connection's requests.
-fn serve_one(stream: UnixStream, agent: &dyn Controlled, control_fd: RawFd) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
+fn serve_one(stream: UnixStream, agent: &dyn Controlled) {
+    // Clients connect per request (`tessera run` does): an idle connection
+    // is closed after a minute.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let Ok(mut out) = stream.try_clone() else { return };
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { break };
-        if line.len() > 64 << 10 {
-            break;
+    let mut reader = BufReader::new(stream);
+    loop {
+        // At most MAX_LINE bytes are held for a line, newline or not.
+        let mut bytes = Vec::new();
+        match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut bytes) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if bytes.len() > MAX_LINE => {
+                let _ = out.write_all(format!("{}\n", json_err(format!("a request is at most {MAX_LINE} bytes"))).as_bytes());
+                break;
+            }
+            Ok(_) => {}
         }
-        let answer = match serde_json::from_str::<Request>(&line) {
+        let Ok(line) = String::from_utf8(bytes) else { break };
+        let line = line.trim_end();
+        let answer = match serde_json::from_str::<Request>(line) {
             Err(e) => json_err(format!("bad request: {e}")),
             Ok(Request::Attach { export, disk, profile }) => ok_with(agent.attach(&export, disk, profile)),
             Ok(Request::Detach { export, record_until, discard }) => {
@@ -195,12 +215,10 @@ fn serve_one(stream: UnixStream, agent: &dyn Controlled, control_fd: RawFd) {
             Ok(Request::Handover) => match agent.handover() {
                 Err(e) => json_err(e),
                 Ok((what, fds)) => {
-                    let mut all = vec![control_fd];
-                    all.extend(fds);
-                    let mut what = what;
-                    what.listeners.insert(0, "control".into());
+                    let all: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
                     let body = ok_with(Ok::<_, String>(what));
                     if send_with_fds(&out, format!("{body}\n").as_bytes(), &all).is_err() {
+                        agent.handover_failed();
                         return;
                     }
                     // The successor has them: quiesce, then say so.

@@ -262,6 +262,9 @@ pub struct Agent {
     /// Told when the agent handed itself over and must stop.
     handed_over: Arc<tokio::sync::Notify>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Set while the listeners are being handed to a successor: attaches
+    /// are refused.
+    handing_over: std::sync::atomic::AtomicBool,
 }
 
 impl Agent {
@@ -328,6 +331,7 @@ impl Agent {
             inherited: Default::default(),
             handed_over: Arc::new(tokio::sync::Notify::new()),
             stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -521,11 +525,18 @@ impl control::Controlled for Agent {
         Agent::status(self)
     }
 
-    fn handover(&self) -> Result<(control::Handover, Vec<std::os::fd::RawFd>), String> {
-        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+    fn handover(&self) -> Result<(control::Handover, Vec<std::os::fd::OwnedFd>), String> {
+        // From now no attach can add a device the successor would not be
+        // handed.
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) || self.handing_over.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Err("this agent is stopping".into());
         }
         Ok(self.handover_fds())
+    }
+
+    fn handover_failed(&self) {
+        tracing::warn!("the handover failed; this agent carries on");
+        self.handing_over.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn handed_over(&self) {

@@ -116,7 +116,13 @@ impl Overlay {
             *journal = Some((next, f));
         }
         let (_, f) = journal.as_mut().expect("opened above");
-        f.write_all(records)
+        let written = f.write_all(records);
+        if written.is_err() {
+            // A torn record would misalign every later one: later records
+            // go to a new journal (replay ignores a torn tail).
+            *journal = None;
+        }
+        written
     }
 
     /// Whether the overlay exists on disk (something was ever written).
@@ -256,8 +262,11 @@ impl Overlay {
             self.read_at(base, &mut buf[tail..tail + len], last * BLOCK)?;
         }
         buf[(offset - aligned_start) as usize..(end - aligned_start) as usize].copy_from_slice(data);
-        data_file.write_all_at(&buf, aligned_start)?;
+        // The record first: a write cut short leaves a record the data
+        // file does not match (ignored at replay), never data without its
+        // record (which would hide an earlier acknowledged write's record).
         self.journal(first, &buf)?;
+        data_file.write_all_at(&buf, aligned_start)?;
         let mut map = self.map.lock().expect("no panics while holding the lock");
         for b in first..=last {
             map[(b / 64) as usize] |= 1 << (b % 64);
@@ -278,6 +287,13 @@ impl Overlay {
         self.write_at(base, &vec![0; (end - inner_end) as usize], inner_end)?;
         let data_file = &self.files()?.data;
         let _w = self.writing.lock().expect("no panics while holding the lock");
+        let zero = block_hash(&[0; BLOCK as usize]);
+        let mut records = Vec::new();
+        for b in inner_start / BLOCK..inner_end / BLOCK {
+            records.extend_from_slice(&b.to_le_bytes());
+            records.extend_from_slice(&zero);
+        }
+        self.append(&records)?;
         // SAFETY: fallocate takes a valid descriptor owned by `data_file` and plain integers.
         let r = unsafe {
             libc::fallocate(data_file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, inner_start as i64, (inner_end - inner_start) as i64)
@@ -291,13 +307,6 @@ impl Overlay {
             }
             return Ok(());
         }
-        let zero = block_hash(&[0; BLOCK as usize]);
-        let mut records = Vec::new();
-        for b in inner_start / BLOCK..inner_end / BLOCK {
-            records.extend_from_slice(&b.to_le_bytes());
-            records.extend_from_slice(&zero);
-        }
-        self.append(&records)?;
         let mut map = self.map.lock().expect("no panics while holding the lock");
         for b in inner_start / BLOCK..inner_end / BLOCK {
             map[(b / 64) as usize] |= 1 << (b % 64);

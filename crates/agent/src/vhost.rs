@@ -41,6 +41,8 @@ pub const NUM_QUEUES: usize = 4;
 /// Descriptors per queue, at most (virtio-mmio guests take QEMU's
 /// maximum, 1024).
 const QUEUE_SIZE: usize = 1024;
+/// The longest path a unix socket address holds (`sun_path`, less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 /// Segments per request.
 const SEG_MAX: u32 = 126;
 
@@ -349,8 +351,14 @@ impl VhostUser {
     }
 
     /// Where export `name`'s socket is.
+    /// `DIR/EXPORT.sock`, or `DIR/HASH.sock` (16 hex digits of the
+    /// export's SHA-256) where that would not fit in a unix socket address.
     pub fn socket_of(&self, export: &str) -> PathBuf {
-        self.dir.join(format!("{export}.sock"))
+        let named = self.dir.join(format!("{export}.sock"));
+        if named.as_os_str().len() <= MAX_SOCKET_PATH {
+            return named;
+        }
+        self.dir.join(format!("{}.sock", &tessera_chunk::ChunkId::of(export.as_bytes()).to_hex()[..16]))
     }
 
     /// Attaches `export` (`NAME`, read-only, or `NAME@LABEL`): opens it and
@@ -371,6 +379,12 @@ impl VhostUser {
         let listener = match handed_over {
             Some(l) => l,
             None => {
+                if path.as_os_str().len() > MAX_SOCKET_PATH {
+                    return Err(ExportError::Overlay(io::Error::other(format!(
+                        "{} is longer than a unix socket address holds ({MAX_SOCKET_PATH} bytes): give the agent a shorter --vhost-user DIR (or TESSERA_HOME)",
+                        path.display()
+                    ))));
+                }
                 let _ = std::fs::remove_file(&path);
                 std::os::unix::net::UnixListener::bind(&path)
                     .map_err(|e| ExportError::Overlay(io::Error::other(format!("listening on {}: {e}", path.display()))))?
@@ -396,8 +410,17 @@ impl VhostUser {
 
     /// The listening descriptor of each attached export, to hand over to an
     /// agent taking over; valid until [`VhostUser::stop_all`].
-    pub fn listeners(&self) -> Vec<(String, RawFd)> {
-        self.attached.lock().expect("no panics while holding the lock").iter().map(|(k, a)| (k.clone(), a.listener)).collect()
+    pub fn listeners(&self) -> Vec<(String, std::os::fd::OwnedFd)> {
+        let attached = self.attached.lock().expect("no panics while holding the lock");
+        attached
+            .iter()
+            .filter_map(|(k, a)| {
+                // SAFETY: an attached device's thread keeps its listener open
+                // until the device is detached, which takes this lock first.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(a.listener) };
+                fd.try_clone_to_owned().ok().map(|fd| (k.clone(), fd))
+            })
+            .collect()
     }
 
     /// Stops serving `export`: no front end is accepted, the one connected

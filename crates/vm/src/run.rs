@@ -97,34 +97,31 @@ pub struct Report {
 /// The agent serving a run's disk: the host's, over its control socket,
 /// or one of the run's own, in this process.
 enum RunAgent {
-    Shared(control::Client),
+    /// The control socket of the host's agent: connected per request, so
+    /// a run holds no connection while its VM runs.
+    Shared(PathBuf),
     Private(Background),
 }
 
 impl RunAgent {
     fn attach(&mut self, export: &str, disk: DiskKind, profile: ProfileMode) -> Result<Attached, Error> {
         match self {
-            RunAgent::Shared(c) => c.attach(export, disk, profile).map_err(|e| Error::Qemu(format!("the agent at {}: {e}", c.path().display()))),
+            RunAgent::Shared(path) => control::Client::connect(path)
+                .and_then(|mut c| c.attach(export, disk, profile))
+                .map_err(|e| Error::Qemu(format!("the agent at {}: {e}", path.display()))),
             RunAgent::Private(b) => Ok(b.agent().attach(export, disk, profile)?),
         }
     }
 
-    /// Detaches; a shared agent that restarted meanwhile is asked again on
-    /// a new connection.
+    /// Detaches; a shared agent that is restarting is waited for (10 s).
     fn detach(&mut self, export: &str, until: Option<Duration>) -> Result<Detached, Error> {
         match self {
             RunAgent::Private(b) => Ok(b.agent().detach(export, until, true)?),
-            RunAgent::Shared(c) => {
-                let path = c.path().to_owned();
-                if let Ok(d) = c.detach(export, until, true) {
-                    return Ok(d);
-                }
+            RunAgent::Shared(path) => {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 loop {
-                    if let Ok(mut again) = control::Client::connect(&path) {
-                        let r = again.detach(export, until, true);
-                        *c = again;
-                        return r.map_err(|e| Error::Qemu(format!("the agent at {}: {e}", path.display())));
+                    if let Ok(mut c) = control::Client::connect(path) {
+                        return c.detach(export, until, true).map_err(|e| Error::Qemu(format!("the agent at {}: {e}", path.display())));
                     }
                     if Instant::now() > deadline {
                         return Err(Error::Qemu(format!("the agent at {} is gone", path.display())));
@@ -177,7 +174,7 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
         None => control::Client::connect(&home.root().join("agent.sock")).ok(),
     };
     let mut runner = match shared {
-        Some(c) => RunAgent::Shared(c),
+        Some(c) => RunAgent::Shared(c.path().to_owned()),
         None => {
             agent.frontends = vec![Frontend::Nbd(Listen::Unix(dir.join("nbd.sock")))];
             agent.vhost_user = Some(dir.join("vhost-user"));
