@@ -152,9 +152,11 @@ impl Agent {
                         profile_chunks = p.chunks.len();
                         attachment.prefetcher = Some(Prefetcher::start(vdisk, p.chunks, PREFETCH_THREADS, Some(counts)));
                     }
+                    // One VM of the image records (the first).
                     Ok(None) => {
-                        vdisk.start_recording();
-                        attachment.recording = Some(vdisk);
+                        if vdisk.start_recording() {
+                            attachment.recording = Some(vdisk);
+                        }
                     }
                     Err(e) => tracing::warn!("{name}: cannot read its start-up profile: {e}"),
                 },

@@ -94,9 +94,15 @@ impl VirtualDisk {
         &self.loader
     }
 
-    /// Starts recording which chunks are read, in first-touch order.
-    pub fn start_recording(&self) {
-        *self.recording.lock().expect("no panics while holding the lock") = Some(Recording { seen: HashSet::new(), order: Vec::new() });
+    /// Starts recording which chunks are read, in first-touch order;
+    /// false (and nothing changes) if a recording is already going on.
+    pub fn start_recording(&self) -> bool {
+        let mut recording = self.recording.lock().expect("no panics while holding the lock");
+        if recording.is_some() {
+            return false;
+        }
+        *recording = Some(Recording { seen: HashSet::new(), order: Vec::new() });
+        true
     }
 
     /// Stops recording; returns the chunks first read up to `until`.

@@ -497,8 +497,10 @@ fn serve_socket(
         let mut daemon = match VhostUserDaemon::new(name.to_owned(), Arc::clone(&backend), GuestMemoryAtomic::new(GuestMemoryMmap::new())) {
             Ok(d) => d,
             Err(e) => {
+                // Out of descriptors, say: keep the socket, try again.
                 tracing::error!("vhost-user-blk {name}: {e}");
-                return;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
             }
         };
         if let Err(e) = daemon.start(&mut listener) {
@@ -508,7 +510,15 @@ fn serve_socket(
         }
         stats.connections.fetch_add(1, Ordering::Relaxed);
         if let Some(handle) = daemon.shutdown_handle() {
-            *current.lock().expect("no panics while holding the lock") = Some(Connection { handle, backend });
+            let mut connection = current.lock().expect("no panics while holding the lock");
+            if stop.load(Ordering::SeqCst) {
+                // Stopped while this front end was being accepted: `stop`
+                // found no connection to end, so end it here.
+                backend.quiesce();
+                handle.shutdown();
+            } else {
+                *connection = Some(Connection { handle, backend });
+            }
         }
         tracing::debug!("vhost-user-blk {name}: a front end connected");
         match daemon.wait() {
