@@ -35,6 +35,9 @@ pub struct Loader {
 pub struct Stats {
     reads: [AtomicU64; 5],
     bytes: [AtomicU64; 5],
+    /// Sealed bytes fetched from each tier below memory (compressed
+    /// chunks are smaller than their plaintext).
+    fetched: [AtomicU64; 5],
     latency: [Histogram; 5],
     /// Chunks evicted from memory.
     pub memory_evictions: AtomicU64,
@@ -162,8 +165,9 @@ impl Loader {
         // Whatever happens below (even a panic), the waiters are released.
         let landing = Landing { loader: self, id: r.id, flight: &flight };
         match self.fetch_below(r, ctx) {
-            Ok((p, tier)) => {
+            Ok((p, tier, sealed_len)) => {
                 self.stats.count(tier, started);
+                self.stats.fetched[tier.index()].fetch_add(sealed_len, Ordering::Relaxed);
                 let evicted = self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(&p), CHUNK_SIZE as u64);
                 self.stats.memory_evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
                 landing.land(Ok((Arc::clone(&p), tier)));
@@ -184,7 +188,7 @@ impl Loader {
         }
     }
 
-    fn fetch_below(&self, r: &ChunkRef, ctx: &FetchContext) -> Result<(Plain, Tier), Error> {
+    fn fetch_below(&self, r: &ChunkRef, ctx: &FetchContext) -> Result<(Plain, Tier, u64), Error> {
         let last = self.sources.len().saturating_sub(1);
         for (i, source) in self.sources.iter().enumerate() {
             let tier = source.tier();
@@ -207,7 +211,7 @@ impl Loader {
             // plaintext is opened in a copy of its own (the only copy).
             let mut plain = sealed.to_vec();
             decrypt_in_place(&r.id, &r.key, &mut plain).map_err(|e| Error::Corrupt { id: r.id, tier, source: e })?;
-            return Ok((Arc::new(plain), tier));
+            return Ok((Arc::new(plain), tier, sealed.len() as u64));
         }
         Err(Error::Missing(r.id))
     }
@@ -222,6 +226,10 @@ impl Loader {
         header(out, "tessera_chunk_read_bytes_total", "counter", "Plaintext bytes of the chunks served, by tier.");
         for t in Tier::ALL {
             let _ = writeln!(out, "tessera_chunk_read_bytes_total{{source=\"{}\"}} {}", t.label(), self.stats.bytes[t.index()].load(Ordering::Relaxed));
+        }
+        header(out, "tessera_chunk_fetched_bytes_total", "counter", "Sealed bytes fetched from each tier below memory (compressed chunks move fewer bytes).");
+        for t in Tier::ALL.iter().filter(|t| **t != Tier::Memory) {
+            let _ = writeln!(out, "tessera_chunk_fetched_bytes_total{{source=\"{}\"}} {}", t.label(), self.stats.fetched[t.index()].load(Ordering::Relaxed));
         }
         header(out, "tessera_chunk_read_seconds", "histogram", "Time to serve one chunk, by tier.");
         for t in Tier::ALL {
@@ -312,7 +320,8 @@ mod tests {
         drop(loader);
         let victim = disk.get(&chunks[0].0.id).unwrap().unwrap();
         let mut bad = victim.to_vec();
-        bad[100] ^= 1;
+        let middle = bad.len() / 2;
+        bad[middle] ^= 1;
         disk.insert(&chunks[0].0.id, &bad).unwrap();
         let loader = Loader::new(LoaderOptions { memory_bytes: 64 << 20 }, vec![disk, Arc::new(Origin::new(store, 4, 16))]);
         let (p, tier) = loader.read(&chunks[0].0, &ctx()).unwrap();

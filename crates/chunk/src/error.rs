@@ -17,7 +17,7 @@ pub enum Error {
         id: ChunkId,
     },
     /// A chunk has the wrong length.
-    #[error("chunk {id}: {len} bytes, expected {expected}")]
+    #[error("chunk {id}: {len} bytes, expected at most {expected}")]
     BadLength {
         /// The chunk asked for.
         id: ChunkId,
@@ -25,6 +25,15 @@ pub enum Error {
         len: usize,
         /// The sealed chunk size.
         expected: usize,
+    },
+    /// A compressed chunk opened (its tag verified) but does not inflate
+    /// to one chunk.
+    #[error("chunk {id}: corrupt compressed chunk: {reason}")]
+    BadCompression {
+        /// The chunk asked for.
+        id: ChunkId,
+        /// Why.
+        reason: String,
     },
     /// A manifest (or its envelope) could not be parsed.
     #[error("malformed manifest: {0}")]

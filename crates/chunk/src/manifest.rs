@@ -9,8 +9,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::keys::{aead_open, aead_seal};
 use crate::{ChunkId, ChunkKey, DedupScope, Error, KeyContext, KeyProvider, Result, WrappedKey, CHUNK_SIZE};
 
-/// The manifest format this build writes and reads.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The manifest format this build writes. Format 2: chunks may be
+/// zstd-compressed inside their sealing (a sealed chunk shorter than
+/// [`crate::SEALED_CHUNK_SIZE`]); format 1: every chunk is stored whole.
+/// This build reads both; a build that reads only format 1 refuses format 2.
+pub const MANIFEST_FORMAT: u32 = 2;
+/// The oldest manifest format this build reads.
+pub const OLDEST_MANIFEST_FORMAT: u32 = 1;
 
 /// The recipe of one imported image (plaintext; stored only sealed).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -158,8 +163,8 @@ impl Manifest {
     /// Checks the invariants a reader relies on.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::MalformedManifest(m));
-        if self.format != MANIFEST_FORMAT {
-            return bad(format!("format {} (this build reads {MANIFEST_FORMAT})", self.format));
+        if !(OLDEST_MANIFEST_FORMAT..=MANIFEST_FORMAT).contains(&self.format) {
+            return bad(format!("format {} (this build reads {OLDEST_MANIFEST_FORMAT} to {MANIFEST_FORMAT})", self.format));
         }
         let g = &self.geometry;
         if g.chunk_size != CHUNK_SIZE as u64 {
@@ -310,6 +315,18 @@ mod tests {
             imported_at: 0,
             chunks: vec![Some(ChunkRef { id: c.id, key: c.key }), None],
         }
+    }
+
+    #[test]
+    fn manifests_of_whole_chunks_still_read_and_newer_formats_do_not() {
+        let salt = Salt::from_bytes([2; 32]);
+        let mut m = sample(&salt);
+        m.format = 1;
+        assert!(m.validate().is_ok(), "images imported before compression keep reading");
+        m.format = MANIFEST_FORMAT + 1;
+        assert!(m.validate().unwrap_err().to_string().contains("reads 1 to 2"));
+        m.format = 0;
+        assert!(m.validate().is_err());
     }
 
     #[test]

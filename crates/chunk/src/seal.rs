@@ -10,8 +10,22 @@ use crate::{Error, Result};
 
 /// Bytes of plaintext in one chunk (512 KiB).
 pub const CHUNK_SIZE: usize = 512 * 1024;
-/// Bytes of a sealed chunk: the ciphertext plus the 16-byte GCM tag.
+/// Bytes of a sealed chunk at most: the ciphertext plus the 16-byte GCM
+/// tag. A compressed chunk is shorter.
 pub const SEALED_CHUNK_SIZE: usize = CHUNK_SIZE + 16;
+/// The zstd level chunks are compressed at. With the zstd library pinned
+/// (Cargo.lock), the same plaintext always compresses to the same bytes, so
+/// convergent dedup holds.
+pub const ZSTD_LEVEL: i32 = 3;
+/// A chunk is stored compressed only if that saves at least this much.
+const MIN_SAVING: usize = 4096;
+/// Every zstd frame starts with these bytes.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
 
 /// The content address of a sealed chunk: SHA-256 of its ciphertext.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -135,10 +149,13 @@ pub fn seal(salt: &Salt, plaintext: Vec<u8>) -> SealedChunk {
     SealedChunk { id, key, ciphertext: buf }
 }
 
-/// Seals `buf` in place: on return it holds ciphertext and tag.
+/// Seals `buf` in place: on return it holds ciphertext and tag. A whole
+/// chunk is compressed first (zstd, [`ZSTD_LEVEL`]) where that pays; the
+/// key is taken from the plaintext either way.
 pub fn seal_in_place(salt: &Salt, buf: &mut Vec<u8>) -> (ChunkId, ChunkKey) {
     let mut key = [0u8; 32];
     key.copy_from_slice(hmac::sign(&salt.key, buf).as_ref());
+    compress_in_place(buf);
     let aead = aead_key(&key);
     // The key is unique per plaintext (it is derived from it), so a fixed
     // nonce never encrypts two different messages under one key.
@@ -159,9 +176,10 @@ pub fn open_in_place(id: &ChunkId, key: &ChunkKey, buf: &mut Vec<u8>) -> Result<
     decrypt_in_place(id, key, buf)
 }
 
-/// Checks that `buf` is a whole sealed chunk whose SHA-256 is `id`.
+/// Checks that `buf` is a whole sealed chunk (at most
+/// [`SEALED_CHUNK_SIZE`] bytes, more than a tag) whose SHA-256 is `id`.
 pub fn check_id(id: &ChunkId, buf: &[u8]) -> Result<()> {
-    if buf.len() != SEALED_CHUNK_SIZE {
+    if buf.len() > SEALED_CHUNK_SIZE || buf.len() <= 16 {
         return Err(Error::BadLength { id: *id, len: buf.len(), expected: SEALED_CHUNK_SIZE });
     }
     if ChunkId::of(buf) != *id {
@@ -176,7 +194,56 @@ pub fn decrypt_in_place(id: &ChunkId, key: &ChunkKey, buf: &mut Vec<u8>) -> Resu
     let aead = aead_key(&key.0);
     let plain_len = aead.open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), buf).map_err(|_| Error::OpenFailed { id: *id })?.len();
     buf.truncate(plain_len);
-    Ok(())
+    decompress_in_place(id, buf)
+}
+
+/// Replaces a whole chunk by its zstd frame if that is [`MIN_SAVING`]
+/// shorter; leaves anything else as it is.
+fn compress_in_place(buf: &mut Vec<u8>) {
+    if buf.len() != CHUNK_SIZE {
+        return;
+    }
+    let mut out = vec![0u8; CHUNK_SIZE - MIN_SAVING];
+    let compressed = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        // Too small a buffer (it would not pay) is an error: stored as is.
+        c.as_mut().and_then(|c| c.compress_to_buffer(buf.as_slice(), out.as_mut_slice()).ok())
+    });
+    if let Some(n) = compressed {
+        out.truncate(n);
+        *buf = out;
+    }
+}
+
+/// Undoes [`compress_in_place`]: a whole chunk opens as it was stored; a
+/// zstd frame must inflate to exactly one chunk, no more (bounded), else
+/// the chunk is corrupt.
+fn decompress_in_place(id: &ChunkId, buf: &mut Vec<u8>) -> Result<()> {
+    if buf.len() == CHUNK_SIZE || !buf.starts_with(&ZSTD_MAGIC) {
+        return Ok(());
+    }
+    let mut out = vec![0u8; CHUNK_SIZE];
+    let inflated = DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = zstd::bulk::Decompressor::new().ok();
+        }
+        match d.as_mut() {
+            Some(d) => d.decompress_to_buffer(buf.as_slice(), out.as_mut_slice()).map_err(|e| e.to_string()),
+            None => Err("no zstd context".to_owned()),
+        }
+    });
+    match inflated {
+        Ok(CHUNK_SIZE) => {
+            *buf = out;
+            Ok(())
+        }
+        Ok(n) => Err(Error::BadCompression { id: *id, reason: format!("inflates to {n} bytes, not {CHUNK_SIZE}") }),
+        Err(e) => Err(Error::BadCompression { id: *id, reason: format!("does not inflate to one chunk: {e}") }),
+    }
 }
 
 fn aead_key(key: &[u8; 32]) -> LessSafeKey {
@@ -259,8 +326,60 @@ mod tests {
         let b = seal(&salt, chunk(3));
         assert_eq!(a.id, b.id);
         assert_eq!(a.ciphertext, b.ciphertext);
-        assert_eq!(a.ciphertext.len(), SEALED_CHUNK_SIZE);
-        assert_ne!(&a.ciphertext[..CHUNK_SIZE], &chunk(3)[..]);
+        assert!(a.ciphertext.len() < 4096, "compressed: {}", a.ciphertext.len());
+        let r = random_chunk(5);
+        let c = seal(&salt, r.clone());
+        assert_eq!(c.ciphertext.len(), SEALED_CHUNK_SIZE, "stored whole: it does not compress");
+        assert_ne!(&c.ciphertext[..CHUNK_SIZE], &r[..]);
+    }
+
+    fn random_chunk(seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..CHUNK_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compressed_and_whole_chunks_open_to_their_plaintext() {
+        let salt = Salt::from_bytes([7; 32]);
+        let mut half = random_chunk(9);
+        half[CHUNK_SIZE / 2..].fill(b'a');
+        for plain in [chunk(3), random_chunk(4), half] {
+            let s = seal(&salt, plain.clone());
+            assert_eq!(open(&s.id, &s.key, s.ciphertext.clone()).unwrap(), plain);
+            // The key is the plaintext's, compressed or not.
+            assert_eq!(s.key.0.as_ref(), hmac::sign(&salt.key, &plain).as_ref());
+        }
+    }
+
+    /// Seals `payload` as it is (no compression) under `key`.
+    fn sealed_as_is(key: [u8; 32], payload: Vec<u8>) -> (ChunkId, Vec<u8>) {
+        let mut buf = payload;
+        aead_key(&key).seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut buf).unwrap();
+        (ChunkId::of(&buf), buf)
+    }
+
+    #[test]
+    fn a_compressed_chunk_that_is_not_one_chunk_is_corrupt_and_named() {
+        let key = [9; 32];
+        let too_far = zstd::bulk::compress(&vec![0; 2 * CHUNK_SIZE], ZSTD_LEVEL).unwrap();
+        let too_short = zstd::bulk::compress(&vec![1; 1000], ZSTD_LEVEL).unwrap();
+        let mut garbled = zstd::bulk::compress(&chunk(4), ZSTD_LEVEL).unwrap();
+        let n = garbled.len();
+        garbled[n / 2..].fill(0xff);
+        for payload in [too_far, too_short, garbled] {
+            let (id, ct) = sealed_as_is(key, payload);
+            match open(&id, &ChunkKey(key), ct) {
+                Err(e @ Error::BadCompression { .. }) => assert!(e.to_string().contains(&id.to_hex()), "{e}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -289,7 +408,8 @@ mod tests {
     fn flipped_byte_is_caught_by_id() {
         let s = seal(&Salt::from_bytes([1; 32]), chunk(9));
         let mut ct = s.ciphertext.clone();
-        ct[1000] ^= 1;
+        let middle = ct.len() / 2;
+        ct[middle] ^= 1;
         assert!(matches!(open(&s.id, &s.key, ct), Err(Error::IdMismatch { .. })));
     }
 
@@ -302,9 +422,11 @@ mod tests {
 
     #[test]
     fn truncated_chunk_is_an_error() {
-        let s = seal(&Salt::from_bytes([1; 32]), chunk(9));
+        let s = seal(&Salt::from_bytes([1; 32]), random_chunk(9));
         let mut ct = s.ciphertext;
         ct.truncate(100);
+        assert!(matches!(open(&s.id, &s.key, ct.clone()), Err(Error::IdMismatch { .. })));
+        ct.truncate(10);
         assert!(matches!(open(&s.id, &s.key, ct), Err(Error::BadLength { .. })));
     }
 

@@ -167,7 +167,8 @@ fn a_flipped_byte_in_a_stored_chunk_is_named() {
         .expect("a stored chunk");
     let id = victim.file_name().unwrap().to_string_lossy().into_owned();
     let mut bytes = std::fs::read(&victim).unwrap();
-    bytes[12345] ^= 0x20;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
     std::fs::write(&victim, bytes).unwrap();
 
     let out = env.tessera(&["verify", "bb"]);
@@ -197,7 +198,7 @@ fn a_full_disk_fails_cleanly() {
     let Some((env, src)) = busybox_env() else { return };
     let small = env.path("small");
     std::fs::create_dir_all(&small).unwrap();
-    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=1500k", "tmpfs"]).arg(&small));
+    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=400k", "tmpfs"]).arg(&small));
     let home = small.join("home");
     let out = tessera_with_home(&home, &["import", &src, "--name", "bb"]);
     let listed = tessera_with_home(&home, &["images", "--json"]);
