@@ -129,6 +129,15 @@ pub enum Command {
     /// restarts and checked (SHA-256) on every read. Answers HTTP/1.1 and
     /// cleartext HTTP/2 on /v1/stripes/CHUNK. Runs until interrupted.
     Cachenode(CachenodeArgs),
+    /// Run the function-tree manager (FaaSNet): one balanced binary tree of
+    /// agents per function; each agent learns its parent here and reads
+    /// chunks from it before going below.
+    ///
+    /// JSON over HTTP/1.1 or cleartext HTTP/2: POST /v1/join, /v1/leave,
+    /// /v1/failed, /v1/heartbeat; GET /v1/parent, /v1/trees. Every change is
+    /// kept in --state before it is answered, so a restart loses no tree.
+    /// Runs until interrupted.
+    Treemgr(TreemgrArgs),
     /// Remove an image name (and its manifest unless another name uses it).
     ///
     /// Chunks stay in the store (other images may share them) until
@@ -400,6 +409,32 @@ pub struct CachenodeArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    /// Once listening, write the addresses bound (port 0 picks a free one)
+    /// to FILE as JSON: {"listen": ..., "metrics": ...}.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct TreemgrArgs {
+    /// Address to serve on.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// File holding the bearer token every request must carry (required
+    /// unless the manager listens on a loopback address).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+    /// An agent that sends nothing (join, heartbeat, parent query) for this
+    /// long leaves every tree; 0 keeps agents until they leave.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_timeout: std::time::Duration,
+    /// Where the trees are kept across restarts (written before each change
+    /// is answered).
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
     /// Once listening, write the addresses bound (port 0 picks a free one)
     /// to FILE as JSON: {"listen": ..., "metrics": ...}.
     #[arg(long, value_name = "FILE")]

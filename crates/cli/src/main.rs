@@ -15,7 +15,10 @@ fn main() -> ExitCode {
     let cli = flags::Cli::parse();
     // Commands that run to an end leave nothing behind when interrupted;
     // the servers shut down on their own signal handlers.
-    if !matches!(cli.command, flags::Command::Serve(_) | flags::Command::Mount(_) | flags::Command::Run(_) | flags::Command::Cachenode(_)) {
+    if !matches!(
+        cli.command,
+        flags::Command::Serve(_) | flags::Command::Mount(_) | flags::Command::Run(_) | flags::Command::Cachenode(_) | flags::Command::Treemgr(_)
+    ) {
         clean_up_on_signals();
     }
     log::init(matches!(&cli.command, flags::Command::Run(r) if r.verbose));

@@ -24,9 +24,10 @@ use crate::flags::{BenchCommand, Cli, Command, GcArgs, ImportArgs, KeyringComman
 use crate::progress::{human, Bars};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    // A cache node and the relay keep no images: they need no TESSERA_HOME.
+    // A cache node, the tree manager and the relay keep no images: they need no TESSERA_HOME.
     let command = match cli.command {
         Command::Cachenode(args) => return serve::cachenode(args),
+        Command::Treemgr(args) => return serve::treemgr(args),
         Command::Bench(BenchCommand::Relay { listen, target, delay, ready_file }) => return bench::relay(&listen, &target, delay, ready_file.as_deref()),
         other => other,
     };
@@ -58,7 +59,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Keyring(command) => keyring(&home, command),
         Command::Gc(args) => gc(&home, args),
         Command::Bench(b) => bench::bench(&home, b),
-        Command::Cachenode(_) => unreachable!("handled above"),
+        Command::Cachenode(_) | Command::Treemgr(_) => unreachable!("handled above"),
     }
 }
 

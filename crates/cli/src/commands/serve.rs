@@ -11,7 +11,7 @@ use tessera_cachenode::{CacheNode, NodeOptions};
 use tessera_store::Home;
 
 use super::options::{agent_options, bound_allocator, interrupted, read_token};
-use crate::flags::{CachenodeArgs, LimitArgs, MountArgs, ServeArgs};
+use crate::flags::{CachenodeArgs, LimitArgs, MountArgs, ServeArgs, TreemgrArgs};
 
 /// `tessera serve`.
 pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
@@ -158,5 +158,47 @@ pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
         anyhow::Ok(())
     })?;
     eprintln!("tessera cachenode: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tessera treemgr`.
+pub fn treemgr(a: TreemgrArgs) -> Result<ExitCode> {
+    let token = a.token_file.as_deref().map(read_token).transpose()?;
+    let authenticated = token.is_some();
+    let options = tessera_treemgr::Options { token, idle_timeout: a.idle_timeout, state: a.state.clone() };
+    let manager = Arc::new(tessera_treemgr::Manager::open(options)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
+        let bound = listener.local_addr()?;
+        // Without a token anyone who reaches it could rearrange the trees.
+        if !bound.ip().is_loopback() && !authenticated {
+            anyhow::bail!("{bound} is not a loopback address: give --token-file (a manager off this host needs a token)");
+        }
+        let metrics = match &a.metrics {
+            Some(m) => Some(tokio::net::TcpListener::bind(m).await.with_context(|| format!("metrics listener {m}"))?),
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
+        let trees = manager.trees();
+        let line = format!(
+            "tessera treemgr: serving on {bound}{} ({} trees, {} agents from its state){}",
+            if authenticated { " with a bearer token" } else { " without a token (loopback only)" },
+            trees.len(),
+            trees.values().map(Vec::len).sum::<usize>(),
+            metrics_addr.map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
+        );
+        crate::ready::announce(&line, &json!({"listen": bound.to_string(), "metrics": metrics_addr.map(|m| m.to_string())}), a.ready_file.as_deref())?;
+        let metrics = metrics.map(|l| {
+            let manager = Arc::clone(&manager);
+            tokio::spawn(tessera_cache::metrics::serve(l, Arc::new(move || manager.render_metrics())))
+        });
+        tessera_treemgr::serve(Arc::clone(&manager), listener, interrupted()).await;
+        if let Some(m) = metrics {
+            m.abort();
+        }
+        anyhow::Ok(())
+    })?;
+    eprintln!("tessera treemgr: stopped");
     Ok(ExitCode::SUCCESS)
 }
