@@ -16,6 +16,10 @@ use crate::{ChunkId, ChunkKey, DedupScope, Error, KeyContext, KeyProvider, Resul
 pub const MANIFEST_FORMAT: u32 = 2;
 /// The oldest manifest format this build reads.
 pub const OLDEST_MANIFEST_FORMAT: u32 = 1;
+/// The format of the sealed envelope around a manifest or profile. It is
+/// part of the stored bytes, and so of the manifest's id: it never follows
+/// [`MANIFEST_FORMAT`].
+const ENVELOPE_FORMAT: u32 = 1;
 
 /// The recipe of one imported image (plaintext; stored only sealed).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -239,7 +243,7 @@ impl SealedManifest {
     /// The stored form (a small JSON envelope).
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(&Envelope {
-            format: MANIFEST_FORMAT,
+            format: ENVELOPE_FORMAT,
             tenant: self.tenant.clone(),
             image: self.image.clone(),
             wrapped_key: B64.encode(&self.wrapped_key.0),
@@ -256,7 +260,7 @@ impl SealedManifest {
     /// Parses the stored form; never panics on any input.
     pub fn from_bytes(bytes: &[u8]) -> Result<SealedManifest> {
         let env: Envelope = serde_json::from_slice(bytes).map_err(|e| Error::MalformedManifest(e.to_string()))?;
-        if env.format != MANIFEST_FORMAT {
+        if env.format != ENVELOPE_FORMAT {
             return Err(Error::MalformedManifest(format!("envelope format {}", env.format)));
         }
         let b64 = |s: &str, what: &str| B64.decode(s).map_err(|e| Error::MalformedManifest(format!("{what}: {e}")));
@@ -342,6 +346,10 @@ mod tests {
         assert!(!String::from_utf8_lossy(&bytes).contains(&id_hex));
         let back = SealedManifest::from_bytes(&bytes).unwrap().open(&ring).unwrap();
         assert_eq!(back, m);
+        // The envelope's format is pinned: stored manifests (and their ids)
+        // from every earlier build keep opening.
+        let env: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(env["format"], 1);
     }
 
     #[test]

@@ -84,8 +84,9 @@ impl Launch<'_> {
     pub fn spawn(&self) -> Result<Child, Error> {
         let mut cmd = Command::new("qemu-system-x86_64");
         let mut machine = if self.microvm {
-            // No option ROMs, ACPI or RTC; the PIT and PIC the kernel's
-            // timer set-up wants; one ISA serial port for the console.
+            // No option ROMs or ACPI; the PIT and PIC the kernel's timer
+            // set-up wants, the CMOS clock it reads at boot (without one it
+            // waits a second for it); one ISA serial port for the console.
             "microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=on,acpi=off".to_owned()
         } else {
             "q35".to_owned()
