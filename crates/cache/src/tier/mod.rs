@@ -418,26 +418,34 @@ impl Shared {
                     // made; when the request that started it is cancelled
                     // (k other stripes came first), the others are told
                     // "canceled". That is ours, not the node's: try again.
-                    Err(e) if tries < 3 && e.is_connect() && error_chain(&e).contains("canceled") => continue,
-                    Err(e) => return Err(error_chain(&e)),
+                    Err(e) if e.is_connect() && error_chain(&e).contains("canceled") => {
+                        if tries < 3 {
+                            continue;
+                        }
+                        // Still ours after three tries (reads finishing
+                        // faster than the node connects): not its fault.
+                        return Err((error_chain(&e), false));
+                    }
+                    Err(e) => return Err((error_chain(&e), true)),
                 }
             };
             let status = resp.status();
             // A node cannot make us hold more than a stripe can be.
-            let body = Limited::new(resp.into_body(), wire::MAX_STRIPE).collect().await.map_err(|e| error_chain(&*e))?.to_bytes();
+            let body = Limited::new(resp.into_body(), wire::MAX_STRIPE).collect().await.map_err(|e| (error_chain(&*e), true))?.to_bytes();
             if status.is_success() || status == StatusCode::NOT_FOUND {
                 Ok((status, body))
             } else {
-                Err(format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]).trim()))
+                Err((format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)]).trim()), true))
             }
         };
-        let answer = tokio::time::timeout(limit, attempt).await.unwrap_or_else(|_| Err(format!("no answer within {limit:?}")));
+        let answer = tokio::time::timeout(limit, attempt).await.unwrap_or_else(|_| Err((format!("no answer within {limit:?}"), true)));
         match answer {
             Ok(a) => {
                 self.nodes[node].succeeded();
                 Ok(a)
             }
-            Err(why) => {
+            Err((_, false)) => Err(()),
+            Err((why, true)) => {
                 self.nodes[node].connected.store(false, Ordering::Relaxed);
                 self.nodes[node].failed(&why);
                 Err(())
