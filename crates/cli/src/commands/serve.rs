@@ -37,15 +37,12 @@ pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
     }
     options.control = (!taken).then(|| control.clone());
     options.vhost_user = Some(a.vhost_user.unwrap_or_else(|| home.root().join("vhost-user")));
-    let inherited = if a.takeover {
-        Some(tessera_agent::take_over(&control).with_context(|| format!("taking over from the agent at {}", control.display()))?)
-    } else {
-        None
-    };
+    // Everything that can fail before the listeners are asked for: a
+    // successor that cannot start leaves the running agent serving.
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(128).build()?;
     let agent = Arc::new(Agent::new(home, options).context("starting the agent")?);
-    if let Some(i) = inherited {
-        agent.inherit(i);
+    if a.takeover {
+        agent.inherit(tessera_agent::take_over(&control).with_context(|| format!("taking over from the agent at {}", control.display()))?);
     }
     let ready_file = a.ready_file;
     // A ready file that cannot be written stops the agent: whoever waits for it would wait forever.
