@@ -40,6 +40,7 @@ mod lruk;
 pub mod metrics;
 mod origin;
 pub mod placement;
+pub mod server;
 pub mod tier;
 pub mod tls;
 pub mod trace;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -209,14 +209,7 @@ impl CacheNode {
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.options.token else { return true };
-        let Some(given) = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")) else {
-            return false;
-        };
-        // Compared as digests, byte by byte without an early exit, so the
-        // time taken says nothing about how much of the token was right.
-        let (a, b) = (digest(&SHA256, given.as_bytes()), digest(&SHA256, token.as_bytes()));
-        a.as_ref().iter().zip(b.as_ref()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        self.options.token.as_deref().is_none_or(|token| tessera_cache::server::bearer_matches(req.headers(), token))
     }
 
     /// Answers one request on the stripe port.
@@ -357,20 +350,7 @@ pub async fn serve(node: Arc<CacheNode>, listener: TcpListener, tls: Option<Arc<
         // first): many resets are normal here, not an attack.
         .max_pending_accept_reset_streams(1024);
     let builder = Arc::new(builder);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of descriptors and the like: wait, do not spin.
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
+    tessera_cache::server::accept_until(&listener, shutdown, |stream| {
         let _ = stream.set_nodelay(true);
         let (builder, node, acceptor) = (Arc::clone(&builder), Arc::clone(&node), acceptor.clone());
         tokio::spawn(async move {
@@ -392,7 +372,8 @@ pub async fn serve(node: Arc<CacheNode>, listener: TcpListener, tls: Option<Arc<
                 },
             }
         });
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

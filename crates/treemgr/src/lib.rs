@@ -35,11 +35,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use ring::digest::{digest, SHA256};
 use serde::{Deserialize, Serialize};
 use tessera_tree::Forest;
 use tokio::net::TcpListener;
@@ -306,13 +305,7 @@ impl Manager {
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.options.token else { return true };
-        let Some(given) = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")) else {
-            return false;
-        };
-        // As digests, without an early exit: the time says nothing of the token.
-        let (a, b) = (digest(&SHA256, given.as_bytes()), digest(&SHA256, token.as_bytes()));
-        a.as_ref().iter().zip(b.as_ref()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        self.options.token.as_deref().is_none_or(|token| tessera_cache::server::bearer_matches(req.headers(), token))
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -427,19 +420,7 @@ pub async fn serve(manager: Arc<Manager>, listener: TcpListener, shutdown: impl 
             }
         })
     };
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
+    tessera_cache::server::accept_until(&listener, shutdown, |stream| {
         let (builder, manager) = (Arc::clone(&builder), Arc::clone(&manager));
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
@@ -448,7 +429,8 @@ pub async fn serve(manager: Arc<Manager>, listener: TcpListener, shutdown: impl 
             });
             let _ = builder.serve_connection(TokioIo::new(stream), service).await;
         });
-    }
+    })
+    .await;
     reaper.abort();
 }
 
