@@ -126,10 +126,7 @@ pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
                 "{bound} is not a loopback address: give --token-file and --tls-cert/--tls-key (a node off this host needs a token, and TLS to keep it secret)"
             );
         }
-        let metrics = match &a.metrics {
-            Some(m) => Some(tokio::net::TcpListener::bind(m).await.with_context(|| format!("metrics listener {m}"))?),
-            None => None,
-        };
+        let metrics = bind_metrics(a.metrics.as_deref()).await?;
         let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
         let line = format!(
             "tessera cachenode: serving stripes on {}{} ({} on disk from an earlier run){}",
@@ -144,10 +141,10 @@ pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
             metrics_addr.map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
         );
         crate::ready::announce(&line, &json!({"listen": bound.to_string(), "metrics": metrics_addr.map(|m| m.to_string())}), a.ready_file.as_deref())?;
-        let metrics = metrics.map(|l| {
+        let metrics = {
             let node = Arc::clone(&node);
-            tokio::spawn(tessera_cache::metrics::serve(l, Arc::new(move || node.render_metrics())))
-        });
+            serve_metrics(metrics, move || node.render_metrics())
+        };
         tessera_cachenode::serve(Arc::clone(&node), listener, tls, interrupted()).await;
         if let Some(m) = metrics {
             m.abort();
@@ -172,10 +169,7 @@ pub fn treemgr(a: TreemgrArgs) -> Result<ExitCode> {
         if !bound.ip().is_loopback() && !authenticated {
             anyhow::bail!("{bound} is not a loopback address: give --token-file (a manager off this host needs a token)");
         }
-        let metrics = match &a.metrics {
-            Some(m) => Some(tokio::net::TcpListener::bind(m).await.with_context(|| format!("metrics listener {m}"))?),
-            None => None,
-        };
+        let metrics = bind_metrics(a.metrics.as_deref()).await?;
         let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
         let trees = manager.trees();
         let line = format!(
@@ -186,10 +180,10 @@ pub fn treemgr(a: TreemgrArgs) -> Result<ExitCode> {
             metrics_addr.map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
         );
         crate::ready::announce(&line, &json!({"listen": bound.to_string(), "metrics": metrics_addr.map(|m| m.to_string())}), a.ready_file.as_deref())?;
-        let metrics = metrics.map(|l| {
+        let metrics = {
             let manager = Arc::clone(&manager);
-            tokio::spawn(tessera_cache::metrics::serve(l, Arc::new(move || manager.render_metrics())))
-        });
+            serve_metrics(metrics, move || manager.render_metrics())
+        };
         tessera_treemgr::serve(Arc::clone(&manager), listener, interrupted()).await;
         if let Some(m) = metrics {
             m.abort();
@@ -198,4 +192,17 @@ pub fn treemgr(a: TreemgrArgs) -> Result<ExitCode> {
     })?;
     eprintln!("tessera treemgr: stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `--metrics` listener of a server, if it was given one.
+async fn bind_metrics(addr: Option<&str>) -> Result<Option<tokio::net::TcpListener>> {
+    match addr {
+        Some(m) => Ok(Some(tokio::net::TcpListener::bind(m).await.with_context(|| format!("metrics listener {m}"))?)),
+        None => Ok(None),
+    }
+}
+
+/// Serves `render` at `/metrics` on `listener` until the task is aborted.
+fn serve_metrics(listener: Option<tokio::net::TcpListener>, render: impl Fn() -> String + Send + Sync + 'static) -> Option<tokio::task::JoinHandle<()>> {
+    listener.map(|l| tokio::spawn(tessera_cache::metrics::serve(l, Arc::new(render))))
 }
