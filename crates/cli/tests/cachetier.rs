@@ -606,13 +606,12 @@ fn tessera_run_boots_from_the_tier() {
     let nodes = Nodes::start(&env, 5, &[]);
     let run = |cache: &str| -> serde_json::Value {
         let cache = env.path(cache);
-        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["run", "bb", "--accel", "tcg", "--json", "--no-profile", "--cache-nodes", &nodes.list(), "--cache-dir", cache.to_str().unwrap()])
-            .env("TESSERA_HOME", env.home())
-            .env("TESSERA_KERNEL_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/kernel"))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = tessera_run(
+            &env.home(),
+            &["bb", "--accel", "tcg", "--json", "--no-profile", "--cache-nodes", &nodes.list(), "--cache-dir", cache.to_str().unwrap()],
+        )
+        .output()
+        .unwrap();
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(stdout.starts_with("hello from tessera\n"), "{}", text(&out));

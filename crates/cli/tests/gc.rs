@@ -146,13 +146,7 @@ fn rm_then_gc_reclaims_exactly_the_chunks_no_image_uses() {
 
     // b boots after the collection, if QEMU is here.
     if Command::new("sh").args(["-c", "command -v qemu-system-x86_64"]).output().is_ok_and(|o| o.status.success()) {
-        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["run", "b", "--accel", "tcg"])
-            .env("TESSERA_HOME", env.home())
-            .env("TESSERA_KERNEL_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/kernel"))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = tessera_run(&env.home(), &["b", "--accel", "tcg"]).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from tessera\n", "{}", text(&out));
     }
 }

@@ -265,12 +265,7 @@ fn debian_minbase_with_python() {
             "import sys; print(sum(range(10))); sys.exit(4)",
         ]));
         env.import(&format!("oci:{}:py", layout.display()), "py", &[]);
-        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["run", "py", "--accel", "tcg", "--json"])
-            .env("TESSERA_HOME", env.home())
-            .env("TESSERA_KERNEL_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/kernel"))
-            .output()
-            .unwrap();
+        let out = tessera_run(&env.home(), &["py", "--accel", "tcg", "--json"]).output().unwrap();
         assert_eq!(out.status.code(), Some(4), "{}", text(&out));
         let stdout = String::from_utf8_lossy(&out.stdout);
         let mut lines = stdout.lines();

@@ -3,28 +3,12 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use common::*;
 
-fn have_tools() -> bool {
-    require("umoci", "umoci")
-        && require("busybox", "busybox-static")
-        && require("setfattr", "attr")
-        && require("qemu-system-x86_64", "qemu-system-x86")
-        && require("apt-get", "apt")
-}
-
-/// `tessera run ARGS` with a kernel cache shared by the tests.
 fn run(env: &Env, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .arg("run")
-        .args(args)
-        .env("TESSERA_HOME", env.home())
-        .env("TESSERA_KERNEL_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/kernel"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("tessera runs")
+    tessera_run(&env.home(), args).output().expect("tessera runs")
 }
 
 fn stdout(o: &Output) -> String {
@@ -41,7 +25,7 @@ fn imported() -> Env {
 
 #[test]
 fn the_entrypoint_runs_with_the_image_config() {
-    if !have_tools() {
+    if !have_vm_tools() {
         return;
     }
     let env = imported();
@@ -66,7 +50,7 @@ fn the_entrypoint_runs_with_the_image_config() {
 
 #[test]
 fn exit_codes_and_crashes_are_propagated() {
-    if !have_tools() {
+    if !have_vm_tools() {
         return;
     }
     let env = imported();
@@ -81,7 +65,7 @@ fn exit_codes_and_crashes_are_propagated() {
 
 #[test]
 fn runs_are_private_and_the_image_never_changes() {
-    if !have_tools() {
+    if !have_vm_tools() {
         return;
     }
     let env = imported();
@@ -103,7 +87,7 @@ fn runs_are_private_and_the_image_never_changes() {
 
 #[test]
 fn a_missing_entrypoint_is_a_clear_error() {
-    if !have_tools() {
+    if !have_vm_tools() {
         return;
     }
     let env = Env::new();
@@ -119,7 +103,7 @@ fn a_missing_entrypoint_is_a_clear_error() {
 
 #[test]
 fn a_start_up_profile_is_recorded_then_prefetched() {
-    if !have_tools() {
+    if !have_vm_tools() {
         return;
     }
     let env = imported();

@@ -83,13 +83,7 @@ fn a_worker_on_another_host_runs_the_entrypoint() {
     let url = moto.bucket("runs", "");
     let (a, _, _) = imported(&url);
     let b = host_b(&a);
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["run", "bb", "--accel", "tcg", "--json", "--no-profile"])
-        .env("TESSERA_HOME", b.home())
-        .env("TESSERA_KERNEL_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/kernel"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = tessera_run(&b.home(), &["bb", "--accel", "tcg", "--json", "--no-profile"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("hello from tessera\n"), "{}", text(&out));

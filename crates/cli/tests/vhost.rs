@@ -11,22 +11,8 @@ use std::time::{Duration, Instant};
 use common::oci::{Blob, Comp};
 use common::*;
 
-fn have_tools() -> bool {
-    require("umoci", "umoci")
-        && require("busybox", "busybox-static")
-        && require("setfattr", "attr")
-        && require("qemu-system-x86_64", "qemu-system-x86")
-        && require("apt-get", "apt")
-}
-
-fn command(env: &Env, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
-    c.arg("run").args(args).env("TESSERA_HOME", env.home()).env("TESSERA_KERNEL_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/kernel")).stdin(Stdio::null());
-    c
-}
-
 fn run(env: &Env, args: &[&str]) -> Output {
-    command(env, args).output().expect("tessera runs")
+    tessera_run(&env.home(), args).output().expect("tessera runs")
 }
 
 /// The `--json` report: the last line of stdout.
@@ -48,7 +34,7 @@ struct Running {
 
 impl Running {
     fn start(env: &Env, args: &[&str]) -> Running {
-        let mut child = command(env, args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("tessera runs");
+        let mut child = tessera_run(&env.home(), args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("tessera runs");
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
         Running { child, lines, seen: Vec::new() }
     }
@@ -130,7 +116,7 @@ fn kill9(pid: u32) {
 
 #[test]
 fn a_read_only_root_refuses_writes_and_runs_default_to_vhost_user() {
-    if !have_tools() {
+    if !have_vm_tools() {
         return;
     }
     let env = Env::new();
@@ -150,7 +136,7 @@ fn a_read_only_root_refuses_writes_and_runs_default_to_vhost_user() {
 
 #[test]
 fn a_shared_agent_serves_concurrent_runs_from_its_caches() {
-    if !have_tools() {
+    if !have_vm_tools() {
         return;
     }
     let env = Env::new();
@@ -178,7 +164,7 @@ fn a_shared_agent_serves_concurrent_runs_from_its_caches() {
 /// on with the right output, and its acknowledged write is kept.
 #[test]
 fn a_vm_outlives_its_agent_killed_and_restarted() {
-    if !have_tools() {
+    if !have_vm_tools() {
         return;
     }
     let env = Env::new();
@@ -205,7 +191,7 @@ fn a_vm_outlives_its_agent_killed_and_restarted() {
 /// the old one stops; the VM does not notice.
 #[test]
 fn a_new_agent_takes_over_with_no_vm_noticing() {
-    if !have_tools() {
+    if !have_vm_tools() {
         return;
     }
     let env = Env::new();

@@ -26,6 +26,23 @@ pub fn require(tool: &str, package: &str) -> bool {
     found
 }
 
+/// The tools a test that boots a VM needs (the image is built with umoci
+/// from busybox; the kernel comes with apt).
+pub fn have_vm_tools() -> bool {
+    require("umoci", "umoci")
+        && require("busybox", "busybox-static")
+        && require("setfattr", "attr")
+        && require("qemu-system-x86_64", "qemu-system-x86")
+        && require("apt-get", "apt")
+}
+
+/// `tessera run ARGS` on `home`, with the guest kernel cache the tests share.
+pub fn tessera_run(home: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    c.arg("run").args(args).env("TESSERA_HOME", home).env("TESSERA_KERNEL_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/kernel")).stdin(Stdio::null());
+    c
+}
+
 /// True when running as root (loop mounts, tmpfs, docker-registry ports are fine).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
