@@ -109,6 +109,18 @@ fn reader_script(rounds: u32) -> String {
     )
 }
 
+/// Waits for a VM running [`reader_script`] of 12 rounds: every round read
+/// `sum`, the write made before the agent changed is read back, and the
+/// guest saw no I/O error.
+fn read_through(vm: Running, sum: &str) {
+    let (code, lines, err) = vm.finish();
+    assert_eq!(code, Some(0), "{lines:?}\n{err}");
+    assert_eq!(lines.len(), 13, "{lines:?}\n{err}");
+    assert!(lines[..12].iter().all(|l| *l == format!("{sum}  /data")), "{lines:?}");
+    assert_eq!(lines[12], "kept", "the write acknowledged before the agent changed is read back after");
+    assert!(!err.contains("I/O error"), "{err}");
+}
+
 fn kill9(pid: u32) {
     // SAFETY: kill takes a pid and a signal number.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -178,12 +190,7 @@ fn a_vm_outlives_its_agent_killed_and_restarted() {
     let restarted = Instant::now();
     let agent = Served::start(&env, &[]);
     assert!(restarted.elapsed() < Duration::from_secs(2), "the agent restarts within 2 s");
-    let (code, lines, err) = vm.finish();
-    assert_eq!(code, Some(0), "{lines:?}\n{err}");
-    assert_eq!(lines.len(), 13, "{lines:?}\n{err}");
-    assert!(lines[..12].iter().all(|l| *l == format!("{sum}  /data")), "{lines:?}");
-    assert_eq!(lines[12], "kept", "the write acknowledged before the kill is read back after it");
-    assert!(!err.contains("I/O error"), "{err}");
+    read_through(vm, &sum);
     agent.stop();
 }
 
@@ -208,11 +215,7 @@ fn a_new_agent_takes_over_with_no_vm_noticing() {
     }
     drop(old);
     assert_eq!(vm.line(), format!("{sum}  /data"));
-    let (code, lines, err) = vm.finish();
-    assert_eq!(code, Some(0), "{lines:?}\n{err}");
-    assert_eq!(lines.len(), 13, "{lines:?}\n{err}");
-    assert!(lines[..12].iter().all(|l| *l == format!("{sum}  /data")), "{lines:?}");
-    assert_eq!(lines[12], "kept");
+    read_through(vm, &sum);
     // The new agent answers on the control socket the old one had.
     let after = run(&env, &["data", "--accel", "tcg", "--json", "--", "busybox true"]);
     assert_eq!(report(&after)["agent"], "shared", "{}", text(&after));
