@@ -239,12 +239,18 @@ impl Manager {
     pub fn remove_node(&self, node: &str) -> Result<Vec<MovedNode>, (StatusCode, String)> {
         let mut s = self.state.lock().expect("no panics while holding the lock");
         let Some(&id) = s.ids.get(node) else { return Ok(Vec::new()) };
+        let out = self.remove_id(&mut s, id);
+        self.save(&s)?;
+        Ok(out)
+    }
+
+    /// Takes agent `id` out of every tree (the state not yet saved).
+    fn remove_id(&self, s: &mut State, id: u32) -> Vec<MovedNode> {
         let moved: Vec<(u32, Option<u32>)> = s.forest.remove_node(id).into_iter().flat_map(|(_, m)| m).collect();
         let out = s.moved(moved);
         s.forget_if_unused(id);
         self.stats.moved.fetch_add(out.len() as u64, Ordering::Relaxed);
-        self.save(&s)?;
-        Ok(out)
+        out
     }
 
     /// Where `node` sits in `function`'s tree (counts as a sign of life).
@@ -272,14 +278,18 @@ impl Manager {
         if self.options.idle_timeout.is_zero() {
             return 0;
         }
-        let stale: Vec<String> = {
-            let s = self.state.lock().expect("no panics while holding the lock");
-            s.seen.iter().filter(|(_, t)| t.elapsed() > self.options.idle_timeout).map(|(&id, _)| s.addr(id)).collect()
-        };
-        for node in &stale {
-            tracing::info!("{node}: silent for {:?}; it leaves every tree", self.options.idle_timeout);
-            let _ = self.remove_node(node);
+        // All of them under one lock, and one write of the state.
+        let mut s = self.state.lock().expect("no panics while holding the lock");
+        let stale: Vec<u32> = s.seen.iter().filter(|(_, t)| t.elapsed() > self.options.idle_timeout).map(|(&id, _)| id).collect();
+        if stale.is_empty() {
+            return 0;
         }
+        for &id in &stale {
+            tracing::info!("{}: silent for {:?}; it leaves every tree", s.addr(id), self.options.idle_timeout);
+            self.remove_id(&mut s, id);
+        }
+        // A failed write is logged; the next change writes the state again.
+        let _ = self.save(&s);
         self.stats.expired.fetch_add(stale.len() as u64, Ordering::Relaxed);
         stale.len()
     }
