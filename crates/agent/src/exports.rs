@@ -27,6 +27,8 @@ pub struct CatalogExports {
     max_overlays: usize,
     /// Prefetch a disk's start-up profile when it is first opened.
     prefetch: bool,
+    /// The function every image is read for (else each image is its own).
+    function: Option<Arc<str>>,
     /// Exports whose reads are counted apart (a VM's disk), shared by every
     /// device opened on them.
     tracked: Mutex<HashMap<String, Arc<ReadCounts>>>,
@@ -44,6 +46,7 @@ impl CatalogExports {
             open_overlays: Arc::new(OverlayTable::default()),
             max_overlays,
             prefetch: false,
+            function: None,
             tracked: Mutex::new(HashMap::new()),
         }
     }
@@ -79,6 +82,12 @@ impl CatalogExports {
         self.prefetch = on;
     }
 
+    /// Reads every image for `function` (its tree, when the agent is in
+    /// function trees), not for a function named after the image.
+    pub fn read_for(&mut self, function: Option<&str>) {
+        self.function = function.map(Into::into);
+    }
+
     /// Overlays open now.
     pub fn open_overlay_count(&self) -> usize {
         self.open_overlays.open().len()
@@ -105,7 +114,7 @@ impl CatalogExports {
             return Ok(Arc::clone(d));
         }
         let (r, manifest) = self.home.manifest(name)?;
-        let disk = Arc::new(VirtualDisk::new(name, &r, manifest, Arc::clone(&self.loader)));
+        let disk = Arc::new(VirtualDisk::new(name, &r, manifest, Arc::clone(&self.loader)).read_for(self.function.clone()));
         disks.insert(name.to_owned(), Arc::clone(&disk));
         if self.prefetch {
             match crate::profile::load(&self.home, &r) {

@@ -9,8 +9,9 @@
 //!
 //! Reads map to 512 KiB chunks ([`vdisk::VirtualDisk`]), fetched on first
 //! touch through a [`tessera_cache::Loader`] whose sources are, in order,
-//! the disk cache, the shared cache tier (when configured) and the origin
-//! store, and checked before they are served. [`profile`] records and
+//! the disk cache, the agent's parent in the function's tree (when in
+//! function trees: [`TreeOptions`]), the shared cache tier (when
+//! configured) and the origin store, and checked before they are served. [`profile`] records and
 //! prefetches start-up profiles. Metrics are served in Prometheus text at
 //! `/metrics`.
 //!
@@ -48,6 +49,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tessera_cache::metrics::header;
+use tessera_cache::peer::{PeerOptions, PeerSource};
 use tessera_cache::tier::{CacheTier, TierError, TierOptions};
 use tessera_cache::{ChunkSource, DiskCache, Loader, LoaderOptions, Origin};
 use tessera_store::{Home, ThrottledStore};
@@ -111,6 +113,12 @@ pub enum Error {
     /// A disk could not be attached to a VM, or detached.
     #[error("{0}")]
     Attach(String),
+    /// Function trees cannot be set up.
+    #[error("{0}")]
+    Tree(String),
+    /// The peer tier cannot be set up.
+    #[error(transparent)]
+    Peer(#[from] tessera_cache::peer::PeerError),
 }
 
 /// Where the NBD server listens.
@@ -191,7 +199,32 @@ pub struct AgentOptions {
     pub vhost_user: Option<PathBuf>,
     /// Serve the control socket here (attach and detach VM disks, hand over).
     pub control: Option<PathBuf>,
+    /// Take part in function trees: read from a parent agent first, serve children.
+    pub tree: Option<TreeOptions>,
+    /// The function every image is read for (`tessera run --function`);
+    /// `None`: each image is a function of its own.
+    pub function: Option<String>,
 }
+
+/// How an agent takes part in function trees (FaaSNet).
+#[derive(Clone, Debug)]
+pub struct TreeOptions {
+    /// The tree manager, `HOST:PORT`.
+    pub manager: String,
+    /// Where to serve chunks to children, `HOST:PORT` (port 0: one the system picks).
+    pub listen: String,
+    /// The address children reach this agent at (default: the one bound).
+    pub advertise: Option<String>,
+    /// The bearer token of the manager and of every agent's peer server.
+    pub token: Option<String>,
+    /// Trust this CA (PEM) for the manager and parents: talk TLS to them.
+    pub tls_ca: Option<PathBuf>,
+    /// Serve children over TLS with this certificate chain and key (PEM).
+    pub tls_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Sealed chunks kept in memory for children (see `Loader::with_forwarding`).
+pub const FORWARD_BYTES: u64 = 128 << 20;
 
 /// The TLS of the NBD TCP listeners (unix sockets stay local and clear).
 #[derive(Clone, Debug)]
@@ -228,6 +261,8 @@ impl AgentOptions {
             allow_plaintext_nbd: false,
             vhost_user: None,
             control: None,
+            tree: None,
+            function: None,
         }
     }
 }
@@ -240,6 +275,8 @@ pub struct Bound {
     pub nbd: Vec<String>,
     /// The metrics endpoint, `HOST:PORT`.
     pub metrics: Option<String>,
+    /// Where children in function trees read from, `HOST:PORT` (as advertised).
+    pub peer: Option<String>,
 }
 
 /// A running worker agent.
@@ -265,6 +302,8 @@ pub struct Agent {
     /// Set while the listeners are being handed to a successor: attaches
     /// are refused.
     handing_over: std::sync::atomic::AtomicBool,
+    /// The listener children in function trees read from, until served.
+    peer_listener: std::sync::Mutex<Option<(std::net::TcpListener, String, tessera_cache::peer::ServeOptions)>>,
 }
 
 impl Agent {
@@ -286,6 +325,15 @@ impl Agent {
             tracing::info!("adopted the disk cache of an earlier release in {}", chunk_cache.display());
         }
         let mut sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(DiskCache::open(&chunk_cache, options.cache_disk).map_err(disk_err)?)];
+        let peer_listener = match &options.tree {
+            Some(t) => {
+                let (listener, advertise, serve) = peer_listener(t)?;
+                let peer = PeerOptions { manager: t.manager.clone(), advertise: advertise.clone(), token: t.token.clone(), tls_ca: t.tls_ca.clone() };
+                sources.push(Arc::new(PeerSource::new(peer)?));
+                Some((listener, advertise, serve))
+            }
+            None => None,
+        };
         if let Some(t) = &options.tier {
             sources.push(Arc::new(CacheTier::new(t.clone())?));
         }
@@ -296,9 +344,11 @@ impl Agent {
             Some(Box::new(move |s| Arc::new(ThrottledStore::new(s, latency, bandwidth)) as Arc<dyn tessera_store::ChunkStore>))
         };
         sources.push(Arc::new(Origin::of_store(home.store().clone(), wrap, options.origin_concurrency, options.origin_queue)));
-        let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: options.cache_mem }, sources));
+        let forward = if peer_listener.is_some() { FORWARD_BYTES } else { 0 };
+        let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: options.cache_mem }, sources).with_forwarding(forward));
         let mut exports = CatalogExports::new(Arc::new(home), Arc::clone(&loader), options.cache_dir.join("overlays"), options.max_overlays);
         exports.prefetch_profiles(options.prefetch);
+        exports.read_for(options.function.as_deref());
         let exports = Arc::new(exports);
         let nbd = Arc::new(Server::new(exports.clone() as Arc<dyn Exports>, options.limits.clone()));
         let tls = match &options.tls {
@@ -332,6 +382,7 @@ impl Agent {
             handed_over: Arc::new(tokio::sync::Notify::new()),
             stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             handing_over: std::sync::atomic::AtomicBool::new(false),
+            peer_listener: std::sync::Mutex::new(peer_listener),
         })
     }
 
@@ -440,6 +491,11 @@ impl Agent {
             let me = Arc::clone(&self);
             tasks.push(tokio::spawn(tessera_cache::metrics::serve(listener, Arc::new(move || me.render_metrics()))));
         }
+        if let Some((listener, advertise, serve)) = self.peer_listener.lock().expect("no panics while holding the lock").take() {
+            let listener = TcpListener::from_std(listener).map_err(listen_err(format!("peers {advertise}")))?;
+            bound.peer = Some(advertise);
+            tasks.push(tokio::spawn(tessera_cache::peer::serve_children(Arc::clone(&self.loader), listener, serve, std::future::pending())));
+        }
         // The VMs' disks of the agent before this one, then the control socket.
         self.restore_attached(std::mem::take(&mut inherited.vhost));
         let control = match &self.options.control {
@@ -491,6 +547,31 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Binds the listener children read from (`--peer-listen`); the address
+/// to advertise, and how to serve them. A listener off this host needs a
+/// token and TLS, as a cache node does.
+fn peer_listener(t: &TreeOptions) -> Result<(std::net::TcpListener, String, tessera_cache::peer::ServeOptions), Error> {
+    let listen_err = |source| Error::Listen { addr: format!("peers {}", t.listen), source };
+    let listener = std::net::TcpListener::bind(&t.listen).map_err(listen_err)?;
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    let local = listener.local_addr().map_err(listen_err)?;
+    let tls = match &t.tls_cert {
+        Some((cert, key)) => Some(tessera_cache::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?),
+        None => None,
+    };
+    if !local.ip().is_loopback() && (t.token.is_none() || tls.is_none()) {
+        return Err(Error::Tree(format!(
+            "--peer-listen {local} is not a loopback address: give --tree-token-file and --peer-tls-cert/--peer-tls-key (children off this host need a token, and TLS to keep it secret)"
+        )));
+    }
+    let advertise = match &t.advertise {
+        Some(a) => a.clone(),
+        None if local.ip().is_unspecified() => return Err(Error::Tree(format!("--peer-listen {local} listens on every address: give --advertise HOST:PORT"))),
+        None => local.to_string(),
+    };
+    Ok((listener, advertise, tessera_cache::peer::ServeOptions { token: t.token.clone(), tls }))
 }
 
 /// Binds the control socket at `path` (mode 0600: only its user may attach

@@ -76,6 +76,12 @@ impl VirtualDisk {
         VirtualDisk { name: name.to_owned(), ctx: FetchContext::of(name, r), manifest_id: r.manifest.clone(), manifest, loader, recording: Mutex::new(None) }
     }
 
+    /// The disk, read for `function` (`None`: for a function named after the image).
+    pub fn read_for(mut self, function: Option<std::sync::Arc<str>>) -> VirtualDisk {
+        self.ctx.function = function;
+        self
+    }
+
     /// Fetches chunk `index` into the caches (a no-op for a hole), as a
     /// read would; for prefetching.
     pub fn warm(&self, index: u64, counts: Option<&ReadCounts>) -> Result<(), tessera_cache::Error> {

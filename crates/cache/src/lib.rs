@@ -28,7 +28,8 @@
 //! more, and refuses the rest at once.
 //!
 //! [`ec`] and [`placement`] are the cache tier's erasure code and
-//! rendezvous placement; [`trace`] compares LRU-2 with LRU.
+//! rendezvous placement; [`peer`] is the function-tree source and the
+//! server an agent's children read from; [`trace`] compares LRU-2 with LRU.
 #![deny(missing_docs)]
 
 #[cfg(any(test, feature = "testing"))]
@@ -39,6 +40,7 @@ mod loader;
 mod lruk;
 pub mod metrics;
 mod origin;
+pub mod peer;
 pub mod placement;
 pub mod server;
 pub mod tier;
@@ -120,6 +122,9 @@ pub struct FetchContext {
     pub manifest: Arc<str>,
     /// The store generation holding the image's chunks.
     pub generation: u64,
+    /// Agents this fetch has passed through up a function tree (0: it
+    /// started here); past [`peer::MAX_HOPS`] no parent is asked.
+    pub hops: u32,
 }
 
 impl FetchContext {
@@ -130,7 +135,7 @@ impl FetchContext {
 
     /// A fetch for image `name`, which `r` names.
     pub fn of(name: &str, r: &tessera_store::ImageRef) -> FetchContext {
-        FetchContext { image: name.into(), function: None, manifest: r.manifest.as_str().into(), generation: r.generation }
+        FetchContext { image: name.into(), function: None, manifest: r.manifest.as_str().into(), generation: r.generation, hops: 0 }
     }
 }
 
@@ -170,6 +175,17 @@ pub enum Error {
     /// The fetch this read waited for (another reader's) failed.
     #[error("{0}")]
     Coalesced(Arc<Error>),
+}
+
+impl Error {
+    /// Whether no source has the chunk (here or in the fetch this read waited for).
+    pub fn is_missing(&self) -> bool {
+        match self {
+            Error::Missing(_) => true,
+            Error::Coalesced(e) => e.is_missing(),
+            _ => false,
+        }
+    }
 }
 
 /// A tier that can hand out sealed chunks, below the loader's memory.

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
+use bytes::Bytes;
 use tessera_chunk::{check_id, decrypt_in_place, ChunkId, ChunkRef, CHUNK_SIZE};
 
 use crate::metrics::{header, Histogram};
@@ -24,6 +25,8 @@ pub struct LoaderOptions {
 pub struct Loader {
     memory: Mutex<Lru2<ChunkId, Plain>>,
     memory_capacity: u64,
+    /// Sealed copies kept for children in a function tree, if any.
+    forward: Option<Mutex<Lru2<ChunkId, Bytes>>>,
     sources: Vec<Arc<dyn ChunkSource>>,
     inflight: Mutex<HashMap<ChunkId, Arc<Flight>>>,
     /// What was served from where.
@@ -45,6 +48,8 @@ pub struct Stats {
     pub corrupt: AtomicU64,
     /// Reads that waited for another reader's fetch of the same chunk.
     pub coalesced: AtomicU64,
+    /// Sealed chunks handed to children in a function tree.
+    pub forwarded: AtomicU64,
 }
 
 impl Stats {
@@ -60,7 +65,16 @@ impl Stats {
     }
 }
 
-type Landed = Result<(Plain, Tier), Arc<Error>>;
+/// What one fetch below memory landed: the sealed bytes, where they came
+/// from, and the plaintext when the reader that led it had the key.
+#[derive(Clone)]
+struct Fetched {
+    sealed: Bytes,
+    tier: Tier,
+    plain: Option<Plain>,
+}
+
+type Landed = Result<Fetched, Arc<Error>>;
 
 /// A fetch in progress that other readers of the same chunk wait for.
 #[derive(Default)]
@@ -95,6 +109,16 @@ impl Drop for Landing<'_> {
     }
 }
 
+/// How a reader meets the fetch of a chunk.
+enum Join<T> {
+    /// It landed meanwhile: here it is.
+    Landed(T),
+    /// Another reader fetches it: wait for that.
+    Wait(Arc<Flight>),
+    /// This reader fetches it.
+    Lead(Arc<Flight>),
+}
+
 impl Loader {
     /// A loader over `sources`, asked in order (typically the disk cache,
     /// a peer tree, the cache tier, the origin).
@@ -102,10 +126,20 @@ impl Loader {
         Loader {
             memory: Mutex::new(Lru2::new(options.memory_bytes, 4096, crate::CORRELATED)),
             memory_capacity: options.memory_bytes,
+            forward: None,
             sources,
             inflight: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         }
+    }
+
+    /// Keeps up to `bytes` of the sealed chunks fetched from below in
+    /// memory too, for [`Loader::sealed`]: an agent that serves children
+    /// in a function tree hands each chunk on as soon as it has it, before
+    /// its disk cache has kept it.
+    pub fn with_forwarding(mut self, bytes: u64) -> Loader {
+        self.forward = (bytes > 0).then(|| Mutex::new(Lru2::new(bytes, 4096, crate::CORRELATED)));
+        self
     }
 
     /// Whether chunk `id` is in memory (no access is counted).
@@ -129,49 +163,111 @@ impl Loader {
         if let Some(p) = self.cached(r) {
             return Ok((p, Tier::Memory));
         }
-        let (flight, leader) = {
-            let mut map = self.inflight.lock().expect("no panics while holding the lock");
-            match map.get(&r.id) {
-                Some(f) => (Arc::clone(f), false),
-                None => {
-                    // A fetch may have landed since we looked: a leader fills
-                    // memory before it leaves the map, so under the map's lock
-                    // the chunk is either in flight or in memory (or evicted).
-                    if let Some(p) = self.memory.lock().expect("no panics while holding the lock").get(&r.id).cloned() {
-                        drop(map);
-                        self.stats.count(Tier::Memory, started);
-                        return Ok((p, Tier::Memory));
-                    }
-                    let f = Arc::new(Flight::default());
-                    map.insert(r.id, Arc::clone(&f));
-                    (f, true)
-                }
+        // Fetched for a child in a function tree: open that copy.
+        if let Some(sealed) = self.forward.as_ref().and_then(|f| f.lock().expect("no panics while holding the lock").get(&r.id).cloned()) {
+            let p = open(r, &sealed, Tier::Memory)?;
+            self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(&p), CHUNK_SIZE as u64);
+            self.stats.count(Tier::Memory, started);
+            return Ok((p, Tier::Memory));
+        }
+        // A leader fills memory before it leaves the map, so under the
+        // map's lock the chunk is either in flight or in memory (or evicted).
+        let fetched = match self.join(&r.id, || self.memory.lock().expect("no panics while holding the lock").get(&r.id).cloned()) {
+            Join::Landed(p) => {
+                self.stats.count(Tier::Memory, started);
+                return Ok((p, Tier::Memory));
+            }
+            Join::Lead(flight) => return self.lead(&r.id, &flight, Some(r), ctx, started).map(|f| (f.plain.expect("opened with the key"), f.tier)),
+            Join::Wait(flight) => self.wait(&flight)?,
+        };
+        // Served from memory, by another reader's fetch: each fetch is
+        // counted once, under the tier that did the work.
+        let plain = match fetched.plain {
+            Some(p) => p,
+            // Its leader served a peer and had no key: open it here.
+            None => {
+                let p = open(r, &fetched.sealed, fetched.tier)?;
+                self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(&p), CHUNK_SIZE as u64);
+                p
             }
         };
-        if !leader {
-            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-            let guard = flight.result.lock().expect("no panics while holding the lock");
-            let guard = flight.done.wait_while(guard, |r| r.is_none()).expect("no panics while holding the lock");
-            // Served from memory, by another reader's fetch: each fetch is
-            // counted once, under the tier that did the work.
-            return match guard.as_ref().expect("set before notifying") {
-                Ok((p, _)) => {
-                    self.stats.count(Tier::Memory, started);
-                    Ok((Arc::clone(p), Tier::Memory))
-                }
-                Err(e) => Err(Error::Coalesced(Arc::clone(e))),
-            };
+        self.stats.count(Tier::Memory, started);
+        Ok((plain, Tier::Memory))
+    }
+
+    /// The sealed bytes of chunk `id` (checked against it) and the tier they
+    /// came from, for a child in a function tree: it holds no key, so they
+    /// come from the forwarding buffer ([`Loader::with_forwarding`]) or from
+    /// the sources, and a fetch for a child and one for a reader of this
+    /// agent are one fetch.
+    pub fn sealed(&self, id: &ChunkId, ctx: &FetchContext) -> Result<(Bytes, Tier), Error> {
+        let started = Instant::now();
+        let buffered = || self.forward.as_ref().and_then(|f| f.lock().expect("no panics while holding the lock").get(id).cloned());
+        if let Some(b) = buffered() {
+            self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            return Ok((b, Tier::Memory));
         }
+        let (sealed, tier) = match self.join(id, buffered) {
+            Join::Landed(b) => (b, Tier::Memory),
+            Join::Lead(flight) => {
+                let f = self.lead(id, &flight, None, ctx, started)?;
+                (f.sealed, f.tier)
+            }
+            Join::Wait(flight) => (self.wait(&flight)?.sealed, Tier::Memory),
+        };
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        Ok((sealed, tier))
+    }
+
+    /// Joins the fetch of `id` in flight, or starts one; `landed` looks
+    /// (under the map's lock) for a copy that landed since the caller looked.
+    fn join<T>(&self, id: &ChunkId, landed: impl FnOnce() -> Option<T>) -> Join<T> {
+        let mut map = self.inflight.lock().expect("no panics while holding the lock");
+        if let Some(f) = map.get(id) {
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+            return Join::Wait(Arc::clone(f));
+        }
+        if let Some(t) = landed() {
+            return Join::Landed(t);
+        }
+        let f = Arc::new(Flight::default());
+        map.insert(*id, Arc::clone(&f));
+        Join::Lead(f)
+    }
+
+    /// Waits for another reader's fetch.
+    fn wait(&self, flight: &Flight) -> Result<Fetched, Error> {
+        let guard = flight.result.lock().expect("no panics while holding the lock");
+        let guard = flight.done.wait_while(guard, |r| r.is_none()).expect("no panics while holding the lock");
+        guard.as_ref().expect("set before notifying").clone().map_err(Error::Coalesced)
+    }
+
+    /// Fetches `id` from the sources for the readers waiting on `flight`;
+    /// with `r` (its key), opens it and keeps the plaintext in memory.
+    fn lead(&self, id: &ChunkId, flight: &Flight, r: Option<&ChunkRef>, ctx: &FetchContext, started: Instant) -> Result<Fetched, Error> {
         // Whatever happens below (even a panic), the waiters are released.
-        let landing = Landing { loader: self, id: r.id, flight: &flight };
-        match self.fetch_below(r, ctx) {
-            Ok((p, tier, sealed_len)) => {
-                self.stats.count(tier, started);
-                self.stats.fetched[tier.index()].fetch_add(sealed_len, Ordering::Relaxed);
-                let evicted = self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(&p), CHUNK_SIZE as u64);
-                self.stats.memory_evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
-                landing.land(Ok((Arc::clone(&p), tier)));
-                Ok((p, tier))
+        let landing = Landing { loader: self, id: *id, flight };
+        let fetched = self.fetch_below(id, ctx).and_then(|(sealed, tier)| {
+            self.stats.count(tier, started);
+            self.stats.fetched[tier.index()].fetch_add(sealed.len() as u64, Ordering::Relaxed);
+            if let Some(f) = &self.forward {
+                f.lock().expect("no panics while holding the lock").insert(*id, sealed.clone(), sealed.len() as u64);
+            }
+            let plain = match r {
+                Some(r) => {
+                    let p = open(r, &sealed, tier)?;
+                    let evicted = self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(&p), CHUNK_SIZE as u64);
+                    self.stats.memory_evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+                    Some(p)
+                }
+                None => None,
+            };
+            Ok(Fetched { sealed, tier, plain })
+        });
+        match fetched {
+            Ok(f) => {
+                landing.land(Ok(f.clone()));
+                Ok(f)
             }
             Err(e) => {
                 let e = Arc::new(e);
@@ -188,32 +284,30 @@ impl Loader {
         }
     }
 
-    fn fetch_below(&self, r: &ChunkRef, ctx: &FetchContext) -> Result<(Plain, Tier, u64), Error> {
+    /// The sealed bytes of `id` from the first source that has a copy that
+    /// matches it; the copy is offered to the sources above that one.
+    fn fetch_below(&self, id: &ChunkId, ctx: &FetchContext) -> Result<(Bytes, Tier), Error> {
         let last = self.sources.len().saturating_sub(1);
         for (i, source) in self.sources.iter().enumerate() {
             let tier = source.tier();
-            let Some(sealed) = source.fetch(&r.id, ctx)? else { continue };
-            if let Err(e) = check_id(&r.id, &sealed) {
+            let Some(sealed) = source.fetch(id, ctx)? else { continue };
+            if let Err(e) = check_id(id, &sealed) {
                 if i == last {
-                    return Err(Error::Corrupt { id: r.id, tier, source: e });
+                    return Err(Error::Corrupt { id: *id, tier, source: e });
                 }
-                // A damaged copy in a cache: drop it there, ask below.
-                tracing::warn!("{tier}: dropping chunk {}: {e}", r.id);
+                // A damaged copy in a cache (or from a peer): drop it there, ask below.
+                tracing::warn!("{tier}: dropping chunk {id}: {e}");
                 self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-                source.forget(&r.id);
+                source.forget(id);
                 continue;
             }
             // Kept behind: the reader does not wait for the cache disk or tier.
             for above in &self.sources[..i] {
-                above.offer(&r.id, &sealed, ctx);
+                above.offer(id, &sealed, ctx);
             }
-            // The sealed bytes may be shared with the caches above: the
-            // plaintext is opened in a copy of its own (the only copy).
-            let mut plain = sealed.to_vec();
-            decrypt_in_place(&r.id, &r.key, &mut plain).map_err(|e| Error::Corrupt { id: r.id, tier, source: e })?;
-            return Ok((Arc::new(plain), tier, sealed.len() as u64));
+            return Ok((sealed, tier));
         }
-        Err(Error::Missing(r.id))
+        Err(Error::Missing(*id))
     }
 
     /// Appends the loader's metrics in Prometheus text.
@@ -263,10 +357,21 @@ impl Loader {
         let _ = writeln!(out, "tessera_cache_corrupt_total {}", self.stats.corrupt.load(Ordering::Relaxed));
         header(out, "tessera_chunk_reads_coalesced_total", "counter", "Reads that waited for another reader's fetch of the same chunk.");
         let _ = writeln!(out, "tessera_chunk_reads_coalesced_total {}", self.stats.coalesced.load(Ordering::Relaxed));
+        header(out, "tessera_peer_chunks_served_total", "counter", "Sealed chunks handed to children in function trees.");
+        let _ = writeln!(out, "tessera_peer_chunks_served_total {}", self.stats.forwarded.load(Ordering::Relaxed));
         for source in &self.sources {
             source.render(out);
         }
     }
+}
+
+/// The plaintext of sealed chunk `r` (already checked against its id).
+fn open(r: &ChunkRef, sealed: &Bytes, tier: Tier) -> Result<Plain, Error> {
+    // The sealed bytes may be shared with the caches above: the plaintext
+    // is opened in a copy of its own (the only copy).
+    let mut plain = sealed.to_vec();
+    decrypt_in_place(&r.id, &r.key, &mut plain).map_err(|e| Error::Corrupt { id: r.id, tier, source: e })?;
+    Ok(Arc::new(plain))
 }
 
 #[cfg(test)]
@@ -361,5 +466,42 @@ mod tests {
         assert_eq!(fetched, 1, "16 concurrent misses caused {fetched} origin fetches");
         assert_eq!(loader.stats.reads(Tier::Origin), 1);
         assert_eq!(loader.stats.reads(Tier::Memory), 15);
+    }
+
+    #[test]
+    fn a_child_and_a_reader_of_one_chunk_cause_one_fetch() {
+        let (store, chunks) = setup(2);
+        let origin = Arc::new(Origin::new(store, 4, 64));
+        let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: 64 << 20 }, vec![origin.clone() as Arc<dyn ChunkSource>]).with_forwarding(8 << 20));
+        let r = chunks[0].0;
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let l = Arc::clone(&loader);
+                std::thread::spawn(move || {
+                    if i % 2 == 0 {
+                        l.read(&r, &ctx()).unwrap().0.to_vec()
+                    } else {
+                        let (sealed, _) = l.sealed(&r.id, &ctx()).unwrap();
+                        let mut plain = sealed.to_vec();
+                        decrypt_in_place(&r.id, &r.key, &mut plain).unwrap();
+                        plain
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), chunks[0].1);
+        }
+        assert_eq!(origin.requests.load(Ordering::Relaxed), 1);
+        // A chunk fetched for a child first is opened for a reader afterwards
+        // without a second fetch, and the buffer serves children.
+        let r = chunks[1].0;
+        assert_eq!(loader.sealed(&r.id, &ctx()).unwrap().1, Tier::Origin);
+        assert_eq!(loader.sealed(&r.id, &ctx()).unwrap().1, Tier::Memory);
+        assert_eq!(*loader.read(&r, &ctx()).unwrap().0, chunks[1].1);
+        assert_eq!(origin.requests.load(Ordering::Relaxed), 2);
+        // Without the buffer, a missing chunk is named as missing.
+        let plain = Loader::new(LoaderOptions { memory_bytes: 1 << 20 }, vec![origin as Arc<dyn ChunkSource>]);
+        assert!(plain.sealed(&ChunkId([9; 32]), &ctx()).unwrap_err().is_missing());
     }
 }

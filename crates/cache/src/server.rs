@@ -1,10 +1,12 @@
-//! Pieces the HTTP servers beside the agents share (the cache node and the
-//! tree manager): the bearer-token check and the accept loop.
+//! Pieces the HTTP servers beside the agents share (the cache node, the
+//! tree manager and an agent's peer server): the bearer-token check, the
+//! accept loop and the HTTP/1.1 + HTTP/2 server over optional TLS.
 
 use std::future::Future;
 use std::time::Duration;
 
 use hyper::header::{HeaderMap, AUTHORIZATION};
+use hyper_util::rt::TokioExecutor;
 use ring::digest::{digest, SHA256};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -36,4 +38,56 @@ pub async fn accept_until(listener: &TcpListener, shutdown: impl Future<Output =
             () = &mut shutdown => return,
         }
     }
+}
+
+/// How long a client may take to send its headers or finish its TLS
+/// handshake before it is dropped.
+pub const SLOW_CLIENT: Duration = Duration::from_secs(30);
+
+/// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` completes,
+/// each request answered by `handle`; with `tls`, every connection is TLS
+/// first (a client that does not finish its handshake within
+/// [`SLOW_CLIENT`] is dropped). `tune` sets the HTTP/2 side of the server.
+pub async fn serve_http<H, F>(
+    listener: &TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    tune: impl FnOnce(&mut hyper_util::server::conn::auto::Http2Builder<'_, TokioExecutor>),
+    shutdown: impl Future<Output = ()>,
+    handle: H,
+) where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>> + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(SLOW_CLIENT);
+    let mut http2 = builder.http2();
+    http2.timer(TokioTimer::new());
+    tune(&mut http2);
+    let builder = std::sync::Arc::new(builder);
+    accept_until(listener, shutdown, |stream| {
+        let _ = stream.set_nodelay(true);
+        let (builder, handle, acceptor) = (std::sync::Arc::clone(&builder), handle.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = handle(req);
+                async move { Ok::<_, std::convert::Infallible>(response.await) }
+            });
+            // A client that goes away mid-request is not the server's problem.
+            match acceptor {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                }
+                Some(acceptor) => match tokio::time::timeout(SLOW_CLIENT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
+                    Err(_) => tracing::debug!("TLS handshake: no handshake within {SLOW_CLIENT:?}"),
+                },
+            }
+        });
+    })
+    .await;
 }

@@ -82,3 +82,25 @@ pub fn client_config(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Clie
         Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?).map_err(|e| err("certificate and key", cert, e)),
     }
 }
+
+/// The connector of an HTTP/2 client of our servers (cache nodes, the tree
+/// manager, parents): TLS (ALPN `h2`) trusting `ca`, else cleartext HTTP/2
+/// (prior knowledge); connections with TCP_NODELAY, made within `connect_timeout`.
+pub fn h2_connector(
+    ca: Option<&Path>,
+    connect_timeout: std::time::Duration,
+) -> Result<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, TlsError> {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.enforce_http(false);
+    let tls = match ca {
+        Some(ca) => client_config(ca, None)?,
+        None => ClientConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth(),
+    };
+    Ok(hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http2().wrap_connector(connector))
+}

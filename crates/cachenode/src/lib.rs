@@ -20,7 +20,6 @@
 //! ([`tessera_cache::tier::wire`]).
 #![deny(missing_docs)]
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::path::Path;
@@ -33,10 +32,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioExecutor;
 use ring::digest::{digest, SHA256};
 use tessera_cache::metrics::{counters, header, Histogram};
+use tessera_cache::server::SLOW_CLIENT;
 use tessera_cache::tier::wire::{self, MAX_STRIPE};
 use tessera_cache::{DiskCache, Lru2, CORRELATED};
 use tessera_chunk::ChunkId;
@@ -48,9 +47,6 @@ const SUM_LEN: usize = 32;
 /// Stores whose bodies may be buffered at once (each at most
 /// [`MAX_STRIPE`]); more wait for a turn.
 pub const MAX_PUTS: usize = 64;
-
-/// How long a client may take to send a stripe, or a request's headers.
-const SLOW_CLIENT: Duration = Duration::from_secs(30);
 
 /// Errors of a cache node.
 #[derive(Debug, thiserror::Error)]
@@ -333,45 +329,21 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 /// With `tls`, every connection is TLS (ALPN `h2` or `http/1.1`); a client
 /// that does not finish its TLS handshake within 30 s is dropped.
 pub async fn serve(node: Arc<CacheNode>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, shutdown: impl Future<Output = ()>) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(SLOW_CLIENT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let tune = |h2: &mut hyper_util::server::conn::auto::Http2Builder<'_, TokioExecutor>| {
         // A peer that stops answering pings is gone: free its connection.
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(64 << 20)
-        .max_frame_size(256 << 10)
-        .max_concurrent_streams(256)
-        // Clients cancel the stripes they no longer need (k others came
-        // first): many resets are normal here, not an attack.
-        .max_pending_accept_reset_streams(1024);
-    let builder = Arc::new(builder);
-    tessera_cache::server::accept_until(&listener, shutdown, |stream| {
-        let _ = stream.set_nodelay(true);
-        let (builder, node, acceptor) = (Arc::clone(&builder), Arc::clone(&node), acceptor.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let node = Arc::clone(&node);
-                async move { Ok::<_, Infallible>(node.handle(req).await) }
-            });
-            // A client that goes away mid-request is not the node's problem.
-            match acceptor {
-                None => {
-                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-                }
-                Some(acceptor) => match tokio::time::timeout(SLOW_CLIENT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = builder.serve_connection(TokioIo::new(tls), service).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
-                    Err(_) => tracing::debug!("TLS handshake: no handshake within {SLOW_CLIENT:?}"),
-                },
-            }
-        });
+        h2.keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(64 << 20)
+            .max_frame_size(256 << 10)
+            .max_concurrent_streams(256)
+            // Clients cancel the stripes they no longer need (k others came
+            // first): many resets are normal here, not an attack.
+            .max_pending_accept_reset_streams(1024);
+    };
+    tessera_cache::server::serve_http(&listener, tls, tune, shutdown, move |req| {
+        let node = Arc::clone(&node);
+        async move { node.handle(req).await }
     })
     .await;
 }

@@ -237,7 +237,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
     /// Once listening, write the addresses bound (port 0 picks a free one)
-    /// to FILE as JSON: {"nbd": [...], "metrics": ...}.
+    /// to FILE as JSON: {"nbd": [...], "metrics": ..., "peer": ...}.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
     /// Fetch an image's start-up profile (recorded by `tessera run`) into
@@ -339,6 +339,43 @@ pub struct CacheArgs {
     pub origin_bandwidth: Option<u64>,
     #[command(flatten)]
     pub tier: TierArgs,
+    #[command(flatten)]
+    pub tree: TreeArgs,
+}
+
+/// Function trees (FaaSNet): chunks from a parent agent before the cache
+/// tier and the origin.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TreeArgs {
+    /// The function-tree manager (`tessera treemgr`): this agent joins the
+    /// tree of each function it reads (the image name, or `run --function`),
+    /// asks its parent there for chunks before the cache tier and the
+    /// origin, and serves its own children on --peer-listen.
+    #[arg(long, value_name = "HOST:PORT", requires = "peer_listen")]
+    pub tree_manager: Option<String>,
+    /// Where to serve chunks to children in function trees (port 0: one
+    /// the system picks). Off this host it needs --tree-token-file and
+    /// --peer-tls-cert/--peer-tls-key.
+    #[arg(long, value_name = "HOST:PORT", requires = "tree_manager")]
+    pub peer_listen: Option<String>,
+    /// The address children reach this agent at, its name in the trees
+    /// (default: the address --peer-listen bound).
+    #[arg(long, value_name = "HOST:PORT", requires = "tree_manager")]
+    pub advertise: Option<String>,
+    /// File holding the bearer token of the tree manager and of every
+    /// agent's peer server.
+    #[arg(long, value_name = "FILE", requires = "tree_manager")]
+    pub tree_token_file: Option<PathBuf>,
+    /// Talk TLS to the tree manager and to parents, trusting this CA (PEM);
+    /// required with a token unless they are on this host.
+    #[arg(long, value_name = "FILE", requires = "tree_manager")]
+    pub tree_tls_ca: Option<PathBuf>,
+    /// Serve children over TLS with this certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["peer_tls_key", "tree_manager"])]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// The key of --peer-tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "peer_tls_cert")]
+    pub peer_tls_key: Option<PathBuf>,
 }
 
 /// How to reach the shared cache tier.
@@ -424,6 +461,13 @@ pub struct TreemgrArgs {
     /// unless the manager listens on a loopback address).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Serve over TLS with this certificate chain (PEM); required, with a
+    /// token, unless the manager listens on a loopback address.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
@@ -500,8 +544,12 @@ pub struct RunArgs {
     /// The control socket of the agent to use (default: the host's agent at
     /// $TESSERA_HOME/agent.sock when one runs, else a private one for this
     /// run, in-process).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "tree_manager")]
     pub agent: Option<PathBuf>,
+    /// The function this run is an instance of: its function tree (with
+    /// --tree-manager; default: the image name).
+    #[arg(long, value_name = "NAME", requires = "tree_manager")]
+    pub function: Option<String>,
     #[command(flatten)]
     pub cache: CacheArgs,
     /// The command's arguments, in place of the image's cmd.

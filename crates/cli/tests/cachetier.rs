@@ -9,14 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn have_tools() -> bool {
-    require("umoci", "umoci")
-        && require("busybox", "busybox-static")
-        && require("setfattr", "attr")
-        && require("nbdcopy", "libnbd-bin")
-        && require("qemu-io", "qemu-utils")
-}
-
 /// Cache nodes, each with its own directory; killed on drop.
 struct Nodes {
     children: Vec<Option<Child>>,
@@ -209,7 +201,7 @@ fn reads(agent: &Served, source: &str) -> f64 {
 
 #[test]
 fn a_warm_tier_serves_cold_agents_through_node_losses() {
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let (env, want, chunks) = imported();
@@ -289,7 +281,7 @@ fn corrupt_consistently(file: &Path) {
 
 #[test]
 fn nodes_joining_and_leaving_keep_the_tier_warm() {
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let (env, want, chunks) = imported();
@@ -322,7 +314,7 @@ fn nodes_joining_and_leaving_keep_the_tier_warm() {
 
 #[test]
 fn corrupt_stripes_are_caught_and_the_chunks_rebuilt_from_the_others() {
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let (env, want, chunks) = imported();
@@ -384,7 +376,7 @@ fn corrupt_stripes_are_caught_and_the_chunks_rebuilt_from_the_others() {
 
 #[test]
 fn a_wrong_token_is_refused_and_replication_works_with_the_right_one() {
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let (env, want, chunks) = imported();
@@ -427,7 +419,7 @@ fn a_wrong_token_is_refused_and_replication_works_with_the_right_one() {
 
 #[test]
 fn thirty_two_cold_readers_never_push_the_origin_past_its_bound() {
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let (env, want, chunks) = imported();
@@ -497,7 +489,7 @@ impl Drop for Relay {
 
 #[test]
 fn a_node_late_beyond_the_timeout_in_its_own_namespace_is_never_waited_for() {
-    if !have_tools() || !require("ip", "iproute2") {
+    if !have_nbd_tools() || !require("ip", "iproute2") {
         return;
     }
     if !is_root() {
@@ -555,7 +547,7 @@ fn a_node_late_beyond_the_timeout_in_its_own_namespace_is_never_waited_for() {
 
 #[test]
 fn a_cold_tier_and_a_full_origin_queue_shed_reads_with_a_clear_error() {
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let (env, _, _) = imported();
@@ -599,7 +591,7 @@ fn a_cold_tier_and_a_full_origin_queue_shed_reads_with_a_clear_error() {
 
 #[test]
 fn tessera_run_boots_from_the_tier() {
-    if !have_tools() || !require("qemu-system-x86_64", "qemu-system-x86") || !require("apt-get", "apt") {
+    if !have_nbd_tools() || !require("qemu-system-x86_64", "qemu-system-x86") || !require("apt-get", "apt") {
         return;
     }
     let (env, _, _) = imported();

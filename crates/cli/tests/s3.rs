@@ -12,14 +12,6 @@ use common::oci::{layout, tar_of, Blob, Comp};
 use common::s3::{use_store, Moto};
 use common::*;
 
-fn have_tools() -> bool {
-    require("umoci", "umoci")
-        && require("busybox", "busybox-static")
-        && require("setfattr", "attr")
-        && require("nbdcopy", "libnbd-bin")
-        && require("qemu-io", "qemu-utils")
-}
-
 /// Host A imports busybox with 4 MiB of data into the bucket; returns A's
 /// env, the source, and the image as `tessera export` writes it.
 fn imported(url: &str) -> (Env, String, Vec<u8>) {
@@ -47,7 +39,7 @@ fn host_b(a: &Env) -> Env {
 #[test]
 fn an_importer_and_a_worker_on_other_hosts_share_one_bucket() {
     let Some(moto) = Moto::start() else { return };
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let url = moto.bucket("shared", "");
@@ -77,7 +69,7 @@ fn an_importer_and_a_worker_on_other_hosts_share_one_bucket() {
 #[test]
 fn a_worker_on_another_host_runs_the_entrypoint() {
     let Some(moto) = Moto::start() else { return };
-    if !have_tools() || !require("qemu-system-x86_64", "qemu-system-x86") || !require("apt-get", "apt") {
+    if !have_nbd_tools() || !require("qemu-system-x86_64", "qemu-system-x86") || !require("apt-get", "apt") {
         return;
     }
     let url = moto.bucket("runs", "");
@@ -132,7 +124,7 @@ fn a_server_paused_mid_import_fails_it_cleanly_and_a_rerun_dedups() {
 #[test]
 fn a_server_paused_mid_read_fails_reads_with_eio_and_they_resume() {
     let Some(moto) = Moto::start() else { return };
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let url = moto.bucket("reads", "&timeout=1s");
@@ -166,7 +158,7 @@ fn a_server_paused_mid_read_fails_reads_with_eio_and_they_resume() {
 #[test]
 fn two_importers_of_one_image_at_once_leave_one_good_name_and_one_manifest() {
     let Some(moto) = Moto::start() else { return };
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let url = moto.bucket("racing", "");
@@ -202,7 +194,7 @@ fn two_importers_of_one_image_at_once_leave_one_good_name_and_one_manifest() {
 #[test]
 fn thirty_two_cold_readers_keep_s3_requests_at_the_bound() {
     let Some(moto) = Moto::start() else { return };
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let url = moto.bucket("bound", "");
@@ -264,7 +256,7 @@ fn wrong_credentials_a_missing_bucket_and_a_failing_server_are_clear_errors() {
 #[test]
 fn gc_on_s3_reclaims_what_no_image_uses_by_server_side_copies() {
     let Some(moto) = Moto::start() else { return };
-    if !have_tools() {
+    if !have_nbd_tools() {
         return;
     }
     let url = moto.bucket("collected", "");

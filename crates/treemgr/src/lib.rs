@@ -25,7 +25,6 @@
 #![deny(missing_docs)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,8 +36,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use tessera_tree::Forest;
 use tokio::net::TcpListener;
@@ -412,13 +410,9 @@ fn text(status: StatusCode, msg: String) -> Response<Full<Bytes>> {
     r
 }
 
-/// Serves `manager` on `listener` until `shutdown` completes; expires
-/// silent agents meanwhile.
-pub async fn serve(manager: Arc<Manager>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(64);
-    let builder = Arc::new(builder);
+/// Serves `manager` on `listener` (over TLS with `tls`) until `shutdown`
+/// completes; expires silent agents meanwhile.
+pub async fn serve(manager: Arc<Manager>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, shutdown: impl Future<Output = ()>) {
     let reaper = {
         let manager = Arc::clone(&manager);
         let every = (manager.options.idle_timeout / 4).max(Duration::from_millis(100));
@@ -430,15 +424,12 @@ pub async fn serve(manager: Arc<Manager>, listener: TcpListener, shutdown: impl 
             }
         })
     };
-    tessera_cache::server::accept_until(&listener, shutdown, |stream| {
-        let (builder, manager) = (Arc::clone(&builder), Arc::clone(&manager));
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let manager = Arc::clone(&manager);
-                async move { Ok::<_, Infallible>(manager.handle(req).await) }
-            });
-            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-        });
+    let tune = |h2: &mut hyper_util::server::conn::auto::Http2Builder<'_, TokioExecutor>| {
+        h2.max_concurrent_streams(64);
+    };
+    tessera_cache::server::serve_http(&listener, tls, tune, shutdown, move |req| {
+        let manager = Arc::clone(&manager);
+        async move { manager.handle(req).await }
     })
     .await;
     reaper.abort();

@@ -171,6 +171,9 @@ pub fn run(home: &Home, mut agent: AgentOptions, mut options: RunOptions) -> Res
     // of its own, removed afterwards.
     let shared = match &options.agent {
         Some(path) => Some(control::Client::connect(path).map_err(|e| Error::Qemu(format!("no agent answers at {}: {e}", path.display())))?),
+        // A run in function trees reads through an agent of its own, which
+        // joins the trees.
+        None if agent.tree.is_some() => None,
         None => control::Client::connect(&home.root().join("agent.sock")).ok(),
     };
     let mut runner = match shared {

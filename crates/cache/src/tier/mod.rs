@@ -262,20 +262,7 @@ impl CacheTier {
         };
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tessera-tier").enable_all().build().map_err(TierError::Runtime)?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(STRIPE_TIMEOUT));
-        connector.enforce_http(false);
-        // TLS (ALPN h2) with a CA, else cleartext HTTP/2 (prior knowledge).
-        let tls = match &options.tls_ca {
-            Some(ca) => crate::tls::client_config(ca, None)?,
-            None => rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default versions")
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-        };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http2().wrap_connector(connector);
+        let connector = crate::tls::h2_connector(options.tls_ca.as_deref(), STRIPE_TIMEOUT)?;
         // One connection per node carries every request, and cancelling a
         // stripe resets its stream, not the connection.
         let client = Client::builder(TokioExecutor::new())
@@ -641,13 +628,13 @@ impl Shared {
 }
 
 /// Whether `HOST:PORT` names this host's loopback.
-fn is_loopback(node: &str) -> bool {
+pub(crate) fn is_loopback(node: &str) -> bool {
     let host = node.rsplit_once(':').map_or(node, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// An error and its causes on one line (hyper's own message is terse).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

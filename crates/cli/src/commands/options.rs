@@ -7,7 +7,7 @@ use tessera_agent::AgentOptions;
 use tessera_cache::tier::{ReadPolicy, TierOptions};
 use tessera_store::Home;
 
-use crate::flags::{CacheArgs, LimitArgs, TierArgs};
+use crate::flags::{CacheArgs, LimitArgs, TierArgs, TreeArgs};
 
 /// Threads for work spread over all cores.
 pub fn threads() -> usize {
@@ -47,6 +47,7 @@ pub fn agent_options(home: &Home, limits: LimitArgs, c: CacheArgs) -> Result<Age
     o.origin_latency = c.origin_latency;
     o.origin_bandwidth = c.origin_bandwidth;
     o.tier = tier_options(&c.tier, ReadPolicy::FirstK)?;
+    o.tree = tree_options(&c.tree)?;
     o.limits =
         tessera_agent::nbd::Limits { max_connections: limits.max_connections, buffer_bytes: limits.buffer_memory, client_timeout: limits.client_timeout };
     o.max_overlays = limits.max_overlays;
@@ -64,6 +65,19 @@ pub fn read_token(path: &Path) -> Result<String> {
         anyhow::bail!("the token in {} must be printable ASCII without spaces", path.display());
     }
     Ok(token.to_owned())
+}
+
+/// The function-tree options of `--tree-manager` and its flags; `None` without it.
+pub fn tree_options(t: &TreeArgs) -> Result<Option<tessera_agent::TreeOptions>> {
+    let (Some(manager), Some(listen)) = (&t.tree_manager, &t.peer_listen) else { return Ok(None) };
+    Ok(Some(tessera_agent::TreeOptions {
+        manager: manager.clone(),
+        listen: listen.clone(),
+        advertise: t.advertise.clone(),
+        token: t.tree_token_file.as_deref().map(read_token).transpose()?,
+        tls_ca: t.tree_tls_ca.clone(),
+        tls_cert: t.peer_tls_cert.clone().zip(t.peer_tls_key.clone()),
+    }))
 }
 
 /// The tier options of `--cache-nodes`, `--ec` and `--token-file`; `None`

@@ -28,7 +28,8 @@ fn kernel_dir() -> PathBuf {
 /// `tessera run`.
 pub fn run(home: Home, a: RunArgs) -> Result<ExitCode> {
     bound_allocator();
-    let agent = agent_options(&home, LimitArgs::default(), a.cache)?;
+    let mut agent = agent_options(&home, LimitArgs::default(), a.cache)?;
+    agent.function = a.function;
     let options = RunOptions {
         image: a.name.clone(),
         memory_mib: a.memory,

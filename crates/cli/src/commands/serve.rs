@@ -51,12 +51,14 @@ pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
     runtime.block_on(agent.clone().run(
         |bound| {
             let line = format!(
-                "tessera: serving NBD on {}{}{}",
+                "tessera: serving NBD on {}{}{}{}",
                 bound.nbd.join(", "),
+                bound.peer.as_deref().map(|p| format!("; children in function trees on {p}")).unwrap_or_default(),
                 bound.metrics.as_deref().map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default(),
                 if taken { String::new() } else { format!("; control socket {}", control.display()) }
             );
-            let ready = json!({"nbd": bound.nbd, "metrics": bound.metrics, "control": (!taken).then_some(&control), "pid": std::process::id()});
+            let ready =
+                json!({"nbd": bound.nbd, "metrics": bound.metrics, "peer": bound.peer, "control": (!taken).then_some(&control), "pid": std::process::id()});
             if let Err(e) = crate::ready::announce(&line, &ready, ready_file.as_deref()) {
                 let _ = failed_tx.send(e);
             }
@@ -108,11 +110,7 @@ pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
     let token = a.token_file.as_deref().map(read_token).transpose()?;
     let options = NodeOptions { memory_bytes: a.mem, disk_bytes: a.disk, token };
     let authenticated = options.token.is_some();
-    let tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(cert), Some(key)) => Some(tessera_cache::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?),
-        (None, None) => None,
-        _ => anyhow::bail!("give both --tls-cert and --tls-key"),
-    };
+    let tls = server_tls(a.tls_cert.as_deref(), a.tls_key.as_deref())?;
     let node = Arc::new(CacheNode::open(&a.dir, options)?);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -160,21 +158,30 @@ pub fn treemgr(a: TreemgrArgs) -> Result<ExitCode> {
     let token = a.token_file.as_deref().map(read_token).transpose()?;
     let authenticated = token.is_some();
     let options = tessera_treemgr::Options { token, idle_timeout: a.idle_timeout, state: a.state.clone() };
+    let tls = server_tls(a.tls_cert.as_deref(), a.tls_key.as_deref())?;
     let manager = Arc::new(tessera_treemgr::Manager::open(options)?);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
         let bound = listener.local_addr()?;
-        // Without a token anyone who reaches it could rearrange the trees.
-        if !bound.ip().is_loopback() && !authenticated {
-            anyhow::bail!("{bound} is not a loopback address: give --token-file (a manager off this host needs a token)");
+        // Without a token anyone who reaches it could rearrange the trees;
+        // without TLS, the token crosses the network in clear.
+        if !bound.ip().is_loopback() && (!authenticated || tls.is_none()) {
+            anyhow::bail!(
+                "{bound} is not a loopback address: give --token-file and --tls-cert/--tls-key (a manager off this host needs a token, and TLS to keep it secret)"
+            );
         }
         let metrics = bind_metrics(a.metrics.as_deref()).await?;
         let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
         let trees = manager.trees();
         let line = format!(
             "tessera treemgr: serving on {bound}{} ({} trees, {} agents from its state){}",
-            if authenticated { " with a bearer token" } else { " without a token (loopback only)" },
+            match (authenticated, tls.is_some()) {
+                (true, true) => " over TLS, with a bearer token",
+                (true, false) => " with a bearer token (loopback only)",
+                (false, true) => " over TLS, without a token (loopback only)",
+                (false, false) => " without a token (loopback only)",
+            },
             trees.len(),
             trees.values().map(Vec::len).sum::<usize>(),
             metrics_addr.map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
@@ -184,7 +191,7 @@ pub fn treemgr(a: TreemgrArgs) -> Result<ExitCode> {
             let manager = Arc::clone(&manager);
             serve_metrics(metrics, move || manager.render_metrics())
         };
-        tessera_treemgr::serve(Arc::clone(&manager), listener, interrupted()).await;
+        tessera_treemgr::serve(Arc::clone(&manager), listener, tls, interrupted()).await;
         if let Some(m) = metrics {
             m.abort();
         }
@@ -192,6 +199,15 @@ pub fn treemgr(a: TreemgrArgs) -> Result<ExitCode> {
     })?;
     eprintln!("tessera treemgr: stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The TLS of an HTTP server (HTTP/2 or HTTP/1.1) with `--tls-cert` and `--tls-key`.
+pub fn server_tls(cert: Option<&std::path::Path>, key: Option<&std::path::Path>) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(tessera_cache::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?)),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("give both --tls-cert and --tls-key"),
+    }
 }
 
 /// The `--metrics` listener of a server, if it was given one.

@@ -26,6 +26,16 @@ pub fn require(tool: &str, package: &str) -> bool {
     found
 }
 
+/// The tools a test that reads an image over NBD needs (the image is built
+/// with umoci from busybox).
+pub fn have_nbd_tools() -> bool {
+    require("umoci", "umoci")
+        && require("busybox", "busybox-static")
+        && require("setfattr", "attr")
+        && require("nbdcopy", "libnbd-bin")
+        && require("qemu-io", "qemu-utils")
+}
+
 /// The tools a test that boots a VM needs (the image is built with umoci
 /// from busybox; the kernel comes with apt).
 pub fn have_vm_tools() -> bool {

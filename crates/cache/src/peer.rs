@@ -1,0 +1,494 @@
+//! Function trees (FaaSNet), as an agent sees them: a [`PeerSource`] that
+//! reads chunks from the agent's parent in the tree of the function it
+//! serves, and [`serve_children`], the server its own children read from.
+//!
+//! The tree manager (`tessera treemgr`) keeps one balanced binary tree of
+//! agents per function and tells each agent its parent. An agent joins a
+//! function's tree the first time it reads a chunk for it (the function is
+//! [`FetchContext::function`], else the image name), and asks its parent
+//! before the cache tier and the origin. The parent answers from its own
+//! chain ([`Loader::sealed`]): its memory of recently fetched sealed chunks,
+//! its disk cache, then its own parent, and so on up; so only the root reads
+//! below the peer tier for a chunk no ancestor has, and concurrent requests
+//! for one chunk (from both children and the parent's own readers) are one
+//! fetch at each level.
+//!
+//! Chunks cross between agents sealed, and each receiver checks them
+//! against their ids (the loader does): a lying parent is caught like a
+//! lying cache node, and the read goes below.
+//!
+//! **Failure.** A parent that cannot be reached (refused, reset, silent
+//! past the keep-alive) is reported to the manager (`POST /v1/failed`),
+//! which takes it out of every tree; the agent joins again for its new
+//! parent and asks that one. A parent that is busy or whose own chain
+//! failed answers 503 or 502: the read goes below at once, and the parent
+//! is not reported. Reads never fail because of the tree: at worst they go
+//! below, as without one.
+//!
+//! **Bounds.** A request climbs at most [`MAX_HOPS`] agents (a loop left by
+//! a tree being rearranged ends there); a server works on at most
+//! [`MAX_SERVING`] chunks at once, lets [`MAX_WAITING`] more wait, and
+//! answers 503 past that.
+//!
+//! ```text
+//! GET /v1/chunks/{id}   x-tessera-image, x-tessera-function, x-tessera-manifest,
+//!                       x-tessera-generation, x-tessera-hops
+//!   -> 200 sealed bytes | 404 in no tier | 502 the chain failed | 503 busy
+//! ```
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use tessera_chunk::{ChunkId, SEALED_CHUNK_SIZE};
+use tokio::net::TcpListener;
+
+use crate::metrics::header;
+use crate::tier::{error_chain, is_loopback};
+use crate::{ChunkSource, Error, FetchContext, Loader, Tier};
+
+/// The most agents one request climbs.
+pub const MAX_HOPS: u32 = 16;
+/// Chunks one agent fetches for its children at once; more wait for a turn.
+pub const MAX_SERVING: usize = 64;
+/// Requests from children that may wait for a turn; more are refused (503).
+pub const MAX_WAITING: usize = 1024;
+/// How often an agent tells the manager it lives and asks again where it
+/// sits in each tree.
+pub const REFRESH: Duration = Duration::from_secs(5);
+/// The longest a parent may take to send a chunk (it may be fetching it
+/// from its own parent, or the origin).
+pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest the manager may take to answer.
+const MANAGER_TIMEOUT: Duration = Duration::from_secs(5);
+
+const H_IMAGE: &str = "x-tessera-image";
+const H_FUNCTION: &str = "x-tessera-function";
+const H_MANIFEST: &str = "x-tessera-manifest";
+const H_GENERATION: &str = "x-tessera-generation";
+const H_HOPS: &str = "x-tessera-hops";
+
+/// How an agent takes part in function trees.
+#[derive(Clone, Debug)]
+pub struct PeerOptions {
+    /// The tree manager, `HOST:PORT`.
+    pub manager: String,
+    /// The address this agent's children reach it at, `HOST:PORT`: its
+    /// name in the trees.
+    pub advertise: String,
+    /// The bearer token of the manager and of every agent's peer server.
+    pub token: Option<String>,
+    /// Talk TLS to the manager and to parents, trusting this CA (PEM).
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// Why function trees cannot be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// Not `HOST:PORT`.
+    #[error("{0:?} is not HOST:PORT")]
+    BadAddress(String),
+    /// The token cannot travel in a header.
+    #[error("the tree token has characters a header cannot carry")]
+    BadToken,
+    /// The token would cross the network in clear.
+    #[error("{0} is not on this host: the tree token would cross the network in clear; give --tree-tls-ca (and --peer-tls-cert/--peer-tls-key on every agent, --tls-cert/--tls-key on the manager)")]
+    TokenInClear(String),
+    /// The client's runtime could not start.
+    #[error("cannot start the function-tree runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The TLS configuration cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// The peer tier: chunks from this agent's parent in each function's tree.
+pub struct PeerSource {
+    runtime: Option<tokio::runtime::Runtime>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    scheme: &'static str,
+    auth: Option<HeaderValue>,
+    manager: String,
+    me: String,
+    /// Function → this agent's parent in its tree (`None`: the root).
+    parents: Mutex<HashMap<Arc<str>, Option<String>>>,
+    /// One join at a time (concurrent first reads of a function join once).
+    joining: tokio::sync::Mutex<()>,
+    stats: PeerStats,
+}
+
+/// The peer tier's counters.
+#[derive(Default)]
+pub struct PeerStats {
+    /// Chunks a parent sent.
+    pub hits: AtomicU64,
+    /// Reads that went below: this agent is the root, its parent lacked
+    /// the chunk or was busy, or the manager could not be reached.
+    pub below: AtomicU64,
+    /// Parents found gone and reported to the manager.
+    pub parent_failures: AtomicU64,
+    /// Requests that reached [`MAX_HOPS`].
+    pub loops: AtomicU64,
+    /// Requests to the manager that failed.
+    pub manager_errors: AtomicU64,
+}
+
+#[derive(Deserialize)]
+struct Placement {
+    parent: Option<String>,
+}
+
+/// What a parent said.
+enum Answer {
+    Chunk(Bytes),
+    /// It (and everything above it) lacks the chunk, is busy, or refused us.
+    Below,
+    /// It cannot be reached: report it.
+    Gone(String),
+}
+
+impl PeerSource {
+    /// A member of the trees `options.manager` keeps, as `options.advertise`.
+    pub fn new(options: PeerOptions) -> Result<PeerSource, PeerError> {
+        for addr in [&options.manager, &options.advertise] {
+            crate::tier::TierOptions::check_address(addr).map_err(|_| PeerError::BadAddress(addr.clone()))?;
+        }
+        if let (Some(_), None) = (&options.token, &options.tls_ca) {
+            if !is_loopback(&options.manager) {
+                return Err(PeerError::TokenInClear(options.manager.clone()));
+            }
+            if !is_loopback(&options.advertise) {
+                return Err(PeerError::TokenInClear(options.advertise.clone()));
+            }
+        }
+        let auth = match &options.token {
+            Some(t) => Some(HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| PeerError::BadToken)?),
+            None => None,
+        };
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tessera-peer").enable_all().build().map_err(PeerError::Runtime)?;
+        let connector = crate::tls::h2_connector(options.tls_ca.as_deref(), Duration::from_secs(1))?;
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .http2_initial_stream_window_size(4 << 20)
+            .http2_initial_connection_window_size(32 << 20)
+            // A parent that stops answering pings is gone, even mid-chunk.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .http2_keep_alive_timeout(Duration::from_secs(2))
+            .http2_keep_alive_while_idle(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
+        let shared = Arc::new(Shared {
+            client,
+            scheme: if options.tls_ca.is_some() { "https" } else { "http" },
+            auth,
+            manager: options.manager,
+            me: options.advertise,
+            parents: Mutex::new(HashMap::new()),
+            joining: tokio::sync::Mutex::new(()),
+            stats: PeerStats::default(),
+        });
+        runtime.spawn(Arc::clone(&shared).refresh_forever());
+        Ok(PeerSource { runtime: Some(runtime), shared })
+    }
+
+    /// The tier's counters.
+    pub fn stats(&self) -> &PeerStats {
+        &self.shared.stats
+    }
+
+    /// This agent's parent in `function`'s tree as last heard (`None`: the
+    /// root, or not in the tree yet).
+    pub fn parent(&self, function: &str) -> Option<String> {
+        self.shared.parents.lock().expect("no panics while holding the lock").get(function).cloned().flatten()
+    }
+}
+
+impl Drop for PeerSource {
+    /// Leaves every tree (briefly: a manager that does not answer expires
+    /// this agent instead).
+    fn drop(&mut self) {
+        let Some(runtime) = self.runtime.take() else { return };
+        let shared = Arc::clone(&self.shared);
+        // A thread of its own: the source may be dropped inside a runtime.
+        let _ = std::thread::spawn(move || {
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(2), shared.leave_all()).await;
+            });
+            runtime.shutdown_background();
+        })
+        .join();
+    }
+}
+
+impl ChunkSource for PeerSource {
+    fn tier(&self) -> Tier {
+        Tier::Peer
+    }
+
+    fn fetch(&self, id: &ChunkId, ctx: &FetchContext) -> Result<Option<Bytes>, Error> {
+        let runtime = self.runtime.as_ref().expect("present until dropped");
+        Ok(runtime.block_on(Arc::clone(&self.shared).fetch(*id, ctx.clone())))
+    }
+
+    fn render(&self, out: &mut String) {
+        let s = &self.shared.stats;
+        header(out, "tessera_peer_requests_total", "counter", "Chunk requests to this agent's parents, by outcome.");
+        for (outcome, n) in [("hit", &s.hits), ("below", &s.below), ("parent_failed", &s.parent_failures), ("loop", &s.loops)] {
+            let _ = writeln!(out, "tessera_peer_requests_total{{result=\"{outcome}\"}} {}", n.load(Ordering::Relaxed));
+        }
+        header(out, "tessera_peer_manager_errors_total", "counter", "Requests to the tree manager that failed.");
+        let _ = writeln!(out, "tessera_peer_manager_errors_total {}", s.manager_errors.load(Ordering::Relaxed));
+        header(out, "tessera_peer_trees", "gauge", "Function trees this agent is in.");
+        let _ = writeln!(out, "tessera_peer_trees {}", self.shared.parents.lock().expect("no panics while holding the lock").len());
+    }
+}
+
+impl Shared {
+    async fn fetch(self: Arc<Self>, id: ChunkId, ctx: FetchContext) -> Option<Bytes> {
+        if ctx.hops >= MAX_HOPS {
+            self.stats.loops.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let function: Arc<str> = ctx.function.clone().unwrap_or_else(|| Arc::clone(&ctx.image));
+        // A parent found gone is reported, and the new one asked once.
+        for _ in 0..2 {
+            let parent = match self.parent(&function).await {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("tree manager {}: {e}; reading below the peer tier", self.manager);
+                    break;
+                }
+            };
+            match self.ask(&parent, &id, &ctx).await {
+                Answer::Chunk(b) => {
+                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    return Some(b);
+                }
+                Answer::Below => break,
+                Answer::Gone(why) => {
+                    tracing::warn!("parent {parent} of {function}: {why}; telling the tree manager");
+                    self.stats.parent_failures.fetch_add(1, Ordering::Relaxed);
+                    self.failed(&parent).await;
+                }
+            }
+        }
+        self.stats.below.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// This agent's parent in `function`'s tree, joining it first if need be.
+    async fn parent(&self, function: &Arc<str>) -> Result<Option<String>, String> {
+        if let Some(p) = self.parents.lock().expect("no panics while holding the lock").get(function) {
+            return Ok(p.clone());
+        }
+        let _one = self.joining.lock().await;
+        if let Some(p) = self.parents.lock().expect("no panics while holding the lock").get(function) {
+            return Ok(p.clone());
+        }
+        self.join(function).await
+    }
+
+    /// Joins `function`'s tree (or is found there); remembers the parent.
+    async fn join(&self, function: &Arc<str>) -> Result<Option<String>, String> {
+        let body = serde_json::json!({"function": &**function, "node": self.me}).to_string();
+        let reply = self.manager_call(Method::POST, "/v1/join", body).await?;
+        let placement: Placement = serde_json::from_slice(&reply).map_err(|e| format!("bad answer to a join: {e}"))?;
+        self.parents.lock().expect("no panics while holding the lock").insert(Arc::clone(function), placement.parent.clone());
+        Ok(placement.parent)
+    }
+
+    /// Tells the manager `parent` is gone, and forgets it as a parent: the
+    /// next read of each function it was parent in joins again.
+    async fn failed(&self, parent: &str) {
+        let body = serde_json::json!({"node": parent}).to_string();
+        if let Err(e) = self.manager_call(Method::POST, "/v1/failed", body).await {
+            tracing::warn!("tree manager {}: {e}", self.manager);
+        }
+        self.parents.lock().expect("no panics while holding the lock").retain(|_, p| p.as_deref() != Some(parent));
+    }
+
+    /// Every [`REFRESH`]: a heartbeat, and where this agent sits now in
+    /// each of its trees (its parent may have left, or the tree been
+    /// rebalanced).
+    async fn refresh_forever(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(REFRESH).await;
+            let functions: Vec<Arc<str>> = self.parents.lock().expect("no panics while holding the lock").keys().cloned().collect();
+            if functions.is_empty() {
+                let body = serde_json::json!({"node": self.me}).to_string();
+                let _ = self.manager_call(Method::POST, "/v1/heartbeat", body).await;
+            }
+            for f in functions {
+                if let Err(e) = self.join(&f).await {
+                    tracing::warn!("tree manager {}: {e}", self.manager);
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn leave_all(&self) {
+        let functions: Vec<Arc<str>> = self.parents.lock().expect("no panics while holding the lock").drain().map(|(f, _)| f).collect();
+        for f in functions {
+            let body = serde_json::json!({"function": &*f, "node": self.me}).to_string();
+            let _ = self.manager_call(Method::POST, "/v1/leave", body).await;
+        }
+    }
+
+    async fn manager_call(&self, method: Method, path: &str, body: String) -> Result<Bytes, String> {
+        let call = async {
+            let mut req = Request::builder().method(method).uri(format!("{}://{}{path}", self.scheme, self.manager)).header(CONTENT_TYPE, "application/json");
+            if let Some(a) = &self.auth {
+                req = req.header(AUTHORIZATION, a.clone());
+            }
+            let req = req.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
+            let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), 64 << 10).collect().await.map_err(|e| error_chain(&*e))?.to_bytes();
+            if status.is_success() {
+                Ok(body)
+            } else {
+                Err(format!("{path}: {status}: {}", String::from_utf8_lossy(&body).trim()))
+            }
+        };
+        let result = match tokio::time::timeout(MANAGER_TIMEOUT, call).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("{path}: no answer within {MANAGER_TIMEOUT:?}")),
+        };
+        if result.is_err() {
+            self.stats.manager_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Asks `parent` for chunk `id`.
+    async fn ask(&self, parent: &str, id: &ChunkId, ctx: &FetchContext) -> Answer {
+        let Some(req) = self.chunk_request(parent, id, ctx) else { return Answer::Below };
+        let call = async {
+            let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
+            let status = resp.status();
+            // A parent cannot make us hold more than a chunk can be.
+            let body = Limited::new(resp.into_body(), SEALED_CHUNK_SIZE).collect().await.map_err(|e| error_chain(&*e))?.to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        match tokio::time::timeout(CHUNK_TIMEOUT, call).await {
+            Err(_) => Answer::Gone(format!("no chunk within {CHUNK_TIMEOUT:?}")),
+            Ok(Err(e)) => Answer::Gone(e),
+            Ok(Ok((StatusCode::OK, body))) => Answer::Chunk(body),
+            Ok(Ok((status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN), _))) => {
+                tracing::warn!("parent {parent} refused us ({status}): is --tree-token-file the same on every agent?");
+                Answer::Below
+            }
+            Ok(Ok((status, _))) if status.is_client_error() || status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE => Answer::Below,
+            Ok(Ok((status, body))) => Answer::Gone(format!("{status}: {}", String::from_utf8_lossy(&body).trim())),
+        }
+    }
+
+    fn chunk_request(&self, parent: &str, id: &ChunkId, ctx: &FetchContext) -> Option<Request<Full<Bytes>>> {
+        let mut req = Request::builder().method(Method::GET).uri(format!("{}://{parent}/v1/chunks/{id}", self.scheme));
+        if let Some(a) = &self.auth {
+            req = req.header(AUTHORIZATION, a.clone());
+        }
+        // Names that cannot travel in a header are not read through peers.
+        let image = HeaderValue::from_str(&ctx.image).ok()?;
+        req = req.header(H_IMAGE, image).header(H_MANIFEST, HeaderValue::from_str(&ctx.manifest).ok()?);
+        if let Some(f) = &ctx.function {
+            req = req.header(H_FUNCTION, HeaderValue::from_str(f).ok()?);
+        }
+        req = req.header(H_GENERATION, ctx.generation).header(H_HOPS, ctx.hops + 1);
+        req.body(Full::new(Bytes::new())).ok()
+    }
+}
+
+/// How an agent serves its children.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// The bearer token every request must carry.
+    pub token: Option<String>,
+    /// TLS (HTTP/2 or HTTP/1.1 over TLS).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Serves sealed chunks to this agent's children on `listener`, from
+/// `loader` ([`Loader::sealed`]), until `shutdown` completes.
+pub async fn serve_children(loader: Arc<Loader>, listener: TcpListener, options: ServeOptions, shutdown: impl Future<Output = ()>) {
+    let serving = Arc::new(tokio::sync::Semaphore::new(MAX_SERVING));
+    let admitted = Arc::new(tokio::sync::Semaphore::new(MAX_SERVING + MAX_WAITING));
+    let token: Option<Arc<str>> = options.token.map(Into::into);
+    let tune = |h2: &mut hyper_util::server::conn::auto::Http2Builder<'_, TokioExecutor>| {
+        h2.keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(32 << 20)
+            .max_concurrent_streams(MAX_SERVING as u32);
+    };
+    crate::server::serve_http(&listener, options.tls, tune, shutdown, move |req: Request<hyper::body::Incoming>| {
+        let (loader, serving, admitted, token) = (Arc::clone(&loader), Arc::clone(&serving), Arc::clone(&admitted), token.clone());
+        async move {
+            if let Some(t) = &token {
+                if !crate::server::bearer_matches(req.headers(), t) {
+                    return text(StatusCode::UNAUTHORIZED, "a bearer token is required\n");
+                }
+            }
+            let id = match (req.method(), req.uri().path().strip_prefix("/v1/chunks/")) {
+                (&Method::GET, Some(hex)) => match hex.parse::<ChunkId>() {
+                    Ok(id) => id,
+                    Err(_) => return text(StatusCode::BAD_REQUEST, "not a chunk id\n"),
+                },
+                _ => return text(StatusCode::NOT_FOUND, "GET /v1/chunks/{id}\n"),
+            };
+            let Some(ctx) = context(req.headers()) else { return text(StatusCode::BAD_REQUEST, "bad x-tessera-* headers\n") };
+            let Ok(_admitted) = admitted.try_acquire_owned() else { return text(StatusCode::SERVICE_UNAVAILABLE, "busy\n") };
+            let Ok(permit) = serving.acquire_owned().await else { return text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n") };
+            let got = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                loader.sealed(&id, &ctx)
+            })
+            .await;
+            match got {
+                Ok(Ok((sealed, _))) => Response::new(Full::new(sealed)),
+                Ok(Err(e)) if e.is_missing() => text(StatusCode::NOT_FOUND, "in no tier\n"),
+                Ok(Err(e)) => text(StatusCode::BAD_GATEWAY, &format!("{e}\n")),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+            }
+        }
+    })
+    .await;
+}
+
+/// The fetch context a child sent.
+fn context(h: &HeaderMap) -> Option<FetchContext> {
+    let get = |name: &str| h.get(name).map(|v| v.to_str().ok()).unwrap_or(Some(""));
+    Some(FetchContext {
+        image: Some(get(H_IMAGE)?).filter(|i| !i.is_empty())?.into(),
+        function: h.get(H_FUNCTION).map(|v| v.to_str().map(Into::into)).transpose().ok()?,
+        manifest: get(H_MANIFEST)?.into(),
+        generation: get(H_GENERATION)?.parse().unwrap_or(0),
+        hops: get(H_HOPS)?.parse().ok()?,
+    })
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(msg.to_owned())));
+    *r.status_mut() = status;
+    r
+}

@@ -1,0 +1,286 @@
+//! Function trees end to end: a real `tessera treemgr` and real agents
+//! (`tessera serve --tree-manager --peer-listen`) sharing one store behind
+//! the origin throttle, the cache tier off, read at once by nbdcopy. On
+//! loopback, and with seven agents each in a network namespace of its own
+//! (TLS and a token between them), one of them killed mid-read.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::tls::Certs;
+use common::*;
+
+const TOKEN: &str = "tree-secret";
+/// Origin throttle of every agent: slow enough that children ask while
+/// the root is still fetching.
+const ORIGIN: [&str; 6] = ["--origin-latency", "20ms", "--origin-concurrency", "4", "--origin-bandwidth", "64MiB"];
+
+/// busybox plus `mib` MiB of incompressible data, imported as `app`; the
+/// image's bytes and its chunks that are not holes.
+fn image(env: &Env, mib: usize) -> (Vec<u8>, usize) {
+    let layout = env.path("layout");
+    busybox_layout(&layout, "bb");
+    add_layer(&layout, "bb", "app", &[("data/blob", &pseudo_random(mib << 20, 14))]);
+    env.import(&format!("oci:{}:app", layout.display()), "app", &[]);
+    let raw = env.path("app.raw");
+    env.ok(&["export", "app", raw.to_str().unwrap()]);
+    let bytes = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    let chunks = bytes.chunks(512 << 10).filter(|c| c.iter().any(|&b| b != 0)).count();
+    (bytes, chunks)
+}
+
+/// Network namespaces on one bridge: the bridge and the host's own leg
+/// (10.79.0.254) in the host's namespace, agent `i` at 10.79.0.(10 + i).
+/// Deleted on drop.
+struct Lan {
+    namespaces: Vec<String>,
+    bridge: String,
+}
+
+impl Lan {
+    fn new(n: usize) -> Lan {
+        let tag = std::process::id() % 10_000;
+        let bridge = format!("tbr{tag}");
+        let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+        run(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]));
+        let mut lan = Lan { namespaces: Vec::new(), bridge: bridge.clone() };
+        run(Command::new("ip").args(["addr", "add", "10.79.0.254/24", "dev", &bridge]));
+        run(Command::new("ip").args(["link", "set", &bridge, "up"]));
+        for i in 0..n {
+            let (ns, veth) = (format!("tpn{tag}a{i}"), format!("tpv{tag}a{i}"));
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            run(Command::new("ip").args(["netns", "add", &ns]));
+            lan.namespaces.push(ns.clone());
+            run(Command::new("ip").args(["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]));
+            run(Command::new("ip").args(["link", "set", &veth, "master", &bridge]));
+            run(Command::new("ip").args(["link", "set", &veth, "up"]));
+            run(Command::new("ip").args(["-n", &ns, "addr", "add", &format!("{}/24", Lan::ip(i)), "dev", "eth0"]));
+            run(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
+            run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
+        }
+        lan
+    }
+
+    fn ip(i: usize) -> String {
+        format!("10.79.0.{}", 10 + i)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair, and so both.
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+    }
+}
+
+/// A tree manager, and agents on one home (one store), each with a cache,
+/// a socket and metrics of its own.
+struct Fleet {
+    manager: Child,
+    manager_addr: String,
+    agents: Vec<Option<Child>>,
+    sockets: Vec<PathBuf>,
+    metrics: Vec<String>,
+    peers: Vec<String>,
+}
+
+impl Fleet {
+    /// `n` agents, on loopback or (with `lan`) agent `i` in namespace `i`.
+    fn start(env: &Env, n: usize, lan: Option<(&Lan, &Certs)>) -> Fleet {
+        let token = env.path("token");
+        std::fs::write(&token, TOKEN).unwrap();
+        let ready = env.path("treemgr.ready");
+        let mut manager = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        manager.args(["treemgr", "--ready-file"]).arg(&ready).arg("--token-file").arg(&token).stdin(Stdio::null());
+        match lan {
+            Some((_, certs)) => {
+                manager.args(["--listen", "10.79.0.254:0", "--tls-cert", &certs.file("server-cert.pem"), "--tls-key", &certs.file("server-key.pem")])
+            }
+            None => manager.args(["--listen", "127.0.0.1:0"]),
+        };
+        let mut manager = manager.spawn().expect("tessera treemgr starts");
+        let manager_addr = wait_ready(&ready, &mut manager, "tessera treemgr")["listen"].as_str().unwrap().to_owned();
+        let mut fleet = Fleet { manager, manager_addr, agents: Vec::new(), sockets: Vec::new(), metrics: Vec::new(), peers: Vec::new() };
+        for i in 0..n {
+            let socket = env.path(&format!("agent{i}.sock"));
+            let ready = env.path(&format!("agent{i}.ready"));
+            let mut c = match lan {
+                Some((lan, _)) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", &lan.namespaces[i], env!("CARGO_BIN_EXE_tessera")]);
+                    c
+                }
+                None => Command::new(env!("CARGO_BIN_EXE_tessera")),
+            };
+            let host = if lan.is_some() { Lan::ip(i) } else { "127.0.0.1".into() };
+            c.args(["serve", "--nbd", &format!("unix:{}", socket.display()), "--ready-file"])
+                .arg(&ready)
+                .args(["--metrics", &format!("{host}:0"), "--peer-listen", &format!("{host}:0"), "--tree-manager", &fleet.manager_addr])
+                .arg("--tree-token-file")
+                .arg(&token)
+                .arg("--cache-dir")
+                .arg(env.path(&format!("cache{i}")))
+                .arg("--control")
+                .arg(env.path(&format!("control{i}.sock")))
+                .arg("--vhost-user")
+                .arg(env.path(&format!("vhost{i}")))
+                .args(ORIGIN)
+                .env("TESSERA_HOME", env.home())
+                .stdin(Stdio::null());
+            if let Some((_, certs)) = lan {
+                c.args([
+                    "--tree-tls-ca",
+                    &certs.file("ca-cert.pem"),
+                    "--peer-tls-cert",
+                    &certs.file("server-cert.pem"),
+                    "--peer-tls-key",
+                    &certs.file("server-key.pem"),
+                ]);
+            }
+            let mut child = c.spawn().expect("tessera serve starts");
+            let bound = wait_ready(&ready, &mut child, "tessera serve");
+            fleet.metrics.push(bound["metrics"].as_str().unwrap().to_owned());
+            fleet.peers.push(bound["peer"].as_str().expect("the ready file names the peer address").to_owned());
+            fleet.sockets.push(socket);
+            fleet.agents.push(Some(child));
+        }
+        fleet
+    }
+
+    fn uri(&self, i: usize) -> String {
+        format!("nbd+unix:///app?socket={}", self.sockets[i].display())
+    }
+
+    /// Agents join the tree in order (0 the root, then breadth-first), each
+    /// by reading the image's first block.
+    fn join_in_order(&self) {
+        for i in 0..self.agents.len() {
+            run(Command::new("qemu-io").args(["-r", "-f", "raw", &self.uri(i), "-c", "read 0 4096"]));
+        }
+    }
+
+    fn metric(&self, i: usize, series: &str) -> f64 {
+        metric(&self.metrics[i], series)
+    }
+
+    fn reads(&self, i: usize, tier: &str) -> f64 {
+        self.metric(i, &format!("tessera_chunk_reads_total{{source=\"{tier}\"}}"))
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in self.agents.iter_mut().flatten() {
+            stop_child(c, Duration::from_secs(10));
+        }
+        stop_child(&mut self.manager, Duration::from_secs(10));
+    }
+}
+
+/// nbdcopy of agent `i`'s export into `out`, started now.
+fn copy(fleet: &Fleet, i: usize, out: &Path) -> Child {
+    Command::new("nbdcopy").arg(fleet.uri(i)).arg(out).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("nbdcopy runs")
+}
+
+#[test]
+fn children_read_from_their_parents_and_only_the_root_from_the_origin() {
+    if !have_nbd_tools() {
+        return;
+    }
+    let env = Env::new();
+    let (expected, chunks) = image(&env, 24);
+    let fleet = Fleet::start(&env, 3, None);
+    fleet.join_in_order();
+    let copies: Vec<(PathBuf, Child)> = (0..3)
+        .map(|i| {
+            let out = env.path(&format!("copy{i}.raw"));
+            let child = copy(&fleet, i, &out);
+            (out, child)
+        })
+        .collect();
+    for (i, (out, child)) in copies.into_iter().enumerate() {
+        let done = child.wait_with_output().unwrap();
+        assert!(done.status.success(), "agent {i}: nbdcopy failed: {}", String::from_utf8_lossy(&done.stderr));
+        assert!(std::fs::read(&out).unwrap() == expected, "agent {i} served other bytes");
+    }
+    let origin: Vec<f64> = (0..3).map(|i| fleet.reads(i, "origin")).collect();
+    let peer: Vec<f64> = (0..3).map(|i| fleet.reads(i, "peer")).collect();
+    // Each chunk once from the origin, by the root (a hole is read from no tier).
+    assert_eq!(origin[0], chunks as f64, "root origin reads {origin:?} of {chunks} chunks");
+    assert!(origin[1] + origin[2] <= 2.0, "children read the origin: {origin:?}");
+    assert!(peer[1] + origin[1] >= chunks as f64 && peer[2] + origin[2] >= chunks as f64, "children's peer reads {peer:?} of {chunks} chunks");
+    assert_eq!(peer[0], 0.0, "the root has no parent");
+    assert!(fleet.metric(0, "tessera_peer_chunks_served_total") > 0.0);
+
+    // A wrong token (or none) is refused by the manager and by the agents' peer servers.
+    let some_chunk = format!("/v1/chunks/{}", "ab".repeat(32));
+    for headers in ["Authorization: Bearer wrong\r\n", ""] {
+        let answer = http_get(&fleet.peers[0], &some_chunk, headers);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        let answer = http_get(&fleet.manager_addr, "/v1/trees", headers);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    }
+    let answer = http_get(&fleet.peers[0], &some_chunk, &format!("Authorization: Bearer {TOKEN}\r\nx-tessera-image: app\r\nx-tessera-hops: 1\r\n"));
+    assert!(answer.starts_with("HTTP/1.1 404"), "a chunk in no tier: {answer}");
+    let answer = http_get(&fleet.peers[0], &some_chunk, &format!("Authorization: Bearer {TOKEN}\r\n"));
+    assert!(answer.starts_with("HTTP/1.1 400"), "a request for no image: {answer}");
+}
+
+#[test]
+fn seven_agents_in_their_own_namespaces_survive_an_interior_one_killed() {
+    if !have_nbd_tools() || !is_root() || !require("ip", "iproute2") || !require("openssl", "openssl") {
+        return;
+    }
+    let env = Env::new();
+    let (expected, chunks) = image(&env, 48);
+    let lan = Lan::new(7);
+    let sans: Vec<String> = std::iter::once("IP:10.79.0.254".to_owned()).chain((0..7).map(|i| format!("IP:{}", Lan::ip(i)))).collect();
+    let certs = Certs::make(&env.path("certs"), &sans.join(","));
+    let mut fleet = Fleet::start(&env, 7, Some((&lan, &certs)));
+    // Breadth-first: 0 is the root, 1 the parent of 3 and 4.
+    fleet.join_in_order();
+
+    let copies: Vec<(PathBuf, Child)> = (0..7)
+        .map(|i| {
+            let out = env.path(&format!("copy{i}.raw"));
+            let child = copy(&fleet, i, &out);
+            (out, child)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    fleet.kill(1);
+    for (i, (out, child)) in copies.into_iter().enumerate() {
+        let done = child.wait_with_output().unwrap();
+        if i == 1 {
+            continue;
+        }
+        assert!(done.status.success(), "agent {i}: nbdcopy failed: {}", String::from_utf8_lossy(&done.stderr));
+        assert!(std::fs::read(&out).unwrap() == expected, "agent {i} served other bytes");
+    }
+    let alive = [0, 2, 3, 4, 5, 6];
+    let origin: f64 = alive.iter().map(|&i| fleet.reads(i, "origin")).sum();
+    let peer: Vec<f64> = alive.iter().map(|&i| fleet.reads(i, "peer")).collect();
+    eprintln!("{chunks} chunks; origin reads {origin}; peer reads of agents {alive:?}: {peer:?}");
+    // Each chunk once, and a handful of races around the kill.
+    assert!(origin <= chunks as f64 + 8.0, "{origin} origin reads for {chunks} chunks");
+    for i in [2, 3, 4, 5, 6] {
+        assert!(fleet.reads(i, "peer") > 0.0, "agent {i} read nothing from a parent");
+    }
+    // The orphans found their parent gone and told the manager.
+    let failures: f64 = [3, 4].iter().map(|&i| fleet.metric(i, "tessera_peer_requests_total{result=\"parent_failed\"}")).sum();
+    assert!(failures >= 1.0, "no child of the killed agent reported it");
+}
