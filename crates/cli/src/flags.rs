@@ -121,6 +121,11 @@ pub enum Command {
     /// Measurements behind docs/BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Simulate a fleet starting one function at once: a discrete-event
+    /// model of VMs, NICs, the registry and the systems that move images
+    /// (a full pull, on-demand fetches, Kraken's P2P, FaaSNet's function
+    /// trees, Tessera's). Parameters and their sources: docs/SIMULATOR.md.
+    Sim(SimArgs),
     /// Run a shared cache node: keeps erasure-coded stripes of sealed chunks
     /// for the agents of a zone (`--cache-nodes`), in memory and on disk.
     ///
@@ -450,6 +455,55 @@ pub struct CachenodeArgs {
     /// to FILE as JSON: {"listen": ..., "metrics": ...}.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    /// The systems to simulate, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "faasnet", value_name = "faasnet|tessera|baseline|kraken|on-demand")]
+    pub system: Vec<tessera_sim::System>,
+    /// VMs in the fleet.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub vms: usize,
+    /// Containers started at once (spread over the VMs).
+    #[arg(long, default_value_t = 2500, value_name = "N")]
+    pub invocations: usize,
+    /// Image size, MB (uncompressed).
+    #[arg(long, default_value_t = 428.0, value_name = "N")]
+    pub image_mb: f64,
+    /// Fraction of the image a container's start reads.
+    #[arg(long, default_value_t = 0.161, value_name = "F")]
+    pub fetch_fraction: f64,
+    /// Each VM's NIC, Gbit/s each way.
+    #[arg(long, default_value_t = 1.0, value_name = "G")]
+    pub nic_gbps: f64,
+    /// The registry's (origin's) aggregate bandwidth, Gbit/s.
+    #[arg(long, default_value_t = 10.0, value_name = "G")]
+    pub registry_gbps: f64,
+    /// Latency of one registry request, e.g. 29ms.
+    #[arg(long, default_value = "29ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub registry_latency: std::time::Duration,
+    /// CPU time of one container's start once its data is on the VM.
+    #[arg(long, default_value = "495ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub start_cpu: std::time::Duration,
+    /// Tessera: origin requests per second allowed across the fleet.
+    #[arg(long, default_value_t = 5500.0, value_name = "N")]
+    pub origin_rps: f64,
+    /// Tessera: chunk requests a root has in flight to the origin.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub origin_concurrency: usize,
+    /// Tessera: its compressed chunks' size over the registry's layers.
+    #[arg(long, default_value_t = 0.93, value_name = "F")]
+    pub compression: f64,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub seed: u64,
+    /// Print one JSON object per system, a line each.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw containers running over time for the systems to this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

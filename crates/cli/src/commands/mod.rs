@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let command = match cli.command {
         Command::Cachenode(args) => return serve::cachenode(args),
         Command::Treemgr(args) => return serve::treemgr(args),
+        Command::Sim(args) => return sim(args),
         Command::Bench(BenchCommand::Relay { listen, target, delay, ready_file }) => return bench::relay(&listen, &target, delay, ready_file.as_deref()),
         other => other,
     };
@@ -59,8 +60,67 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Keyring(command) => keyring(&home, command),
         Command::Gc(args) => gc(&home, args),
         Command::Bench(b) => bench::bench(&home, b),
-        Command::Cachenode(_) | Command::Treemgr(_) => unreachable!("handled above"),
+        Command::Cachenode(_) | Command::Treemgr(_) | Command::Sim(_) => unreachable!("handled above"),
     }
+}
+
+/// `tessera sim`.
+fn sim(a: crate::flags::SimArgs) -> Result<ExitCode> {
+    let positive = |x: f64| x > 0.0 && x.is_finite();
+    if a.vms == 0 || a.invocations == 0 || !positive(a.image_mb) || !positive(a.fetch_fraction) || a.fetch_fraction > 1.0 {
+        anyhow::bail!("give at least one VM and one invocation, an image of more than 0 MB and a --fetch-fraction in (0, 1]");
+    }
+    if ![a.nic_gbps, a.registry_gbps, a.origin_rps, a.compression].into_iter().all(positive) {
+        anyhow::bail!("--nic-gbps, --registry-gbps, --origin-rps and --compression must be more than 0");
+    }
+    let params = tessera_sim::Params {
+        vms: a.vms,
+        invocations: a.invocations,
+        image_mb: a.image_mb,
+        fetch_fraction: a.fetch_fraction,
+        nic_gbps: a.nic_gbps,
+        registry_gbps: a.registry_gbps,
+        registry_latency: a.registry_latency.as_secs_f64(),
+        tessera_origin_rps: a.origin_rps,
+        tessera_in_flight: a.origin_concurrency.max(1),
+        tessera_compression: a.compression,
+        start_seconds: a.start_cpu.as_secs_f64(),
+        seed: a.seed,
+        ..Default::default()
+    };
+    let outcomes: Vec<tessera_sim::Outcome> = a.system.iter().map(|s| tessera_sim::simulate(&params, *s)).collect();
+    for o in &outcomes {
+        if a.json {
+            println!("{}", serde_json::to_string(o)?);
+        } else {
+            println!(
+                "{:<10} {} containers on {} VMs: first running {:.2} s, all {:.2} s (p50 {:.2} s, p99 {:.2} s); origin {} (busiest second {:.2} Gbit/s, {} requests), peers {}",
+                o.system,
+                o.invocations,
+                o.vms,
+                o.seconds_first_running,
+                o.seconds_all_running,
+                o.p50_seconds,
+                o.p99_seconds,
+                human(o.origin_bytes),
+                o.max_origin_gbps,
+                o.max_origin_requests_per_second,
+                human(o.peer_bytes)
+            );
+        }
+    }
+    if let Some(path) = &a.plot {
+        let title = format!("{} containers on {} VMs, {} MB image", a.invocations, a.vms.min(a.invocations), a.image_mb);
+        // Whole or not at all: a temporary beside it, renamed into place.
+        let tmp = path.with_extension(format!("svg.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, tessera_sim::plot::svg(&title, &outcomes))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn default_home() -> Result<PathBuf> {
