@@ -191,6 +191,22 @@ impl Drop for Fleet {
     }
 }
 
+fn can_make_namespaces() -> bool {
+    have_nbd_tools() && is_root() && require("ip", "iproute2") && require("openssl", "openssl")
+}
+
+/// Seven agents, each in a namespace of its own, with TLS and a token
+/// between them, joined to the tree in order; the fleet goes before the
+/// namespaces it runs in.
+fn seven_in_namespaces(env: &Env) -> (Fleet, Lan) {
+    let lan = Lan::new(7);
+    let sans: Vec<String> = std::iter::once("IP:10.79.0.254".to_owned()).chain((0..7).map(|i| format!("IP:{}", Lan::ip(i)))).collect();
+    let certs = Certs::make(&env.path("certs"), &sans.join(","));
+    let fleet = Fleet::start(env, 7, Some((&lan, &certs)));
+    fleet.join_in_order();
+    (fleet, lan)
+}
+
 /// nbdcopy of agent `i`'s export into `out`, started now.
 fn copy(fleet: &Fleet, i: usize, out: &Path) -> Child {
     Command::new("nbdcopy").arg(fleet.uri(i)).arg(out).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("nbdcopy runs")
@@ -242,17 +258,13 @@ fn children_read_from_their_parents_and_only_the_root_from_the_origin() {
 
 #[test]
 fn seven_agents_in_their_own_namespaces_survive_an_interior_one_killed() {
-    if !have_nbd_tools() || !is_root() || !require("ip", "iproute2") || !require("openssl", "openssl") {
+    if !can_make_namespaces() {
         return;
     }
     let env = Env::new();
     let (expected, chunks) = image(&env, 48);
-    let lan = Lan::new(7);
-    let sans: Vec<String> = std::iter::once("IP:10.79.0.254".to_owned()).chain((0..7).map(|i| format!("IP:{}", Lan::ip(i)))).collect();
-    let certs = Certs::make(&env.path("certs"), &sans.join(","));
-    let mut fleet = Fleet::start(&env, 7, Some((&lan, &certs)));
     // Breadth-first: 0 is the root, 1 the parent of 3 and 4.
-    fleet.join_in_order();
+    let (mut fleet, _lan) = seven_in_namespaces(&env);
 
     let copies: Vec<(PathBuf, Child)> = (0..7)
         .map(|i| {
@@ -283,4 +295,76 @@ fn seven_agents_in_their_own_namespaces_survive_an_interior_one_killed() {
     // The orphans found their parent gone and told the manager.
     let failures: f64 = [3, 4].iter().map(|&i| fleet.metric(i, "tessera_peer_requests_total{result=\"parent_failed\"}")).sum();
     assert!(failures >= 1.0, "no child of the killed agent reported it");
+}
+
+/// The simulator against the real thing, at small scale: seven agents in
+/// their own namespaces read a 96 MiB image at once (no container start),
+/// timed; then `tessera sim` on the same parameters (the origin throttle,
+/// the image, the agents' bound). A benchmark (`scripts/bench-tree.sh`),
+/// not a check: it prints both.
+#[test]
+#[ignore = "a benchmark: scripts/bench-tree.sh runs it"]
+fn bench_seven_agents_against_the_simulator() {
+    if !can_make_namespaces() {
+        return;
+    }
+    let env = Env::new();
+    let (_, chunks) = image(&env, 96);
+    let (fleet, _lan) = seven_in_namespaces(&env);
+    let started = std::time::Instant::now();
+    // Read into nothing: the readers' disk writes are not the agents' work.
+    let null = Path::new("null:");
+    let mut copies: Vec<Option<Child>> = (0..7).map(|i| Some(copy(&fleet, i, null))).collect();
+    let mut done = [0.0; 7];
+    while copies.iter().any(Option::is_some) {
+        for (i, c) in copies.iter_mut().enumerate() {
+            if let Some(status) = c.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                assert!(status.success(), "agent {i}: nbdcopy failed");
+                done[i] = started.elapsed().as_secs_f64();
+                *c = None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    done.sort_by(f64::total_cmp);
+    let origin: f64 = (0..7).map(|i| fleet.reads(i, "origin")).sum();
+    let peer: f64 = (0..7).map(|i| fleet.reads(i, "peer")).sum();
+    let measured = serde_json::json!({
+        "system": "measured", "vms": 7, "chunks": chunks, "seconds_first_running": done[0], "seconds_all_running": done[6],
+        "p50_seconds": done[3], "origin_chunks": origin, "peer_chunks": peer,
+    });
+    println!("{measured}");
+    // The same on the simulator: the origin throttle (ORIGIN), the image's
+    // chunks (all read, incompressible), no start cost; the NIC is the
+    // veth pair's, measured by scripts/bench-tree.sh (TESSERA_BENCH_NIC_GBPS).
+    let nic = std::env::var("TESSERA_BENCH_NIC_GBPS").unwrap_or_else(|_| "10".into());
+    let image_mb = format!("{}", (chunks * (512 << 10)) as f64 / 1e6);
+    let registry_gbps = format!("{}", 64.0 * (1 << 20) as f64 * 8.0 / 1e9);
+    let out = run(Command::new(env!("CARGO_BIN_EXE_tessera")).args([
+        "sim",
+        "--system",
+        "tessera",
+        "--vms",
+        "7",
+        "--invocations",
+        "7",
+        "--image-mb",
+        &image_mb,
+        "--fetch-fraction",
+        "1",
+        "--registry-gbps",
+        &registry_gbps,
+        "--registry-latency",
+        "20ms",
+        "--origin-concurrency",
+        "4",
+        "--compression",
+        "1",
+        "--start-cpu",
+        "0",
+        "--nic-gbps",
+        &nic,
+        "--json",
+    ]));
+    print!("{}", String::from_utf8_lossy(&out.stdout));
 }

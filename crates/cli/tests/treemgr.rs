@@ -1,5 +1,6 @@
 //! `tessera treemgr`: the function-tree manager as agents see it, over
-//! HTTP, with a token, a state file across a restart, and the idle timeout.
+//! HTTP, with a token, a state file across a restart, and the idle timeout;
+//! and `tessera sim`, the fleet simulator on the same tree code.
 
 mod common;
 
@@ -134,4 +135,44 @@ fn silent_agents_leave_their_trees() {
     let out = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["treemgr", "--listen", "0.0.0.0:0"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--token-file"), "{}", text(&out));
+}
+
+/// `tessera sim`: the JSON keys scripts read, a plot, and clear refusals.
+#[test]
+fn the_simulator_prints_its_keys_and_draws_its_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("fleet.svg");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["sim", "--system", "faasnet,tessera,baseline,on-demand,kraken", "--vms", "15", "--invocations", "30", "--image-mb", "32", "--json", "--plot"])
+        .arg(&plot));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 5);
+    let keys = [
+        "system",
+        "vms",
+        "invocations",
+        "seconds_first_running",
+        "seconds_all_running",
+        "origin_bytes",
+        "peer_bytes",
+        "max_origin_gbps",
+        "p50_seconds",
+        "p99_seconds",
+    ];
+    for o in &lines {
+        for k in keys {
+            assert!(o.get(k).is_some(), "{k} missing in {o}");
+        }
+        assert_eq!(o["invocations"], 30, "{o}");
+    }
+    let all = |system: &str| lines.iter().find(|o| o["system"] == system).unwrap()["seconds_all_running"].as_f64().unwrap();
+    assert!(all("tessera") < all("faasnet") && all("faasnet") < all("baseline"), "{lines:?}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("kraken"));
+
+    for bad in [&["--fetch-fraction", "2"][..], &["--vms", "0"], &["--system", "bittorrent"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tessera")).arg("sim").args(bad).output().unwrap();
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        assert!(!out.stderr.is_empty(), "{bad:?}: no message");
+    }
 }
