@@ -492,3 +492,107 @@ fn text(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
     *r.status_mut() = status;
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use tessera_chunk::{seal, ChunkRef, Salt, CHUNK_SIZE};
+    use tessera_store::{ChunkStore, MemoryStore};
+
+    use super::*;
+    use crate::{LoaderOptions, Origin};
+
+    /// A tree manager that places every agent under `parent` and counts
+    /// the parents reported gone.
+    async fn manager(parent: String, failed: Arc<AtomicUsize>) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            crate::server::serve_http(
+                &listener,
+                None,
+                |_| {},
+                std::future::pending(),
+                move |req: Request<hyper::body::Incoming>| {
+                    let (parent, failed) = (parent.clone(), Arc::clone(&failed));
+                    async move {
+                        if req.uri().path() == "/v1/failed" {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Response::new(Full::new(Bytes::from(serde_json::json!({"parent": parent}).to_string())))
+                    }
+                },
+            )
+            .await;
+        });
+        addr
+    }
+
+    /// A parent that answers every chunk request with the same bytes.
+    async fn liar() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            crate::server::serve_http(&listener, None, |_| {}, std::future::pending(), |_| async { Response::new(Full::new(Bytes::from(vec![7u8; 4096]))) })
+                .await;
+        });
+        addr
+    }
+
+    fn chunk() -> (Arc<MemoryStore>, ChunkRef, Vec<u8>) {
+        let store = Arc::new(MemoryStore::default());
+        let plain = vec![5u8; CHUNK_SIZE];
+        let s = seal(&Salt::from_bytes([1; 32]), plain.clone());
+        store.put(&s.id, &s.ciphertext).unwrap();
+        (store, ChunkRef { id: s.id, key: s.key }, plain)
+    }
+
+    fn loader(manager: String, origin: Arc<MemoryStore>) -> (Loader, Arc<PeerSource>) {
+        let peer = Arc::new(PeerSource::new(PeerOptions { manager, advertise: "127.0.0.1:9".into(), token: None, tls_ca: None }).unwrap());
+        let sources: Vec<Arc<dyn ChunkSource>> = vec![peer.clone(), Arc::new(Origin::new(origin, 4, 16))];
+        (Loader::new(LoaderOptions { memory_bytes: 8 << 20 }, sources), peer)
+    }
+
+    #[test]
+    fn a_lying_parent_is_caught_and_the_read_goes_below() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let failed = Arc::new(AtomicUsize::new(0));
+        let liar = rt.block_on(liar());
+        let manager = rt.block_on(manager(liar, Arc::clone(&failed)));
+        let (store, r, plain) = chunk();
+        let (loader, peer) = loader(manager, store);
+        let (got, tier) = loader.read(&r, &FetchContext::image("app")).unwrap();
+        assert_eq!((&*got, tier), (&plain, Tier::Origin));
+        assert_eq!(loader.stats.corrupt.load(Ordering::Relaxed), 1, "the parent's copy was checked and dropped");
+        assert_eq!(peer.stats().hits.load(Ordering::Relaxed), 1);
+        assert_eq!(failed.load(Ordering::Relaxed), 0, "a wrong chunk is not a gone parent");
+    }
+
+    #[test]
+    fn a_gone_parent_is_reported_and_reads_do_not_fail() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let failed = Arc::new(AtomicUsize::new(0));
+        // A parent that hangs up on every connection.
+        let gone = rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    drop(stream);
+                }
+            });
+            addr
+        });
+        let manager = rt.block_on(manager(gone.clone(), Arc::clone(&failed)));
+        let (store, r, plain) = chunk();
+        let (loader, peer) = loader(manager, store);
+        let (got, tier) = loader.read(&r, &FetchContext::image("app")).unwrap();
+        assert_eq!((&*got, tier), (&plain, Tier::Origin));
+        // Reported, joined again (the manager names it again), reported again, then below.
+        assert_eq!(failed.load(Ordering::Relaxed), 2);
+        assert_eq!(peer.stats().parent_failures.load(Ordering::Relaxed), 2);
+        assert_eq!(peer.stats().below.load(Ordering::Relaxed), 1);
+        assert_eq!(peer.parent("app"), None, "a gone parent is forgotten");
+    }
+}

@@ -256,6 +256,39 @@ fn children_read_from_their_parents_and_only_the_root_from_the_origin() {
     assert!(answer.starts_with("HTTP/1.1 400"), "a request for no image: {answer}");
 }
 
+/// `tessera run --tree-manager`: the run's own agent joins the function's
+/// tree under an agent that has the image, and its VM starts from its parent.
+#[test]
+fn a_run_in_a_tree_reads_from_its_parent() {
+    if !have_nbd_tools() || !have_vm_tools() {
+        return;
+    }
+    let env = Env::new();
+    image(&env, 8);
+    let fleet = Fleet::start(&env, 1, None);
+    fleet.join_in_order();
+    let warm = copy(&fleet, 0, Path::new("null:")).wait_with_output().unwrap();
+    assert!(warm.status.success());
+    let token = env.path("token");
+    let o = tessera_run(
+        &env.home(),
+        &["app", "--accel", "tcg", "--json", "--function", "app", "--tree-manager", &fleet.manager_addr, "--peer-listen", "127.0.0.1:0"],
+    )
+    .arg("--tree-token-file")
+    .arg(&token)
+    .args(["--", "-c", "cat /data/blob | wc -c"])
+    .output()
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let mut lines = out.lines();
+    assert_eq!(lines.next().map(str::trim), Some("8388608"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let fetched = &report["chunks_fetched"];
+    assert!(fetched["peer"].as_u64().unwrap_or(0) > 16, "the blob came from the parent: {report}");
+    assert_eq!(fetched["origin"].as_u64().unwrap_or(0), 0, "nothing from the origin: {report}");
+}
+
 #[test]
 fn seven_agents_in_their_own_namespaces_survive_an_interior_one_killed() {
     if !can_make_namespaces() {
