@@ -5,10 +5,12 @@ use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// One bar per phase, on stderr, only when stderr is a terminal.
+/// One bar per phase, on stderr, only when stderr is a terminal; a step
+/// (a layer) leaves a line with its bytes and rate when it ends.
 pub struct Bars {
     enabled: bool,
-    bar: Mutex<Option<ProgressBar>>,
+    /// The bar, and whether it leaves a line when the next one starts.
+    bar: Mutex<Option<(ProgressBar, bool)>>,
 }
 
 impl Bars {
@@ -17,14 +19,21 @@ impl Bars {
     }
 
     pub fn done(&self) {
-        if let Some(b) = self.bar.lock().expect("no panics while holding the lock").take() {
-            b.finish_and_clear();
+        if let Some((b, keep)) = self.bar.lock().expect("no panics while holding the lock").take() {
+            Bars::end(b, keep);
         }
     }
-}
 
-impl tessera_oci::Progress for Bars {
-    fn start(&self, what: &str, total: u64) {
+    fn end(bar: ProgressBar, keep: bool) {
+        bar.finish_and_clear();
+        if keep {
+            let (bytes, secs) = (bar.position(), bar.elapsed().as_secs_f64());
+            let rate = if secs > 0.0 { (bytes as f64 / secs) as u64 } else { 0 };
+            eprintln!("{}: {} in {secs:.1} s ({}/s)", bar.message(), human(bytes), human(rate));
+        }
+    }
+
+    fn begin(&self, what: &str, total: u64, keep: bool) {
         if !self.enabled {
             return;
         }
@@ -35,13 +44,23 @@ impl tessera_oci::Progress for Bars {
                 .progress_chars("=> "),
         );
         bar.set_message(what.to_owned());
-        if let Some(old) = self.bar.lock().expect("no panics while holding the lock").replace(bar) {
-            old.finish_and_clear();
+        if let Some((old, kept)) = self.bar.lock().expect("no panics while holding the lock").replace((bar, keep)) {
+            Bars::end(old, kept);
         }
+    }
+}
+
+impl tessera_oci::Progress for Bars {
+    fn start(&self, what: &str, total: u64) {
+        self.begin(what, total, false);
+    }
+
+    fn step(&self, what: &str, total: u64) {
+        self.begin(what, total, true);
     }
 
     fn advance(&self, n: u64) {
-        if let Some(b) = self.bar.lock().expect("no panics while holding the lock").as_ref() {
+        if let Some((b, _)) = self.bar.lock().expect("no panics while holding the lock").as_ref() {
             b.inc(n);
         }
     }

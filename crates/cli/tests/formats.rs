@@ -64,3 +64,26 @@ fn cli_errors_are_clear() {
         assert!(!msg.contains("panicked"), "{msg}");
     }
 }
+
+/// `import --json` tells the new chunks of file data from those of
+/// filesystem metadata.
+#[test]
+fn new_chunks_are_split_into_data_and_metadata() {
+    let env = Env::new();
+    let base = tar_of(&[("etc/", b""), ("etc/os-release", b"ID=tessera\n")]);
+    let app = tar_of(&[("app/", b""), ("app/run", &pseudo_random(2 << 20, 3))]);
+    let (one, two) = (env.path("one"), env.path("two"));
+    layout(&one, "t", &[Blob::from_tar(&base, Comp::Gzip)]);
+    layout(&two, "t", &[Blob::from_tar(&base, Comp::Gzip), Blob::from_tar(&app, Comp::Gzip)]);
+    let first = env.import(&format!("oci:{}:t", one.display()), "base", &[]);
+    let second = env.import(&format!("oci:{}:t", two.display()), "app", &[]);
+    let n = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap();
+    for r in [&first, &second] {
+        assert!(n(r, "new_metadata_chunks") >= 1 && n(r, "new_metadata_chunks") <= n(r, "new_chunks"), "{r}");
+        assert!(n(r, "new_metadata_bytes") <= n(r, "new_bytes"), "{r}");
+    }
+    // The app layer's 2 MiB of random data: at least 4 new data chunks.
+    assert!(n(&second, "new_chunks") - n(&second, "new_metadata_chunks") >= 4, "{second}");
+    let again = env.import(&format!("oci:{}:t", two.display()), "app2", &[]);
+    assert_eq!((n(&again, "new_chunks"), n(&again, "new_metadata_chunks"), n(&again, "new_metadata_bytes")), (0, 0, 0), "{again}");
+}

@@ -118,6 +118,12 @@ pub struct ImportReport {
     pub new_chunks: u64,
     /// Bytes of the chunks this import added.
     pub new_bytes: u64,
+    /// Of the new chunks, those of filesystem metadata (outside every
+    /// layer's data region: superblock, group descriptors, bitmaps, inode
+    /// tables, directories).
+    pub new_metadata_chunks: u64,
+    /// Their bytes.
+    pub new_metadata_bytes: u64,
     /// The store generation it was imported into.
     pub generation: u64,
     /// Which images may share its chunks.
@@ -169,13 +175,13 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     seed.copy_from_slice(seed_ctx.finish().as_ref());
 
     let threads = if options.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { options.threads };
-    progress.start("flattening and sealing", image.layers.iter().map(|l| l.size).sum());
     let chunk_store = home.store().chunks(generation);
     let batch = chunk_store.batch();
     let (flat, sealed) = seal_while(&salt, batch.as_ref(), threads, |sink| {
         let mut flattener = Flattener::new(FlattenOptions { headroom_bytes: options.headroom_bytes, seed }, sink);
         let mut file_bytes = 0;
-        for layer in &image.layers {
+        for (i, layer) in image.layers.iter().enumerate() {
+            progress.step(&format!("layer {}/{}", i + 1, image.layers.len()), layer.size);
             let ingest_err = |e| Error::Ingest { reference: shown.clone(), source: e };
             let tar = layer.open(progress).map_err(ingest_err)?;
             let stats = match flattener.apply_layer(&layer.label, tar) {
@@ -278,6 +284,16 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
         }
     }
     let holes = manifest.chunks.iter().filter(|c| c.is_none()).count() as u64;
+    // A new chunk is metadata if it sits outside every layer's data region.
+    let in_data = |index: usize| flat.layer_regions.iter().any(|&(first, n)| (first..first + n).contains(&(index as u64)));
+    let mut metadata_ids = std::collections::HashSet::new();
+    let mut data_ids = std::collections::HashSet::new();
+    for (index, c) in manifest.chunks.iter().enumerate() {
+        if let Some(c) = c {
+            if in_data(index) { &mut data_ids } else { &mut metadata_ids }.insert(c.id);
+        }
+    }
+    let new_metadata: Vec<u64> = committed.new.iter().filter(|(id, _)| metadata_ids.contains(id) && !data_ids.contains(id)).map(|&(_, len)| len).collect();
     Ok(ImportReport {
         name,
         manifest: id.to_hex(),
@@ -286,6 +302,8 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
         holes,
         new_chunks: committed.new_chunks,
         new_bytes: committed.new_bytes,
+        new_metadata_chunks: new_metadata.len() as u64,
+        new_metadata_bytes: new_metadata.iter().sum(),
         generation,
         dedup_scope: scope,
         seconds: started.elapsed().as_secs_f64(),

@@ -160,6 +160,11 @@ impl Default for PullOptions {
 pub trait Progress: Sync {
     /// A phase starts: `total` bytes are expected (0 when unknown).
     fn start(&self, _what: &str, _total: u64) {}
+    /// One of a series of steps starts (a layer): like [`Progress::start`],
+    /// but the step before it stays on screen with what it did.
+    fn step(&self, what: &str, total: u64) {
+        self.start(what, total)
+    }
     /// `n` more bytes were processed.
     fn advance(&self, _n: u64) {}
 }

@@ -131,12 +131,23 @@ pub trait PutBatch: Send + Sync {
 }
 
 /// What a committed batch added to the store.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Committed {
     /// Chunks the store did not have.
     pub new_chunks: u64,
     /// Their bytes.
     pub new_bytes: u64,
+    /// Each of them and its size, in no particular order.
+    pub new: Vec<(ChunkId, u64)>,
+}
+
+impl Committed {
+    /// Counts chunk `id` of `len` bytes as new.
+    pub fn add(&mut self, id: ChunkId, len: u64) {
+        self.new_chunks += 1;
+        self.new_bytes += len;
+        self.new.push((id, len));
+    }
 }
 
 /// A batch whose puts go straight to the store; commit syncs it. For
@@ -156,16 +167,14 @@ impl<'s> ImmediateBatch<'s> {
 impl PutBatch for ImmediateBatch<'_> {
     fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
         if self.store.put(id, bytes)? == Put::Created {
-            let mut new = self.new.lock().expect("no panics while holding the lock");
-            new.new_chunks += 1;
-            new.new_bytes += bytes.len() as u64;
+            self.new.lock().expect("no panics while holding the lock").add(*id, bytes.len() as u64);
         }
         Ok(())
     }
 
     fn commit(self: Box<Self>) -> Result<Committed> {
         self.store.sync()?;
-        Ok(*self.new.lock().expect("no panics while holding the lock"))
+        Ok(std::mem::take(&mut *self.new.lock().expect("no panics while holding the lock")))
     }
 }
 

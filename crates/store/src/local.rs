@@ -232,7 +232,7 @@ impl ChunkStore for LocalDirStore {
     }
 
     fn batch(&self) -> Box<dyn PutBatch + '_> {
-        Box::new(LocalBatch { store: self, staged: Mutex::new(Vec::new()), seen: Mutex::new(HashSet::new()), new_bytes: AtomicU64::new(0) })
+        Box::new(LocalBatch { store: self, staged: Mutex::new(Vec::new()), seen: Mutex::new(HashSet::new()) })
     }
 
     /// Cheap: temporaries live in one directory.
@@ -267,9 +267,8 @@ fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
 /// and a dropped batch removes its temporaries.
 struct LocalBatch<'s> {
     store: &'s LocalDirStore,
-    staged: Mutex<Vec<(PathBuf, PathBuf)>>,
+    staged: Mutex<Vec<(PathBuf, PathBuf, ChunkId, u64)>>,
     seen: Mutex<HashSet<ChunkId>>,
-    new_bytes: AtomicU64,
 }
 
 impl PutBatch for LocalBatch<'_> {
@@ -282,25 +281,28 @@ impl PutBatch for LocalBatch<'_> {
             return Ok(());
         }
         let tmp = self.store.write_temporary(id, bytes, false)?;
-        self.staged.lock().expect("no panics while holding the lock").push((tmp, self.store.path_of(id)));
-        self.new_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.staged.lock().expect("no panics while holding the lock").push((tmp, self.store.path_of(id), *id, bytes.len() as u64));
         Ok(())
     }
 
     fn commit(self: Box<Self>) -> Result<Committed> {
         self.store.sync()?;
         let staged = std::mem::take(&mut *self.staged.lock().expect("no panics while holding the lock"));
-        for (tmp, path) in &staged {
+        for (tmp, path, _, _) in &staged {
             rename_into_place(tmp, path)?;
         }
         self.store.sync()?;
-        Ok(Committed { new_chunks: staged.len() as u64, new_bytes: self.new_bytes.load(Ordering::Relaxed) })
+        let mut committed = Committed::default();
+        for (_, _, id, len) in staged {
+            committed.add(id, len);
+        }
+        Ok(committed)
     }
 }
 
 impl Drop for LocalBatch<'_> {
     fn drop(&mut self) {
-        for (tmp, _) in self.staged.get_mut().expect("no panics while holding the lock").drain(..) {
+        for (tmp, ..) in self.staged.get_mut().expect("no panics while holding the lock").drain(..) {
             let _ = fs::remove_file(tmp);
         }
     }

@@ -524,15 +524,11 @@ impl PutBatch for S3Batch {
         let slot = self.s3.rt().block_on(Arc::clone(&self.slots).acquire_owned()).expect("the semaphore is never closed");
         let (s3, failed, new) = (Arc::clone(&self.s3), Arc::clone(&self.failed), Arc::clone(&self.new));
         let key = s3.key(&S3::chunk_key(self.generation, id));
-        let bytes = Bytes::copy_from_slice(bytes);
+        let (id, bytes) = (*id, Bytes::copy_from_slice(bytes));
         let task = self.s3.rt().spawn(async move {
             let len = bytes.len() as u64;
             match s3.create("store chunk", &key, bytes).await {
-                Ok(Put::Created) => {
-                    let mut n = new.lock().expect("no panics while holding the lock");
-                    n.new_chunks += 1;
-                    n.new_bytes += len;
-                }
+                Ok(Put::Created) => new.lock().expect("no panics while holding the lock").add(id, len),
                 Ok(Put::AlreadyPresent) => tracing::debug!("chunk {} is in the store already (dedup)", key),
                 Err(e) => {
                     failed.lock().expect("no panics while holding the lock").get_or_insert(e);
@@ -556,7 +552,7 @@ impl PutBatch for S3Batch {
         if let Some(e) = self.failed.lock().expect("no panics while holding the lock").take() {
             return Err(e);
         }
-        Ok(*self.new.lock().expect("no panics while holding the lock"))
+        Ok(std::mem::take(&mut *self.new.lock().expect("no panics while holding the lock")))
     }
 }
 

@@ -152,14 +152,17 @@ fn import(home: &Home, a: ImportArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "imported {} ({} layers): {} disk in {} chunks ({} holes); {} new chunks ({}); {:.2} s",
+            "imported {} ({} layer{}): {} disk in {} chunks ({} holes); {} new chunks ({}), {} of them metadata ({}); {:.2} s",
             report.name,
             report.layers,
+            if report.layers == 1 { "" } else { "s" },
             human(report.disk_bytes),
             report.chunks,
             report.holes,
             report.new_chunks,
             human(report.new_bytes),
+            report.new_metadata_chunks,
+            human(report.new_metadata_bytes),
             report.seconds
         );
     }
