@@ -122,9 +122,11 @@ pub struct FetchContext {
     pub manifest: Arc<str>,
     /// The store generation holding the image's chunks.
     pub generation: u64,
-    /// Agents this fetch has passed through up a function tree (0: it
-    /// started here); past [`peer::MAX_HOPS`] no parent is asked.
-    pub hops: u32,
+    /// The agents (their names in the trees) this fetch has passed
+    /// through up a function tree, the nearest last (empty: it started
+    /// here). An agent on it is not asked again, and past
+    /// [`peer::MAX_HOPS`] no parent is asked.
+    pub via: Vec<Arc<str>>,
 }
 
 impl FetchContext {
@@ -135,7 +137,7 @@ impl FetchContext {
 
     /// A fetch for image `name`, which `r` names.
     pub fn of(name: &str, r: &tessera_store::ImageRef) -> FetchContext {
-        FetchContext { image: name.into(), function: None, manifest: r.manifest.as_str().into(), generation: r.generation, hops: 0 }
+        FetchContext { image: name.into(), function: None, manifest: r.manifest.as_str().into(), generation: r.generation, via: Vec::new() }
     }
 }
 

@@ -163,36 +163,59 @@ impl Loader {
         if let Some(p) = self.cached(r) {
             return Ok((p, Tier::Memory));
         }
-        // Fetched for a child in a function tree: open that copy.
-        if let Some(sealed) = self.forward.as_ref().and_then(|f| f.lock().expect("no panics while holding the lock").get(&r.id).cloned()) {
-            let p = open(r, &sealed, Tier::Memory)?;
-            self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(&p), CHUNK_SIZE as u64);
+        // A fetch this reader waited for may have been a child's, with the
+        // child's context: if it failed, this reader tries once on its own.
+        let mut waited_for_another = false;
+        loop {
+            // A leader fills memory (or, for a child, the forwarding buffer)
+            // before it leaves the map, so under the map's lock the chunk
+            // is in flight, in one of those, or evicted.
+            let landed = || {
+                let in_memory = self.memory.lock().expect("no panics while holding the lock").get(&r.id).cloned();
+                in_memory.map(Ok).or_else(|| self.buffered(r))
+            };
+            let fetched = match self.join(&r.id, landed) {
+                Join::Landed(p) => {
+                    self.stats.count(Tier::Memory, started);
+                    return p.map(|p| (p, Tier::Memory));
+                }
+                Join::Lead(flight) => return self.lead(&r.id, &flight, Some(r), ctx, started).map(|f| (f.plain.expect("opened with the key"), f.tier)),
+                Join::Wait(flight) => match self.wait(&flight) {
+                    Ok(f) => f,
+                    Err(_) if !waited_for_another => {
+                        waited_for_another = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            // Served from memory, by another reader's fetch: each fetch is
+            // counted once, under the tier that did the work.
+            let plain = match fetched.plain {
+                Some(p) => p,
+                // Its leader served a child and had no key: open it here.
+                None => {
+                    let p = open(r, &fetched.sealed, fetched.tier)?;
+                    self.remember(r, &p);
+                    p
+                }
+            };
             self.stats.count(Tier::Memory, started);
-            return Ok((p, Tier::Memory));
+            return Ok((plain, Tier::Memory));
         }
-        // A leader fills memory before it leaves the map, so under the
-        // map's lock the chunk is either in flight or in memory (or evicted).
-        let fetched = match self.join(&r.id, || self.memory.lock().expect("no panics while holding the lock").get(&r.id).cloned()) {
-            Join::Landed(p) => {
-                self.stats.count(Tier::Memory, started);
-                return Ok((p, Tier::Memory));
-            }
-            Join::Lead(flight) => return self.lead(&r.id, &flight, Some(r), ctx, started).map(|f| (f.plain.expect("opened with the key"), f.tier)),
-            Join::Wait(flight) => self.wait(&flight)?,
-        };
-        // Served from memory, by another reader's fetch: each fetch is
-        // counted once, under the tier that did the work.
-        let plain = match fetched.plain {
-            Some(p) => p,
-            // Its leader served a peer and had no key: open it here.
-            None => {
-                let p = open(r, &fetched.sealed, fetched.tier)?;
-                self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(&p), CHUNK_SIZE as u64);
-                p
-            }
-        };
-        self.stats.count(Tier::Memory, started);
-        Ok((plain, Tier::Memory))
+    }
+
+    /// The plaintext of `r` from the forwarding buffer (a copy fetched for a
+    /// child), kept in memory from now on.
+    fn buffered(&self, r: &ChunkRef) -> Option<Result<Plain, Error>> {
+        let sealed = self.forward.as_ref()?.lock().expect("no panics while holding the lock").get(&r.id).cloned()?;
+        Some(open(r, &sealed, Tier::Memory).inspect(|p| self.remember(r, p)))
+    }
+
+    /// Keeps the plaintext of `r` in memory.
+    fn remember(&self, r: &ChunkRef, p: &Plain) {
+        let evicted = self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(p), CHUNK_SIZE as u64);
+        self.stats.memory_evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
     }
 
     /// The sealed bytes of chunk `id` (checked against it) and the tier they
@@ -256,8 +279,7 @@ impl Loader {
             let plain = match r {
                 Some(r) => {
                     let p = open(r, &sealed, tier)?;
-                    let evicted = self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(&p), CHUNK_SIZE as u64);
-                    self.stats.memory_evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+                    self.remember(r, &p);
                     Some(p)
                 }
                 None => None,

@@ -17,22 +17,31 @@
 //! against their ids (the loader does): a lying parent is caught like a
 //! lying cache node, and the read goes below.
 //!
-//! **Failure.** A parent that cannot be reached (refused, reset, silent
-//! past the keep-alive) is reported to the manager (`POST /v1/failed`),
-//! which takes it out of every tree; the agent joins again for its new
-//! parent and asks that one. A parent that is busy or whose own chain
-//! failed answers 503 or 502: the read goes below at once, and the parent
-//! is not reported. Reads never fail because of the tree: at worst they go
-//! below, as without one.
+//! **Failure.** A parent whose connection fails (refused, reset, or silent
+//! past the HTTP/2 keep-alive) is reported to the manager (`POST
+//! /v1/failed`), which takes it out of every tree; the agent joins again
+//! for its new parent and asks that one. Any other trouble (an error
+//! status, a wrong chunk, no answer within [`CHUNK_TIMEOUT`]) sends the
+//! read below at once without reporting anyone: a slow or busy parent is
+//! not a dead one. A manager that cannot be reached makes the agent a root
+//! until the next [`REFRESH`]. Reads never fail because of the tree: at
+//! worst they go below, as without one.
 //!
-//! **Bounds.** A request climbs at most [`MAX_HOPS`] agents (a loop left by
-//! a tree being rearranged ends there); a server works on at most
-//! [`MAX_SERVING`] chunks at once, lets [`MAX_WAITING`] more wait, and
-//! answers 503 past that.
+//! **Loops.** While a tree is being rearranged an agent's idea of its
+//! parent can be stale for up to [`REFRESH`]. A request carries the agents
+//! it passed through (`x-tessera-via`): an agent on that list, or one a
+//! request has reached through [`MAX_HOPS`] agents, reads below instead of
+//! asking its parent; and an agent asked by the agent it takes for its
+//! parent asks the manager where it sits before going on.
+//!
+//! **Bounds.** A server keeps at most [`MAX_CONNECTIONS`] connections of
+//! [`MAX_STREAMS`] requests each, works on at most [`MAX_SERVING`] chunks
+//! at once, lets the others wait [`QUEUE_WAIT`] at most, and answers 503
+//! past that.
 //!
 //! ```text
 //! GET /v1/chunks/{id}   x-tessera-image, x-tessera-function, x-tessera-manifest,
-//!                       x-tessera-generation, x-tessera-hops
+//!                       x-tessera-generation, x-tessera-via: A,B,...
 //!   -> 200 sealed bytes | 404 in no tier | 502 the chain failed | 503 busy
 //! ```
 
@@ -63,14 +72,18 @@ use crate::{ChunkSource, Error, FetchContext, Loader, Tier};
 pub const MAX_HOPS: u32 = 16;
 /// Chunks one agent fetches for its children at once; more wait for a turn.
 pub const MAX_SERVING: usize = 64;
-/// Requests from children that may wait for a turn; more are refused (503).
-pub const MAX_WAITING: usize = 1024;
+/// How long a child's request may wait for a turn before it is refused (503).
+pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
+/// Connections a peer server keeps (each child needs one).
+pub const MAX_CONNECTIONS: usize = 64;
+/// Requests in flight on one connection.
+pub const MAX_STREAMS: u32 = 16;
 /// How often an agent tells the manager it lives and asks again where it
 /// sits in each tree.
 pub const REFRESH: Duration = Duration::from_secs(5);
 /// The longest a parent may take to send a chunk (it may be fetching it
-/// from its own parent, or the origin).
-pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+/// from its own parent, or the origin); past it the read goes below.
+pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest the manager may take to answer.
 const MANAGER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -78,7 +91,7 @@ const H_IMAGE: &str = "x-tessera-image";
 const H_FUNCTION: &str = "x-tessera-function";
 const H_MANIFEST: &str = "x-tessera-manifest";
 const H_GENERATION: &str = "x-tessera-generation";
-const H_HOPS: &str = "x-tessera-hops";
+const H_VIA: &str = "x-tessera-via";
 
 /// How an agent takes part in function trees.
 #[derive(Clone, Debug)]
@@ -144,8 +157,10 @@ pub struct PeerStats {
     pub below: AtomicU64,
     /// Parents found gone and reported to the manager.
     pub parent_failures: AtomicU64,
-    /// Requests that reached [`MAX_HOPS`].
+    /// Requests that came back to this agent, or reached [`MAX_HOPS`].
     pub loops: AtomicU64,
+    /// Chunks a parent sent that did not match their ids.
+    pub corrupt: AtomicU64,
     /// Requests to the manager that failed.
     pub manager_errors: AtomicU64,
 }
@@ -158,9 +173,9 @@ struct Placement {
 /// What a parent said.
 enum Answer {
     Chunk(Bytes),
-    /// It (and everything above it) lacks the chunk, is busy, or refused us.
+    /// It (and everything above it) lacks the chunk, is busy or slow, or refused us.
     Below,
-    /// It cannot be reached: report it.
+    /// Its connection failed: report it.
     Gone(String),
 }
 
@@ -248,10 +263,18 @@ impl ChunkSource for PeerSource {
         Ok(runtime.block_on(Arc::clone(&self.shared).fetch(*id, ctx.clone())))
     }
 
+    fn forget(&self, _id: &ChunkId) {
+        // The parent's copy did not match its id: not a hit after all.
+        let s = &self.shared.stats;
+        s.corrupt.fetch_add(1, Ordering::Relaxed);
+        s.hits.fetch_sub(1, Ordering::Relaxed);
+        s.below.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn render(&self, out: &mut String) {
         let s = &self.shared.stats;
         header(out, "tessera_peer_requests_total", "counter", "Chunk requests to this agent's parents, by outcome.");
-        for (outcome, n) in [("hit", &s.hits), ("below", &s.below), ("parent_failed", &s.parent_failures), ("loop", &s.loops)] {
+        for (outcome, n) in [("hit", &s.hits), ("below", &s.below), ("parent_failed", &s.parent_failures), ("loop", &s.loops), ("corrupt", &s.corrupt)] {
             let _ = writeln!(out, "tessera_peer_requests_total{{result=\"{outcome}\"}} {}", n.load(Ordering::Relaxed));
         }
         header(out, "tessera_peer_manager_errors_total", "counter", "Requests to the tree manager that failed.");
@@ -263,21 +286,33 @@ impl ChunkSource for PeerSource {
 
 impl Shared {
     async fn fetch(self: Arc<Self>, id: ChunkId, ctx: FetchContext) -> Option<Bytes> {
-        if ctx.hops >= MAX_HOPS {
+        if ctx.via.len() >= MAX_HOPS as usize || ctx.via.iter().any(|a| **a == *self.me) {
             self.stats.loops.fetch_add(1, Ordering::Relaxed);
+            self.stats.below.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let function: Arc<str> = ctx.function.clone().unwrap_or_else(|| Arc::clone(&ctx.image));
+        let asker = ctx.via.last().map(|a| a.to_string());
         // A parent found gone is reported, and the new one asked once.
-        for _ in 0..2 {
+        for attempt in 0..2 {
             let parent = match self.parent(&function).await {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::warn!("tree manager {}: {e}; reading below the peer tier", self.manager);
+                    tracing::warn!("tree manager {}: {e}; reading below the peer tier until it answers", self.manager);
                     break;
                 }
             };
+            if asker.as_deref() == Some(parent.as_str()) {
+                // Asked by the agent taken for the parent: the tree was
+                // rearranged and this agent's placement is stale.
+                self.stats.loops.fetch_add(1, Ordering::Relaxed);
+                self.parents.lock().expect("no panics while holding the lock").remove(&function);
+                if attempt == 0 {
+                    continue;
+                }
+                break;
+            }
             match self.ask(&parent, &id, &ctx).await {
                 Answer::Chunk(b) => {
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -308,12 +343,17 @@ impl Shared {
     }
 
     /// Joins `function`'s tree (or is found there); remembers the parent.
+    /// If the manager cannot be reached, the agent is a root until the
+    /// next refresh (its reads go below rather than wait for the manager).
     async fn join(&self, function: &Arc<str>) -> Result<Option<String>, String> {
         let body = serde_json::json!({"function": &**function, "node": self.me}).to_string();
-        let reply = self.manager_call(Method::POST, "/v1/join", body).await?;
-        let placement: Placement = serde_json::from_slice(&reply).map_err(|e| format!("bad answer to a join: {e}"))?;
-        self.parents.lock().expect("no panics while holding the lock").insert(Arc::clone(function), placement.parent.clone());
-        Ok(placement.parent)
+        let placement = match self.manager_call(Method::POST, "/v1/join", body).await {
+            Ok(reply) => serde_json::from_slice::<Placement>(&reply).map_err(|e| format!("bad answer to a join: {e}")),
+            Err(e) => Err(e),
+        };
+        let parent = placement.as_ref().ok().and_then(|p| p.parent.clone());
+        self.parents.lock().expect("no panics while holding the lock").insert(Arc::clone(function), parent.clone());
+        placement.map(|_| parent)
     }
 
     /// Tells the manager `parent` is gone, and forgets it as a parent: the
@@ -382,24 +422,37 @@ impl Shared {
 
     /// Asks `parent` for chunk `id`.
     async fn ask(&self, parent: &str, id: &ChunkId, ctx: &FetchContext) -> Answer {
+        if self.auth.is_some() && self.scheme == "http" && !is_loopback(parent) {
+            tracing::warn!("parent {parent} is not on this host: not sending it the tree token in clear (give --tree-tls-ca)");
+            return Answer::Below;
+        }
         let Some(req) = self.chunk_request(parent, id, ctx) else { return Answer::Below };
+        // A failed connection is a gone parent; anything else is not.
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
+            let resp = self.client.request(req).await.map_err(|e| Answer::Gone(error_chain(&e)))?;
             let status = resp.status();
             // A parent cannot make us hold more than a chunk can be.
-            let body = Limited::new(resp.into_body(), SEALED_CHUNK_SIZE).collect().await.map_err(|e| error_chain(&*e))?.to_bytes();
-            Ok::<_, String>((status, body))
+            let body = Limited::new(resp.into_body(), SEALED_CHUNK_SIZE).collect().await.map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    Answer::Below
+                } else {
+                    Answer::Gone(error_chain(&*e))
+                }
+            })?;
+            Ok::<_, Answer>((status, body.to_bytes()))
         };
         match tokio::time::timeout(CHUNK_TIMEOUT, call).await {
-            Err(_) => Answer::Gone(format!("no chunk within {CHUNK_TIMEOUT:?}")),
-            Ok(Err(e)) => Answer::Gone(e),
+            Err(_) => {
+                tracing::warn!("parent {parent}: no chunk within {CHUNK_TIMEOUT:?}; reading below");
+                Answer::Below
+            }
+            Ok(Err(answer)) => answer,
             Ok(Ok((StatusCode::OK, body))) => Answer::Chunk(body),
             Ok(Ok((status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN), _))) => {
                 tracing::warn!("parent {parent} refused us ({status}): is --tree-token-file the same on every agent?");
                 Answer::Below
             }
-            Ok(Ok((status, _))) if status.is_client_error() || status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE => Answer::Below,
-            Ok(Ok((status, body))) => Answer::Gone(format!("{status}: {}", String::from_utf8_lossy(&body).trim())),
+            Ok(Ok(_)) => Answer::Below,
         }
     }
 
@@ -414,7 +467,8 @@ impl Shared {
         if let Some(f) = &ctx.function {
             req = req.header(H_FUNCTION, HeaderValue::from_str(f).ok()?);
         }
-        req = req.header(H_GENERATION, ctx.generation).header(H_HOPS, ctx.hops + 1);
+        let via: Vec<&str> = ctx.via.iter().map(|a| &**a).chain(std::iter::once(self.me.as_str())).collect();
+        req = req.header(H_GENERATION, ctx.generation).header(H_VIA, HeaderValue::from_str(&via.join(",")).ok()?);
         req.body(Full::new(Bytes::new())).ok()
     }
 }
@@ -432,17 +486,16 @@ pub struct ServeOptions {
 /// `loader` ([`Loader::sealed`]), until `shutdown` completes.
 pub async fn serve_children(loader: Arc<Loader>, listener: TcpListener, options: ServeOptions, shutdown: impl Future<Output = ()>) {
     let serving = Arc::new(tokio::sync::Semaphore::new(MAX_SERVING));
-    let admitted = Arc::new(tokio::sync::Semaphore::new(MAX_SERVING + MAX_WAITING));
     let token: Option<Arc<str>> = options.token.map(Into::into);
     let tune = |h2: &mut hyper_util::server::conn::auto::Http2Builder<'_, TokioExecutor>| {
         h2.keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(32 << 20)
-            .max_concurrent_streams(MAX_SERVING as u32);
+            .max_concurrent_streams(MAX_STREAMS);
     };
-    crate::server::serve_http(&listener, options.tls, tune, shutdown, move |req: Request<hyper::body::Incoming>| {
-        let (loader, serving, admitted, token) = (Arc::clone(&loader), Arc::clone(&serving), Arc::clone(&admitted), token.clone());
+    crate::server::serve_http(&listener, options.tls, MAX_CONNECTIONS, tune, shutdown, move |req: Request<hyper::body::Incoming>| {
+        let (loader, serving, token) = (Arc::clone(&loader), Arc::clone(&serving), token.clone());
         async move {
             if let Some(t) = &token {
                 if !crate::server::bearer_matches(req.headers(), t) {
@@ -457,8 +510,9 @@ pub async fn serve_children(loader: Arc<Loader>, listener: TcpListener, options:
                 _ => return text(StatusCode::NOT_FOUND, "GET /v1/chunks/{id}\n"),
             };
             let Some(ctx) = context(req.headers()) else { return text(StatusCode::BAD_REQUEST, "bad x-tessera-* headers\n") };
-            let Ok(_admitted) = admitted.try_acquire_owned() else { return text(StatusCode::SERVICE_UNAVAILABLE, "busy\n") };
-            let Ok(permit) = serving.acquire_owned().await else { return text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n") };
+            let Ok(Ok(permit)) = tokio::time::timeout(QUEUE_WAIT, serving.acquire_owned()).await else {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "busy\n");
+            };
             let got = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 loader.sealed(&id, &ctx)
@@ -483,7 +537,7 @@ fn context(h: &HeaderMap) -> Option<FetchContext> {
         function: h.get(H_FUNCTION).map(|v| v.to_str().map(Into::into)).transpose().ok()?,
         manifest: get(H_MANIFEST)?.into(),
         generation: get(H_GENERATION)?.parse().unwrap_or(0),
-        hops: get(H_HOPS)?.parse().ok()?,
+        via: get(H_VIA)?.split(',').filter(|a| !a.is_empty()).map(Into::into).collect(),
     })
 }
 
@@ -505,13 +559,14 @@ mod tests {
 
     /// A tree manager that places every agent under `parent` and counts
     /// the parents reported gone.
-    async fn manager(parent: String, failed: Arc<AtomicUsize>) -> String {
+    async fn fake_manager(parent: String, failed: Arc<AtomicUsize>) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
             crate::server::serve_http(
                 &listener,
                 None,
+                16,
                 |_| {},
                 std::future::pending(),
                 move |req: Request<hyper::body::Incoming>| {
@@ -534,8 +589,15 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
-            crate::server::serve_http(&listener, None, |_| {}, std::future::pending(), |_| async { Response::new(Full::new(Bytes::from(vec![7u8; 4096]))) })
-                .await;
+            crate::server::serve_http(
+                &listener,
+                None,
+                16,
+                |_| {},
+                std::future::pending(),
+                |_| async { Response::new(Full::new(Bytes::from(vec![7u8; 4096]))) },
+            )
+            .await;
         });
         addr
     }
@@ -548,7 +610,7 @@ mod tests {
         (store, ChunkRef { id: s.id, key: s.key }, plain)
     }
 
-    fn loader(manager: String, origin: Arc<MemoryStore>) -> (Loader, Arc<PeerSource>) {
+    fn chain(manager: String, origin: Arc<MemoryStore>) -> (Loader, Arc<PeerSource>) {
         let peer = Arc::new(PeerSource::new(PeerOptions { manager, advertise: "127.0.0.1:9".into(), token: None, tls_ca: None }).unwrap());
         let sources: Vec<Arc<dyn ChunkSource>> = vec![peer.clone(), Arc::new(Origin::new(origin, 4, 16))];
         (Loader::new(LoaderOptions { memory_bytes: 8 << 20 }, sources), peer)
@@ -559,13 +621,14 @@ mod tests {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let failed = Arc::new(AtomicUsize::new(0));
         let liar = rt.block_on(liar());
-        let manager = rt.block_on(manager(liar, Arc::clone(&failed)));
+        let manager = rt.block_on(fake_manager(liar, Arc::clone(&failed)));
         let (store, r, plain) = chunk();
-        let (loader, peer) = loader(manager, store);
+        let (loader, peer) = chain(manager, store);
         let (got, tier) = loader.read(&r, &FetchContext::image("app")).unwrap();
         assert_eq!((&*got, tier), (&plain, Tier::Origin));
         assert_eq!(loader.stats.corrupt.load(Ordering::Relaxed), 1, "the parent's copy was checked and dropped");
-        assert_eq!(peer.stats().hits.load(Ordering::Relaxed), 1);
+        let s = peer.stats();
+        assert_eq!((s.hits.load(Ordering::Relaxed), s.corrupt.load(Ordering::Relaxed), s.below.load(Ordering::Relaxed)), (0, 1, 1));
         assert_eq!(failed.load(Ordering::Relaxed), 0, "a wrong chunk is not a gone parent");
     }
 
@@ -584,9 +647,9 @@ mod tests {
             });
             addr
         });
-        let manager = rt.block_on(manager(gone.clone(), Arc::clone(&failed)));
+        let manager = rt.block_on(fake_manager(gone.clone(), Arc::clone(&failed)));
         let (store, r, plain) = chunk();
-        let (loader, peer) = loader(manager, store);
+        let (loader, peer) = chain(manager, store);
         let (got, tier) = loader.read(&r, &FetchContext::image("app")).unwrap();
         assert_eq!((&*got, tier), (&plain, Tier::Origin));
         // Reported, joined again (the manager names it again), reported again, then below.
@@ -594,5 +657,28 @@ mod tests {
         assert_eq!(peer.stats().parent_failures.load(Ordering::Relaxed), 2);
         assert_eq!(peer.stats().below.load(Ordering::Relaxed), 1);
         assert_eq!(peer.parent("app"), None, "a gone parent is forgotten");
+    }
+
+    #[test]
+    fn a_request_that_comes_back_goes_below() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let failed = Arc::new(AtomicUsize::new(0));
+        let liar = rt.block_on(liar());
+        let manager = rt.block_on(fake_manager(liar.clone(), Arc::clone(&failed)));
+        let (store, r, plain) = chunk();
+        let (loader, peer) = chain(manager, store);
+        // A request that passed through this agent already.
+        let ctx = FetchContext { via: vec!["127.0.0.1:9".into()], ..FetchContext::image("app") };
+        assert_eq!(loader.read(&r, &ctx).unwrap(), (Arc::new(plain.clone()), Tier::Origin));
+        assert_eq!((peer.stats().loops.load(Ordering::Relaxed), peer.stats().hits.load(Ordering::Relaxed)), (1, 0));
+        // A request from the agent this one takes for its parent: asked again, still so, below.
+        let (store, r, plain) = chunk();
+        let failed = Arc::new(AtomicUsize::new(0));
+        let manager = rt.block_on(fake_manager(liar.clone(), Arc::clone(&failed)));
+        let (loader, peer) = chain(manager, store);
+        let ctx = FetchContext { via: vec![liar.as_str().into()], ..FetchContext::image("app") };
+        assert_eq!(loader.read(&r, &ctx).unwrap(), (Arc::new(plain), Tier::Origin));
+        assert_eq!((peer.stats().loops.load(Ordering::Relaxed), peer.stats().hits.load(Ordering::Relaxed)), (2, 0));
+        assert_eq!(failed.load(Ordering::Relaxed), 0);
     }
 }

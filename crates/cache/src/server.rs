@@ -46,11 +46,14 @@ pub const SLOW_CLIENT: Duration = Duration::from_secs(30);
 
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` completes,
 /// each request answered by `handle`; with `tls`, every connection is TLS
-/// first (a client that does not finish its handshake within
-/// [`SLOW_CLIENT`] is dropped). `tune` sets the HTTP/2 side of the server.
+/// first. At most `max_connections` connections are kept (more are closed
+/// as they come), and a client that sends nothing (or does not finish its
+/// TLS handshake) within [`SLOW_CLIENT`] is dropped. `tune` sets the
+/// HTTP/2 side of the server.
 pub async fn serve_http<H, F>(
     listener: &TcpListener,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    max_connections: usize,
     tune: impl FnOnce(&mut hyper_util::server::conn::auto::Http2Builder<'_, TokioExecutor>),
     shutdown: impl Future<Output = ()>,
     handle: H,
@@ -66,10 +69,21 @@ pub async fn serve_http<H, F>(
     http2.timer(TokioTimer::new());
     tune(&mut http2);
     let builder = std::sync::Arc::new(builder);
+    let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
     accept_until(listener, shutdown, |stream| {
+        let Ok(slot) = std::sync::Arc::clone(&connections).try_acquire_owned() else {
+            tracing::warn!("{max_connections} connections open: closing a new one");
+            return;
+        };
         let _ = stream.set_nodelay(true);
         let (builder, handle, acceptor) = (std::sync::Arc::clone(&builder), handle.clone(), acceptor.clone());
         tokio::spawn(async move {
+            let _slot = slot;
+            // A client that connects and says nothing is dropped.
+            let mut first = [0u8; 1];
+            if !matches!(tokio::time::timeout(SLOW_CLIENT, stream.peek(&mut first)).await, Ok(Ok(1..))) {
+                return;
+            }
             let service = hyper::service::service_fn(move |req| {
                 let response = handle(req);
                 async move { Ok::<_, std::convert::Infallible>(response.await) }

@@ -44,6 +44,9 @@ use tokio::net::TcpListener;
 /// Bytes of the checksum in front of each stripe on disk.
 const SUM_LEN: usize = 32;
 
+/// Connections a node keeps (each agent of the zone needs one).
+pub const MAX_CONNECTIONS: usize = 4096;
+
 /// Stores whose bodies may be buffered at once (each at most
 /// [`MAX_STRIPE`]); more wait for a turn.
 pub const MAX_PUTS: usize = 64;
@@ -341,7 +344,7 @@ pub async fn serve(node: Arc<CacheNode>, listener: TcpListener, tls: Option<Arc<
             // first): many resets are normal here, not an attack.
             .max_pending_accept_reset_streams(1024);
     };
-    tessera_cache::server::serve_http(&listener, tls, tune, shutdown, move |req| {
+    tessera_cache::server::serve_http(&listener, tls, MAX_CONNECTIONS, tune, shutdown, move |req| {
         let node = Arc::clone(&node);
         async move { node.handle(req).await }
     })

@@ -250,7 +250,7 @@ fn children_read_from_their_parents_and_only_the_root_from_the_origin() {
         let answer = http_get(&fleet.manager_addr, "/v1/trees", headers);
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     }
-    let answer = http_get(&fleet.peers[0], &some_chunk, &format!("Authorization: Bearer {TOKEN}\r\nx-tessera-image: app\r\nx-tessera-hops: 1\r\n"));
+    let answer = http_get(&fleet.peers[0], &some_chunk, &format!("Authorization: Bearer {TOKEN}\r\nx-tessera-image: app\r\nx-tessera-via: 127.0.0.1:1\r\n"));
     assert!(answer.starts_with("HTTP/1.1 404"), "a chunk in no tier: {answer}");
     let answer = http_get(&fleet.peers[0], &some_chunk, &format!("Authorization: Bearer {TOKEN}\r\n"));
     assert!(answer.starts_with("HTTP/1.1 400"), "a request for no image: {answer}");

@@ -45,6 +45,8 @@ use tokio::net::TcpListener;
 pub const MAX_NODES: usize = 100_000;
 /// Functions kept at most.
 pub const MAX_FUNCTIONS: usize = 100_000;
+/// Connections the manager keeps (each agent keeps one).
+pub const MAX_CONNECTIONS: usize = 4096;
 /// Bytes of one request body.
 const MAX_BODY: usize = 4096;
 
@@ -427,7 +429,7 @@ pub async fn serve(manager: Arc<Manager>, listener: TcpListener, tls: Option<Arc
     let tune = |h2: &mut hyper_util::server::conn::auto::Http2Builder<'_, TokioExecutor>| {
         h2.max_concurrent_streams(64);
     };
-    tessera_cache::server::serve_http(&listener, tls, tune, shutdown, move |req| {
+    tessera_cache::server::serve_http(&listener, tls, MAX_CONNECTIONS, tune, shutdown, move |req| {
         let manager = Arc::clone(&manager);
         async move { manager.handle(req).await }
     })

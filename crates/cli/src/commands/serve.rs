@@ -16,6 +16,10 @@ use crate::flags::{CachenodeArgs, LimitArgs, MountArgs, ServeArgs, TreemgrArgs};
 /// `tessera serve`.
 pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
     bound_allocator();
+    if a.takeover && a.cache.tree.peer_listen.is_some() {
+        // The peer listener is not among those handed over.
+        anyhow::bail!("--takeover cannot take over --peer-listen yet: stop the running agent, then start this one (its children find it gone and rejoin)");
+    }
     let nbd =
         if a.nbd.is_empty() { vec![Listen::Unix(home.root().join("nbd.sock"))] } else { a.nbd.iter().map(|s| Listen::parse(s)).collect::<Result<_, _>>()? };
     let mut options = agent_options(&home, a.limits, a.cache)?;
@@ -80,6 +84,9 @@ pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
 /// `tessera mount`.
 pub fn mount(home: Home, a: MountArgs) -> Result<ExitCode> {
     bound_allocator();
+    if a.cache.tree.tree_manager.is_some() {
+        anyhow::bail!("function trees need an agent that serves its children: give --tree-manager to tessera serve or tessera run");
+    }
     let options = agent_options(&home, LimitArgs::default(), a.cache)?;
     let agent = Agent::new(home, options).context("starting the agent")?;
     let device = agent.exports.open(&a.name).with_context(|| format!("opening {}", a.name))?;
