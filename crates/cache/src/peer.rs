@@ -557,49 +557,36 @@ mod tests {
     use super::*;
     use crate::{LoaderOptions, Origin};
 
+    /// An HTTP server on loopback answering with `handle`; its address.
+    async fn spawn_server<H, F>(handle: H) -> String
+    where
+        H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { crate::server::serve_http(&listener, None, 16, |_| {}, std::future::pending(), handle).await });
+        addr
+    }
+
     /// A tree manager that places every agent under `parent` and counts
     /// the parents reported gone.
     async fn fake_manager(parent: String, failed: Arc<AtomicUsize>) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            crate::server::serve_http(
-                &listener,
-                None,
-                16,
-                |_| {},
-                std::future::pending(),
-                move |req: Request<hyper::body::Incoming>| {
-                    let (parent, failed) = (parent.clone(), Arc::clone(&failed));
-                    async move {
-                        if req.uri().path() == "/v1/failed" {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Response::new(Full::new(Bytes::from(serde_json::json!({"parent": parent}).to_string())))
-                    }
-                },
-            )
-            .await;
-        });
-        addr
+        spawn_server(move |req: Request<hyper::body::Incoming>| {
+            let (parent, failed) = (parent.clone(), Arc::clone(&failed));
+            async move {
+                if req.uri().path() == "/v1/failed" {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                Response::new(Full::new(Bytes::from(serde_json::json!({"parent": parent}).to_string())))
+            }
+        })
+        .await
     }
 
     /// A parent that answers every chunk request with the same bytes.
     async fn liar() -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            crate::server::serve_http(
-                &listener,
-                None,
-                16,
-                |_| {},
-                std::future::pending(),
-                |_| async { Response::new(Full::new(Bytes::from(vec![7u8; 4096]))) },
-            )
-            .await;
-        });
-        addr
+        spawn_server(|_| async { Response::new(Full::new(Bytes::from(vec![7u8; 4096]))) }).await
     }
 
     fn chunk() -> (Arc<MemoryStore>, ChunkRef, Vec<u8>) {
