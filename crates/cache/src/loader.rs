@@ -170,14 +170,23 @@ impl Loader {
             // A leader fills memory (or, for a child, the forwarding buffer)
             // before it leaves the map, so under the map's lock the chunk
             // is in flight, in one of those, or evicted.
+            // (Only looked up under the lock: a buffered copy is opened after.)
             let landed = || {
                 let in_memory = self.memory.lock().expect("no panics while holding the lock").get(&r.id).cloned();
-                in_memory.map(Ok).or_else(|| self.buffered(r))
+                in_memory.map(Ok).or_else(|| self.forward.as_ref()?.lock().expect("no panics while holding the lock").get(&r.id).cloned().map(Err))
             };
             let fetched = match self.join(&r.id, landed) {
-                Join::Landed(p) => {
+                Join::Landed(found) => {
+                    let p = match found {
+                        Ok(p) => p,
+                        Err(sealed) => {
+                            let p = open(r, &sealed, Tier::Memory)?;
+                            self.remember(r, &p);
+                            p
+                        }
+                    };
                     self.stats.count(Tier::Memory, started);
-                    return p.map(|p| (p, Tier::Memory));
+                    return Ok((p, Tier::Memory));
                 }
                 Join::Lead(flight) => return self.lead(&r.id, &flight, Some(r), ctx, started).map(|f| (f.plain.expect("opened with the key"), f.tier)),
                 Join::Wait(flight) => match self.wait(&flight) {
@@ -203,13 +212,6 @@ impl Loader {
             self.stats.count(Tier::Memory, started);
             return Ok((plain, Tier::Memory));
         }
-    }
-
-    /// The plaintext of `r` from the forwarding buffer (a copy fetched for a
-    /// child), kept in memory from now on.
-    fn buffered(&self, r: &ChunkRef) -> Option<Result<Plain, Error>> {
-        let sealed = self.forward.as_ref()?.lock().expect("no panics while holding the lock").get(&r.id).cloned()?;
-        Some(open(r, &sealed, Tier::Memory).inspect(|p| self.remember(r, p)))
     }
 
     /// Keeps the plaintext of `r` in memory.

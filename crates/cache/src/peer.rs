@@ -74,10 +74,11 @@ pub const MAX_HOPS: u32 = 16;
 pub const MAX_SERVING: usize = 64;
 /// How long a child's request may wait for a turn before it is refused (503).
 pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
-/// Connections a peer server keeps (each child needs one).
-pub const MAX_CONNECTIONS: usize = 64;
-/// Requests in flight on one connection.
-pub const MAX_STREAMS: u32 = 16;
+/// Connections a peer server keeps (each child needs one; a binary tree
+/// gives an agent two, more while a tree is being rearranged).
+pub const MAX_CONNECTIONS: usize = 16;
+/// Requests in flight on one connection (a child reads many chunks at once).
+pub const MAX_STREAMS: u32 = 64;
 /// How often an agent tells the manager it lives and asks again where it
 /// sits in each tree.
 pub const REFRESH: Duration = Duration::from_secs(5);
