@@ -302,8 +302,8 @@ pub struct Agent {
     /// Set while the listeners are being handed to a successor: attaches
     /// are refused.
     handing_over: std::sync::atomic::AtomicBool,
-    /// The listener children in function trees read from, until served.
-    peer_listener: std::sync::Mutex<Option<(std::net::TcpListener, String, tessera_cache::peer::ServeOptions)>>,
+    /// Function trees: the options, the peer tier, and how children are served.
+    tree: Option<(TreeOptions, Arc<PeerSource>, tessera_cache::peer::ServeOptions)>,
 }
 
 impl Agent {
@@ -325,12 +325,13 @@ impl Agent {
             tracing::info!("adopted the disk cache of an earlier release in {}", chunk_cache.display());
         }
         let mut sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(DiskCache::open(&chunk_cache, options.cache_disk).map_err(disk_err)?)];
-        let peer_listener = match &options.tree {
+        let tree = match &options.tree {
             Some(t) => {
-                let (listener, advertise, serve) = peer_listener(t)?;
-                let peer = PeerOptions { manager: t.manager.clone(), advertise: advertise.clone(), token: t.token.clone(), tls_ca: t.tls_ca.clone() };
-                sources.push(Arc::new(PeerSource::new(peer)?));
-                Some((listener, advertise, serve))
+                let serve = serve_children_options(t)?;
+                let peer = PeerOptions { manager: t.manager.clone(), advertise: t.advertise.clone(), token: t.token.clone(), tls_ca: t.tls_ca.clone() };
+                let source = Arc::new(PeerSource::new(peer)?);
+                sources.push(source.clone());
+                Some((t.clone(), source, serve))
             }
             None => None,
         };
@@ -344,7 +345,7 @@ impl Agent {
             Some(Box::new(move |s| Arc::new(ThrottledStore::new(s, latency, bandwidth)) as Arc<dyn tessera_store::ChunkStore>))
         };
         sources.push(Arc::new(Origin::of_store(home.store().clone(), wrap, options.origin_concurrency, options.origin_queue)));
-        let forward = if peer_listener.is_some() { FORWARD_BYTES } else { 0 };
+        let forward = if tree.is_some() { FORWARD_BYTES } else { 0 };
         let loader = Arc::new(Loader::new(LoaderOptions { memory_bytes: options.cache_mem }, sources).with_forwarding(forward));
         let mut exports = CatalogExports::new(Arc::new(home), Arc::clone(&loader), options.cache_dir.join("overlays"), options.max_overlays);
         exports.prefetch_profiles(options.prefetch);
@@ -382,7 +383,7 @@ impl Agent {
             handed_over: Arc::new(tokio::sync::Notify::new()),
             stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             handing_over: std::sync::atomic::AtomicBool::new(false),
-            peer_listener: std::sync::Mutex::new(peer_listener),
+            tree,
         })
     }
 
@@ -491,10 +492,34 @@ impl Agent {
             let me = Arc::clone(&self);
             tasks.push(tokio::spawn(tessera_cache::metrics::serve(listener, Arc::new(move || me.render_metrics()))));
         }
-        if let Some((listener, advertise, serve)) = self.peer_listener.lock().expect("no panics while holding the lock").take() {
-            let listener = TcpListener::from_std(listener).map_err(listen_err(format!("peers {advertise}")))?;
-            bound.peer = Some(advertise);
-            tasks.push(tokio::spawn(tessera_cache::peer::serve_children(Arc::clone(&self.loader), listener, serve, std::future::pending())));
+        // Children's listener (handed over like the NBD ones), and with it
+        // this agent's name in the trees.
+        if let Some((t, source, serve)) = &self.tree {
+            let key = format!("peer:{}", t.listen);
+            let err = listen_err(format!("peers {}", t.listen));
+            let listener = match inherited.nbd.remove(&key) {
+                Some(fd) => std::net::TcpListener::from(fd),
+                None => std::net::TcpListener::bind(&t.listen).map_err(listen_err(format!("peers {}", t.listen)))?,
+            };
+            listener.set_nonblocking(true).map_err(listen_err(format!("peers {}", t.listen)))?;
+            let local = listener.local_addr().map_err(listen_err(format!("peers {}", t.listen)))?;
+            if !local.ip().is_loopback() && (t.token.is_none() || serve.tls.is_none()) {
+                return Err(Error::Tree(format!(
+                    "--peer-listen {local} is not a loopback address: give --tree-token-file and --peer-tls-cert/--peer-tls-key (children off this host need a token, and TLS to keep it secret)"
+                )));
+            }
+            let advertise = match &t.advertise {
+                Some(a) => a.clone(),
+                None if local.ip().is_unspecified() => {
+                    return Err(Error::Tree(format!("--peer-listen {local} listens on every address: give --advertise HOST:PORT")))
+                }
+                None => local.to_string(),
+            };
+            let name = source.advertise(&advertise)?.to_owned();
+            self.listener_fds.lock().expect("no panics while holding the lock").push((key, listener.as_raw_fd()));
+            bound.peer = Some(name);
+            let listener = TcpListener::from_std(listener).map_err(err)?;
+            tasks.push(tokio::spawn(tessera_cache::peer::serve_children(Arc::clone(&self.loader), listener, serve.clone(), std::future::pending())));
         }
         // The VMs' disks of the agent before this one, then the control socket.
         self.restore_attached(std::mem::take(&mut inherited.vhost));
@@ -521,6 +546,12 @@ impl Agent {
             () = handed_over.notified() => true,
         };
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        if was_handed_over {
+            // The successor serves the children under the same name.
+            if let Some((_, source, _)) = &self.tree {
+                source.stay_in_trees();
+            }
+        }
         for t in tasks {
             t.abort();
         }
@@ -549,29 +580,13 @@ impl Agent {
     }
 }
 
-/// Binds the listener children read from (`--peer-listen`); the address
-/// to advertise, and how to serve them. A listener off this host needs a
-/// token and TLS, as a cache node does.
-fn peer_listener(t: &TreeOptions) -> Result<(std::net::TcpListener, String, tessera_cache::peer::ServeOptions), Error> {
-    let listen_err = |source| Error::Listen { addr: format!("peers {}", t.listen), source };
-    let listener = std::net::TcpListener::bind(&t.listen).map_err(listen_err)?;
-    listener.set_nonblocking(true).map_err(listen_err)?;
-    let local = listener.local_addr().map_err(listen_err)?;
+/// How this agent serves its children (`--peer-tls-cert`, the token).
+fn serve_children_options(t: &TreeOptions) -> Result<tessera_cache::peer::ServeOptions, Error> {
     let tls = match &t.tls_cert {
         Some((cert, key)) => Some(tessera_cache::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?),
         None => None,
     };
-    if !local.ip().is_loopback() && (t.token.is_none() || tls.is_none()) {
-        return Err(Error::Tree(format!(
-            "--peer-listen {local} is not a loopback address: give --tree-token-file and --peer-tls-cert/--peer-tls-key (children off this host need a token, and TLS to keep it secret)"
-        )));
-    }
-    let advertise = match &t.advertise {
-        Some(a) => a.clone(),
-        None if local.ip().is_unspecified() => return Err(Error::Tree(format!("--peer-listen {local} listens on every address: give --advertise HOST:PORT"))),
-        None => local.to_string(),
-    };
-    Ok((listener, advertise, tessera_cache::peer::ServeOptions { token: t.token.clone(), tls }))
+    Ok(tessera_cache::peer::ServeOptions { token: t.token.clone(), tls })
 }
 
 /// Binds the control socket at `path` (mode 0600: only its user may attach

@@ -100,8 +100,9 @@ pub struct PeerOptions {
     /// The tree manager, `HOST:PORT`.
     pub manager: String,
     /// The address this agent's children reach it at, `HOST:PORT`: its
-    /// name in the trees.
-    pub advertise: String,
+    /// name in the trees (`None`: given later, [`PeerSource::advertise`],
+    /// once its listener is bound; until then it reads below).
+    pub advertise: Option<String>,
     /// The bearer token of the manager and of every agent's peer server.
     pub token: Option<String>,
     /// Talk TLS to the manager and to parents, trusting this CA (PEM).
@@ -140,7 +141,9 @@ struct Shared {
     scheme: &'static str,
     auth: Option<HeaderValue>,
     manager: String,
-    me: String,
+    me: std::sync::OnceLock<String>,
+    /// Handed over to a successor with the same name: stay in the trees.
+    stay: std::sync::atomic::AtomicBool,
     /// Function → this agent's parent in its tree (`None`: the root).
     parents: Mutex<HashMap<Arc<str>, Option<String>>>,
     /// One join at a time (concurrent first reads of a function join once).
@@ -183,15 +186,12 @@ enum Answer {
 impl PeerSource {
     /// A member of the trees `options.manager` keeps, as `options.advertise`.
     pub fn new(options: PeerOptions) -> Result<PeerSource, PeerError> {
-        for addr in [&options.manager, &options.advertise] {
+        for addr in std::iter::once(&options.manager).chain(&options.advertise) {
             crate::tier::TierOptions::check_address(addr).map_err(|_| PeerError::BadAddress(addr.clone()))?;
         }
         if let (Some(_), None) = (&options.token, &options.tls_ca) {
             if !is_loopback(&options.manager) {
                 return Err(PeerError::TokenInClear(options.manager.clone()));
-            }
-            if !is_loopback(&options.advertise) {
-                return Err(PeerError::TokenInClear(options.advertise.clone()));
             }
         }
         let auth = match &options.token {
@@ -216,7 +216,8 @@ impl PeerSource {
             scheme: if options.tls_ca.is_some() { "https" } else { "http" },
             auth,
             manager: options.manager,
-            me: options.advertise,
+            me: options.advertise.map(std::sync::OnceLock::from).unwrap_or_default(),
+            stay: std::sync::atomic::AtomicBool::new(false),
             parents: Mutex::new(HashMap::new()),
             joining: tokio::sync::Mutex::new(()),
             stats: PeerStats::default(),
@@ -228,6 +229,19 @@ impl PeerSource {
     /// The tier's counters.
     pub fn stats(&self) -> &PeerStats {
         &self.shared.stats
+    }
+
+    /// Names this agent `addr` in the trees (where its children reach it),
+    /// if it has no name yet; its name.
+    pub fn advertise(&self, addr: &str) -> Result<&str, PeerError> {
+        crate::tier::TierOptions::check_address(addr).map_err(|_| PeerError::BadAddress(addr.to_owned()))?;
+        Ok(self.shared.me.get_or_init(|| addr.to_owned()))
+    }
+
+    /// The agent hands over to a successor under the same name: it does
+    /// not leave its trees when it stops.
+    pub fn stay_in_trees(&self) {
+        self.shared.stay.store(true, Ordering::SeqCst);
     }
 
     /// This agent's parent in `function`'s tree as last heard (`None`: the
@@ -245,9 +259,11 @@ impl Drop for PeerSource {
         let shared = Arc::clone(&self.shared);
         // A thread of its own: the source may be dropped inside a runtime.
         let _ = std::thread::spawn(move || {
-            runtime.block_on(async {
-                let _ = tokio::time::timeout(Duration::from_secs(2), shared.leave_all()).await;
-            });
+            if !shared.stay.load(Ordering::SeqCst) {
+                runtime.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), shared.leave_all()).await;
+                });
+            }
             runtime.shutdown_background();
         })
         .join();
@@ -287,7 +303,12 @@ impl ChunkSource for PeerSource {
 
 impl Shared {
     async fn fetch(self: Arc<Self>, id: ChunkId, ctx: FetchContext) -> Option<Bytes> {
-        if ctx.via.len() >= MAX_HOPS as usize || ctx.via.iter().any(|a| **a == *self.me) {
+        let Some(me) = self.me.get() else {
+            // Not named yet (its listener is not bound): no tree to read from.
+            self.stats.below.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        if ctx.via.len() >= MAX_HOPS as usize || ctx.via.iter().any(|a| **a == *me) {
             self.stats.loops.fetch_add(1, Ordering::Relaxed);
             self.stats.below.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -347,7 +368,7 @@ impl Shared {
     /// If the manager cannot be reached, the agent is a root until the
     /// next refresh (its reads go below rather than wait for the manager).
     async fn join(&self, function: &Arc<str>) -> Result<Option<String>, String> {
-        let body = serde_json::json!({"function": &**function, "node": self.me}).to_string();
+        let body = serde_json::json!({"function": &**function, "node": self.me.get()}).to_string();
         let placement = match self.manager_call(Method::POST, "/v1/join", body).await {
             Ok(reply) => serde_json::from_slice::<Placement>(&reply).map_err(|e| format!("bad answer to a join: {e}")),
             Err(e) => Err(e),
@@ -373,9 +394,12 @@ impl Shared {
     async fn refresh_forever(self: Arc<Self>) {
         loop {
             tokio::time::sleep(REFRESH).await;
+            if self.me.get().is_none() {
+                continue;
+            }
             let functions: Vec<Arc<str>> = self.parents.lock().expect("no panics while holding the lock").keys().cloned().collect();
             if functions.is_empty() {
-                let body = serde_json::json!({"node": self.me}).to_string();
+                let body = serde_json::json!({"node": self.me.get()}).to_string();
                 let _ = self.manager_call(Method::POST, "/v1/heartbeat", body).await;
             }
             for f in functions {
@@ -390,7 +414,7 @@ impl Shared {
     async fn leave_all(&self) {
         let functions: Vec<Arc<str>> = self.parents.lock().expect("no panics while holding the lock").drain().map(|(f, _)| f).collect();
         for f in functions {
-            let body = serde_json::json!({"function": &*f, "node": self.me}).to_string();
+            let body = serde_json::json!({"function": &*f, "node": self.me.get()}).to_string();
             let _ = self.manager_call(Method::POST, "/v1/leave", body).await;
         }
     }
@@ -468,7 +492,7 @@ impl Shared {
         if let Some(f) = &ctx.function {
             req = req.header(H_FUNCTION, HeaderValue::from_str(f).ok()?);
         }
-        let via: Vec<&str> = ctx.via.iter().map(|a| &**a).chain(std::iter::once(self.me.as_str())).collect();
+        let via: Vec<&str> = ctx.via.iter().map(|a| &**a).chain(self.me.get().map(String::as_str)).collect();
         req = req.header(H_GENERATION, ctx.generation).header(H_VIA, HeaderValue::from_str(&via.join(",")).ok()?);
         req.body(Full::new(Bytes::new())).ok()
     }
@@ -599,7 +623,7 @@ mod tests {
     }
 
     fn chain(manager: String, origin: Arc<MemoryStore>) -> (Loader, Arc<PeerSource>) {
-        let peer = Arc::new(PeerSource::new(PeerOptions { manager, advertise: "127.0.0.1:9".into(), token: None, tls_ca: None }).unwrap());
+        let peer = Arc::new(PeerSource::new(PeerOptions { manager, advertise: Some("127.0.0.1:9".into()), token: None, tls_ca: None }).unwrap());
         let sources: Vec<Arc<dyn ChunkSource>> = vec![peer.clone(), Arc::new(Origin::new(origin, 4, 16))];
         (Loader::new(LoaderOptions { memory_bytes: 8 << 20 }, sources), peer)
     }

@@ -109,49 +109,68 @@ impl Fleet {
         let manager_addr = wait_ready(&ready, &mut manager, "tessera treemgr")["listen"].as_str().unwrap().to_owned();
         let mut fleet = Fleet { manager, manager_addr, agents: Vec::new(), sockets: Vec::new(), metrics: Vec::new(), peers: Vec::new() };
         for i in 0..n {
-            let socket = env.path(&format!("agent{i}.sock"));
             let ready = env.path(&format!("agent{i}.ready"));
-            let mut c = match lan {
-                Some((lan, _)) => {
-                    let mut c = Command::new("ip");
-                    c.args(["netns", "exec", &lan.namespaces[i], env!("CARGO_BIN_EXE_tessera")]);
-                    c
-                }
-                None => Command::new(env!("CARGO_BIN_EXE_tessera")),
-            };
-            let host = if lan.is_some() { Lan::ip(i) } else { "127.0.0.1".into() };
-            c.args(["serve", "--nbd", &format!("unix:{}", socket.display()), "--ready-file"])
-                .arg(&ready)
-                .args(["--metrics", &format!("{host}:0"), "--peer-listen", &format!("{host}:0"), "--tree-manager", &fleet.manager_addr])
-                .arg("--tree-token-file")
-                .arg(&token)
-                .arg("--cache-dir")
-                .arg(env.path(&format!("cache{i}")))
-                .arg("--control")
-                .arg(env.path(&format!("control{i}.sock")))
-                .arg("--vhost-user")
-                .arg(env.path(&format!("vhost{i}")))
-                .args(ORIGIN)
-                .env("TESSERA_HOME", env.home())
-                .stdin(Stdio::null());
-            if let Some((_, certs)) = lan {
-                c.args([
-                    "--tree-tls-ca",
-                    &certs.file("ca-cert.pem"),
-                    "--peer-tls-cert",
-                    &certs.file("server-cert.pem"),
-                    "--peer-tls-key",
-                    &certs.file("server-key.pem"),
-                ]);
-            }
-            let mut child = c.spawn().expect("tessera serve starts");
+            let mut child = fleet.agent(env, i, lan, &ready).spawn().expect("tessera serve starts");
             let bound = wait_ready(&ready, &mut child, "tessera serve");
             fleet.metrics.push(bound["metrics"].as_str().unwrap().to_owned());
             fleet.peers.push(bound["peer"].as_str().expect("the ready file names the peer address").to_owned());
-            fleet.sockets.push(socket);
+            fleet.sockets.push(env.path(&format!("agent{i}.sock")));
             fleet.agents.push(Some(child));
         }
         fleet
+    }
+
+    /// Agent `i`'s `tessera serve`, announcing itself in `ready`.
+    fn agent(&self, env: &Env, i: usize, lan: Option<(&Lan, &Certs)>, ready: &Path) -> Command {
+        let (socket, token) = (env.path(&format!("agent{i}.sock")), env.path("token"));
+        let mut c = match lan {
+            Some((lan, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &lan.namespaces[i], env!("CARGO_BIN_EXE_tessera")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_tessera")),
+        };
+        let host = if lan.is_some() { Lan::ip(i) } else { "127.0.0.1".into() };
+        c.args(["serve", "--nbd", &format!("unix:{}", socket.display()), "--ready-file"])
+            .arg(ready)
+            .args(["--metrics", &format!("{host}:0"), "--peer-listen", &format!("{host}:0"), "--tree-manager", &self.manager_addr])
+            .arg("--tree-token-file")
+            .arg(&token)
+            .arg("--cache-dir")
+            .arg(env.path(&format!("cache{i}")))
+            .arg("--control")
+            .arg(env.path(&format!("control{i}.sock")))
+            .arg("--vhost-user")
+            .arg(env.path(&format!("vhost{i}")))
+            .args(ORIGIN)
+            .env("TESSERA_HOME", env.home())
+            .stdin(Stdio::null());
+        if let Some((_, certs)) = lan {
+            c.args([
+                "--tree-tls-ca",
+                &certs.file("ca-cert.pem"),
+                "--peer-tls-cert",
+                &certs.file("server-cert.pem"),
+                "--peer-tls-key",
+                &certs.file("server-key.pem"),
+            ]);
+        }
+        c
+    }
+
+    /// Agent `i` is upgraded in place (`serve --takeover`, on loopback):
+    /// the old one hands its listeners over and exits; the new one's
+    /// name in the trees.
+    fn take_over(&mut self, env: &Env, i: usize) -> String {
+        let ready = env.path(&format!("agent{i}.next.ready"));
+        let mut child = self.agent(env, i, None, &ready).arg("--takeover").spawn().expect("tessera serve starts");
+        let bound = wait_ready(&ready, &mut child, "tessera serve --takeover");
+        let mut old = self.agents[i].replace(child).unwrap();
+        let exited = old.wait().unwrap();
+        assert!(exited.success(), "the old agent: {exited}");
+        self.metrics[i] = bound["metrics"].as_str().unwrap().to_owned();
+        bound["peer"].as_str().unwrap().to_owned()
     }
 
     fn uri(&self, i: usize) -> String {
@@ -254,6 +273,34 @@ fn children_read_from_their_parents_and_only_the_root_from_the_origin() {
     assert!(answer.starts_with("HTTP/1.1 404"), "a chunk in no tier: {answer}");
     let answer = http_get(&fleet.peers[0], &some_chunk, &format!("Authorization: Bearer {TOKEN}\r\n"));
     assert!(answer.starts_with("HTTP/1.1 400"), "a request for no image: {answer}");
+}
+
+/// `serve --takeover` of an agent in a tree: its successor gets its
+/// children's listener with the NBD ones, keeps its name and place in the
+/// tree, and goes on reading from its parent.
+#[test]
+fn an_agent_upgraded_in_place_keeps_its_place_in_the_tree() {
+    if !have_nbd_tools() {
+        return;
+    }
+    let env = Env::new();
+    let (expected, chunks) = image(&env, 8);
+    let mut fleet = Fleet::start(&env, 2, None);
+    fleet.join_in_order();
+    let name = fleet.take_over(&env, 1);
+    assert_eq!(name, fleet.peers[1], "the successor serves children under the same name");
+    let trees = http_get(&fleet.manager_addr, "/v1/trees", &format!("Authorization: Bearer {TOKEN}\r\n"));
+    let body = trees.split("\r\n\r\n").nth(1).unwrap();
+    let trees: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(trees["app"], serde_json::json!([fleet.peers[0], fleet.peers[1]]), "the old agent did not leave the tree");
+    let out = env.path("copy.raw");
+    let done = copy(&fleet, 1, &out).wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(std::fs::read(&out).unwrap() == expected);
+    // The successor read from its parent; the first block the old one had
+    // is in the disk cache both share.
+    assert!(fleet.reads(1, "peer") >= chunks as f64 - 2.0, "{} of {chunks}", fleet.reads(1, "peer"));
+    assert_eq!(fleet.reads(1, "origin"), 0.0);
 }
 
 /// `tessera run --tree-manager`: the run's own agent joins the function's

@@ -16,10 +16,6 @@ use crate::flags::{CachenodeArgs, LimitArgs, MountArgs, ServeArgs, TreemgrArgs};
 /// `tessera serve`.
 pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
     bound_allocator();
-    if a.takeover && a.cache.tree.peer_listen.is_some() {
-        // The peer listener is not among those handed over.
-        anyhow::bail!("--takeover cannot take over --peer-listen yet: stop the running agent, then start this one (its children find it gone and rejoin)");
-    }
     let nbd =
         if a.nbd.is_empty() { vec![Listen::Unix(home.root().join("nbd.sock"))] } else { a.nbd.iter().map(|s| Listen::parse(s)).collect::<Result<_, _>>()? };
     let mut options = agent_options(&home, a.limits, a.cache)?;
