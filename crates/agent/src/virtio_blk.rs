@@ -126,13 +126,21 @@ pub fn id_of(name: &str) -> Vec<u8> {
     id
 }
 
+/// The largest segment a request may have, given `seg_max` segments: a
+/// driver that respects both never builds a request past [`MAX_REQUEST`]
+/// (Linux lets the guest raise `max_sectors_kb` up to what they allow).
+pub fn size_max(seg_max: u32) -> u32 {
+    ((MAX_REQUEST / u64::from(seg_max.max(1))) & !4095) as u32
+}
+
 /// The device configuration space (`struct virtio_blk_config`) up to and
-/// including `num_queues`: capacity in sectors, the most segments per
-/// request, the block size, and the number of queues.
+/// including `num_queues`: capacity in sectors, the largest segment and the
+/// most segments per request (together at most [`MAX_REQUEST`]), the block
+/// size, and the number of queues.
 pub fn config(size: u64, seg_max: u32, num_queues: u16) -> Vec<u8> {
     let mut c = vec![0u8; 36];
     c[0..8].copy_from_slice(&(size / SECTOR).to_le_bytes());
-    // size_max (4..8) is left 0: no limit per segment beyond the total.
+    c[8..12].copy_from_slice(&size_max(seg_max).to_le_bytes());
     c[12..16].copy_from_slice(&seg_max.to_le_bytes());
     // geometry (16..20) unused
     c[20..24].copy_from_slice(&4096u32.to_le_bytes());
@@ -185,6 +193,9 @@ mod tests {
     fn config_space() {
         let c = config(1 << 30, 126, 4);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2 << 20);
+        let (size_max, seg_max) = (u32::from_le_bytes(c[8..12].try_into().unwrap()), u32::from_le_bytes(c[12..16].try_into().unwrap()));
+        assert_eq!((size_max, seg_max), (32 << 10, 126));
+        assert!(u64::from(size_max) * u64::from(seg_max) <= MAX_REQUEST);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
         assert_eq!(id_of("a-very-long-image-name-indeed").len(), ID_LEN);

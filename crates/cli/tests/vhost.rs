@@ -134,10 +134,15 @@ fn a_read_only_root_refuses_writes_and_runs_default_to_vhost_user() {
     let env = Env::new();
     busybox_layout(&env.path("layout"), "bb");
     env.import(&format!("oci:{}:bb", env.path("layout").display()), "bb", &[]);
-    let o = run(&env, &["bb", "--accel", "tcg", "--json", "--", "-c", "echo x > /tmp/x && echo wrote"]);
+    let script = "echo x > /tmp/x && echo wrote; cat /sys/block/vda/queue/max_segment_size /sys/block/vda/queue/max_segments";
+    let o = run(&env, &["bb", "--accel", "tcg", "--json", "--", "-c", script]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let r = report(&o);
     assert_eq!((r["disk"].as_str(), r["agent"].as_str()), (Some("vhost-user"), Some("private")), "{r}");
+    // The device's request bound, as the guest's kernel took it: 126
+    // segments of at most 32 KiB, never more than the 4 MiB it serves.
+    let lines: Vec<String> = stdout(&o).lines().map(str::to_owned).collect();
+    assert_eq!(lines[..3], ["wrote", "32768", "126"], "{}", text(&o));
 
     let script = "echo x > /etc/greeting 2>/dev/null || echo refused; echo t > /tmp/t && cat /tmp/t; cat /etc/greeting";
     let o = run(&env, &["bb", "--accel", "tcg", "--read-only", "--", "-c", script]);
