@@ -22,9 +22,25 @@ use crate::{Agent, Error, Frontend, Listen};
 /// One export served to a VM.
 pub(crate) struct Attachment {
     disk: DiskKind,
+    /// The process the VM's life hangs on, if known.
+    owner: Option<u32>,
     started: Instant,
     prefetcher: Option<Prefetcher>,
     recording: Option<Arc<VirtualDisk>>,
+}
+
+/// An entry of `attached.json`: an export and the process its VM's life
+/// hangs on (lists written before owners were kept name exports only).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Listed {
+    Owned { export: String, owner: Option<u32> },
+    Export(String),
+}
+
+/// Whether process `pid` runs (in this agent's PID namespace).
+pub(crate) fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Listeners handed over by the agent this one takes over from.
@@ -86,6 +102,13 @@ impl Agent {
     /// (a socket of its own) or NBD (the agent's unix socket); with
     /// `profile`, prefetches the image's start-up profile or records one.
     pub fn attach(&self, export: &str, disk: DiskKind, profile: ProfileMode) -> Result<Attached, Error> {
+        self.attach_for(export, disk, profile, None)
+    }
+
+    /// [`Agent::attach`] for a VM whose life hangs on process `owner` (the
+    /// `tessera run` that asked): an agent restarted after this one died
+    /// does not serve the disk again once that process is gone.
+    pub fn attach_for(&self, export: &str, disk: DiskKind, profile: ProfileMode, owner: Option<u32>) -> Result<Attached, Error> {
         let name = check_export(export)?;
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) || self.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::Attach(format!("{export}: this agent is handing over to a successor; attach there")));
@@ -96,9 +119,9 @@ impl Agent {
             if attachments.contains_key(export) {
                 return Err(Error::Attach(format!("{export} is already attached to a VM (one VM per export; a NAME@LABEL overlay gives each VM its own)")));
             }
-            attachments.insert(export.to_owned(), Attachment { disk, started: Instant::now(), prefetcher: None, recording: None });
+            attachments.insert(export.to_owned(), Attachment { disk, owner, started: Instant::now(), prefetcher: None, recording: None });
         }
-        let attached = self.attach_reserved(export, name, disk, profile);
+        let attached = self.attach_reserved(export, name, disk, profile, owner);
         if attached.is_err() {
             self.attachments.lock().expect("no panics while holding the lock").remove(export);
         }
@@ -106,7 +129,7 @@ impl Agent {
     }
 
     /// [`Agent::attach`] once `export` is reserved.
-    fn attach_reserved(&self, export: &str, name: &str, disk: DiskKind, profile: ProfileMode) -> Result<Attached, Error> {
+    fn attach_reserved(&self, export: &str, name: &str, disk: DiskKind, profile: ProfileMode, owner: Option<u32>) -> Result<Attached, Error> {
         let counts;
         let socket = match disk {
             DiskKind::VhostUser => {
@@ -135,7 +158,7 @@ impl Agent {
                 socket
             }
         };
-        let mut attachment = Attachment { disk, started: Instant::now(), prefetcher: None, recording: None };
+        let mut attachment = Attachment { disk, owner, started: Instant::now(), prefetcher: None, recording: None };
         let (mut prefetching, mut profile_chunks) = (false, 0);
         if profile == ProfileMode::Auto {
             match self.exports.disk(name) {
@@ -265,7 +288,8 @@ impl Agent {
         let Some(file) = self.attached_file() else { return };
         // Written under the lock: the file is always the latest list.
         let attachments = self.attachments.lock().expect("no panics while holding the lock");
-        let list: Vec<&String> = attachments.iter().filter(|(_, a)| a.disk == DiskKind::VhostUser).map(|(k, _)| k).collect();
+        let list: Vec<Listed> =
+            attachments.iter().filter(|(_, a)| a.disk == DiskKind::VhostUser).map(|(k, a)| Listed::Owned { export: k.clone(), owner: a.owner }).collect();
         let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
         let written = std::fs::write(&tmp, serde_json::to_vec(&list).expect("names serialise")).and_then(|()| std::fs::rename(&tmp, &file));
         if let Err(e) = written {
@@ -277,21 +301,33 @@ impl Agent {
     /// (handed over, or listed by one that died), so their VMs reconnect.
     pub(crate) fn restore_attached(&self, handed: Vec<(String, std::os::unix::net::UnixListener)>) {
         let Some(vhost) = &self.vhost else { return };
-        let mut restore: Vec<(String, Option<std::os::unix::net::UnixListener>)> = handed.into_iter().map(|(e, l)| (e, Some(l))).collect();
+        let mut restore: Vec<(String, Option<std::os::unix::net::UnixListener>, Option<u32>)> = handed.into_iter().map(|(e, l)| (e, Some(l), None)).collect();
+        // Disks whose run is gone: served again only to be detached.
+        let mut orphans = Vec::new();
         if let Some(file) = self.attached_file() {
             if let Ok(bytes) = std::fs::read(&file) {
-                let listed = serde_json::from_slice::<Vec<String>>(&bytes).unwrap_or_else(|e| {
+                let listed = serde_json::from_slice::<Vec<Listed>>(&bytes).unwrap_or_else(|e| {
                     tracing::error!("{}: {e}; the disks it listed are not served again", file.display());
                     Vec::new()
                 });
-                for e in listed {
-                    if !restore.iter().any(|(x, _)| *x == e) {
-                        restore.push((e, None));
+                for l in listed {
+                    let (export, owner) = match l {
+                        Listed::Export(e) => (e, None),
+                        Listed::Owned { export, owner } => (export, owner),
+                    };
+                    match restore.iter_mut().find(|(x, _, _)| *x == export) {
+                        Some(handed) => handed.2 = owner,
+                        None => {
+                            if owner.is_some_and(|pid| !crate::attach::alive(pid)) {
+                                orphans.push((export.clone(), owner));
+                            }
+                            restore.push((export, None, owner));
+                        }
                     }
                 }
             }
         }
-        for (export, listener) in restore {
+        for (export, listener, owner) in restore {
             self.exports.track(&export);
             match vhost.attach_with(&export, listener) {
                 Ok(p) => {
@@ -299,7 +335,7 @@ impl Agent {
                     self.attachments
                         .lock()
                         .expect("no panics while holding the lock")
-                        .insert(export, Attachment { disk: DiskKind::VhostUser, started: Instant::now(), prefetcher: None, recording: None });
+                        .insert(export, Attachment { disk: DiskKind::VhostUser, owner, started: Instant::now(), prefetcher: None, recording: None });
                 }
                 Err(e) => {
                     self.exports.untrack(&export);
@@ -308,6 +344,12 @@ impl Agent {
             }
         }
         self.save_attached();
+        for (export, owner) in orphans {
+            tracing::warn!("{export}: the run that attached it (pid {}) is gone; detaching it and dropping its overlay", owner.unwrap_or(0));
+            if let Err(e) = self.detach(&export, None, true) {
+                tracing::error!("{export}: {e}");
+            }
+        }
     }
 
     /// The listeners to hand over: the NBD ones (by address) and the

@@ -5,7 +5,7 @@
 //! their descriptors over the socket (`SCM_RIGHTS`).
 //!
 //! ```text
-//! {"op":"attach","export":"app@run-1","disk":"vhost-user","profile":"auto"}
+//! {"op":"attach","export":"app@run-1","disk":"vhost-user","profile":"auto","owner":4242}
 //!   -> {"ok":true,"socket":"/…/vhost-user/app@run-1.sock","export":"app@run-1","disk":"vhost-user","prefetching":false,"profile_chunks":0}
 //! {"op":"detach","export":"app@run-1","record_until":1.25,"discard":true}
 //!   -> {"ok":true,"chunks_fetched":{"disk":0,"memory":310,"origin":0,...},"profile_recorded":0}
@@ -69,6 +69,11 @@ pub enum Request {
         /// The start-up profile.
         #[serde(default)]
         profile: ProfileMode,
+        /// The process the VM's life hangs on (`tessera run`): an agent
+        /// restarted after this one died does not serve the disk again if
+        /// that process is gone.
+        #[serde(default)]
+        owner: Option<u32>,
     },
     /// Stop serving `export`.
     Detach {
@@ -142,8 +147,8 @@ const MAX_LINE: usize = 64 << 10;
 
 /// What the agent does for its control socket.
 pub trait Controlled: Send + Sync {
-    /// Serves `export` to a VM.
-    fn attach(&self, export: &str, disk: DiskKind, profile: ProfileMode) -> Result<Attached, String>;
+    /// Serves `export` to a VM whose life hangs on process `owner`.
+    fn attach(&self, export: &str, disk: DiskKind, profile: ProfileMode, owner: Option<u32>) -> Result<Attached, String>;
     /// Stops serving it.
     fn detach(&self, export: &str, record_until: Option<Duration>, discard: bool) -> Result<Detached, String>;
     /// What it serves.
@@ -206,7 +211,7 @@ fn serve_one(stream: UnixStream, agent: &dyn Controlled) {
         let line = line.trim_end();
         let answer = match serde_json::from_str::<Request>(line) {
             Err(e) => json_err(format!("bad request: {e}")),
-            Ok(Request::Attach { export, disk, profile }) => ok_with(agent.attach(&export, disk, profile)),
+            Ok(Request::Attach { export, disk, profile, owner }) => ok_with(agent.attach(&export, disk, profile, owner)),
             Ok(Request::Detach { export, record_until, discard }) => {
                 let until = record_until.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64);
                 ok_with(agent.detach(&export, until, discard))
@@ -277,9 +282,9 @@ impl Client {
         answer(&line)
     }
 
-    /// Attaches `export`.
+    /// Attaches `export` for a VM whose life hangs on this process.
     pub fn attach(&mut self, export: &str, disk: DiskKind, profile: ProfileMode) -> io::Result<Attached> {
-        self.call(&Request::Attach { export: export.to_owned(), disk, profile })
+        self.call(&Request::Attach { export: export.to_owned(), disk, profile, owner: Some(std::process::id()) })
     }
 
     /// Detaches `export`.

@@ -609,8 +609,8 @@ fn bind_control(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener
 }
 
 impl control::Controlled for Agent {
-    fn attach(&self, export: &str, disk: control::DiskKind, profile: control::ProfileMode) -> Result<control::Attached, String> {
-        Agent::attach(self, export, disk, profile).map_err(|e| e.to_string())
+    fn attach(&self, export: &str, disk: control::DiskKind, profile: control::ProfileMode, owner: Option<u32>) -> Result<control::Attached, String> {
+        Agent::attach_for(self, export, disk, profile, owner).map_err(|e| e.to_string())
     }
 
     fn detach(&self, export: &str, record_until: Option<std::time::Duration>, discard: bool) -> Result<control::Detached, String> {

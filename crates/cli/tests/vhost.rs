@@ -226,3 +226,47 @@ fn a_new_agent_takes_over_with_no_vm_noticing() {
     assert_eq!(report(&after)["agent"], "shared", "{}", text(&after));
     new.stop();
 }
+
+/// One JSON line to the agent's control socket; its answer.
+fn control(env: &Env, request: serde_json::Value) -> serde_json::Value {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(env.home().join("agent.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    writeln!(s, "{request}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+/// An agent killed with SIGKILL and started again serves the disks of the
+/// runs still alive, and detaches (dropping its overlay) the disk of a run
+/// that is gone: no disk is served forever for a VM that will never come.
+#[test]
+fn a_restarted_agent_drops_the_disks_of_runs_that_are_gone() {
+    if !(require("umoci", "umoci") && require("busybox", "busybox-static") && require("setfattr", "attr")) {
+        return;
+    }
+    let env = Env::new();
+    busybox_layout(&env.path("layout"), "bb");
+    env.import(&format!("oci:{}:bb", env.path("layout").display()), "bb", &[]);
+    let agent = Served::start(&env, &[]);
+    let mut gone = Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let alive = std::process::id();
+    for (export, owner) in [("bb@alive", alive), ("bb@gone", gone_pid)] {
+        let a = control(&env, serde_json::json!({"op": "attach", "export": export, "disk": "vhost-user", "owner": owner}));
+        assert_eq!(a["ok"], true, "{a}");
+    }
+    let overlays = env.home().join("cache").join("overlays");
+    kill9(agent.pid());
+    drop(agent);
+    let agent = Served::start(&env, &[]);
+    let status = control(&env, serde_json::json!({"op": "status"}));
+    assert_eq!(status["attached"], serde_json::json!(["bb@alive"]), "{status}");
+    let left: Vec<String> =
+        std::fs::read_dir(&overlays).map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    assert!(!left.iter().any(|n| n.contains("gone")), "the gone run's overlay was dropped: {left:?}");
+    assert_eq!(control(&env, serde_json::json!({"op": "detach", "export": "bb@alive", "discard": true}))["ok"], true);
+    agent.stop();
+}
