@@ -468,7 +468,7 @@ pub struct SimArgs {
     /// Containers started at once (spread over the VMs).
     #[arg(long, default_value_t = 2500, value_name = "N")]
     pub invocations: usize,
-    /// Image size, MB (uncompressed).
+    /// Image size as the registry holds it (compressed layers), MB.
     #[arg(long, default_value_t = 428.0, value_name = "N")]
     pub image_mb: f64,
     /// Fraction of the image a container's start reads.
