@@ -425,9 +425,8 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 #[derive(Args, Debug)]
 pub struct CachenodeArgs {
-    /// Address to serve stripes on.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub listen: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// Directory for the stripes kept on disk.
     #[arg(long, value_name = "DIR")]
     pub dir: PathBuf,
@@ -437,12 +436,21 @@ pub struct CachenodeArgs {
     /// Bytes of stripes kept on disk.
     #[arg(long, default_value = "10GiB", value_parser = parse_size, value_name = "SIZE")]
     pub disk: u64,
+}
+
+/// Where and how a server beside the agents (a cache node, the tree
+/// manager) listens.
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// Address to serve on.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
     /// File holding the bearer token every request must carry (required
-    /// unless the node listens on a loopback address).
+    /// unless the server listens on a loopback address).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Serve over TLS with this certificate chain (PEM); required, with a
-    /// token, unless the node listens on a loopback address.
+    /// token, unless the server listens on a loopback address.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The key of --tls-cert (PEM).
@@ -508,23 +516,8 @@ pub struct SimArgs {
 
 #[derive(Args, Debug)]
 pub struct TreemgrArgs {
-    /// Address to serve on.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub listen: String,
-    /// File holding the bearer token every request must carry (required
-    /// unless the manager listens on a loopback address).
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Serve over TLS with this certificate chain (PEM); required, with a
-    /// token, unless the manager listens on a loopback address.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// The key of --tls-cert (PEM).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub metrics: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// An agent that sends nothing (join, heartbeat, parent query) for this
     /// long leaves every tree; 0 keeps agents until they leave.
     #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
@@ -533,10 +526,6 @@ pub struct TreemgrArgs {
     /// is answered).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
-    /// Once listening, write the addresses bound (port 0 picks a free one)
-    /// to FILE as JSON: {"listen": ..., "metrics": ...}.
-    #[arg(long, value_name = "FILE")]
-    pub ready_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -11,7 +11,7 @@ use tessera_cachenode::{CacheNode, NodeOptions};
 use tessera_store::Home;
 
 use super::options::{agent_options, bound_allocator, interrupted, read_token};
-use crate::flags::{CachenodeArgs, LimitArgs, MountArgs, ServeArgs, TreemgrArgs};
+use crate::flags::{CachenodeArgs, LimitArgs, MountArgs, ServeArgs, ServerArgs, TreemgrArgs};
 
 /// `tessera serve`.
 pub fn serve(home: Home, a: ServeArgs) -> Result<ExitCode> {
@@ -110,103 +110,97 @@ pub fn mount(home: Home, a: MountArgs) -> Result<ExitCode> {
 
 /// `tessera cachenode`.
 pub fn cachenode(a: CachenodeArgs) -> Result<ExitCode> {
-    let token = a.token_file.as_deref().map(read_token).transpose()?;
+    let token = a.server.token_file.as_deref().map(read_token).transpose()?;
     let options = NodeOptions { memory_bytes: a.mem, disk_bytes: a.disk, token };
     let authenticated = options.token.is_some();
-    let tls = server_tls(a.tls_cert.as_deref(), a.tls_key.as_deref())?;
+    let tls = server_tls(&a.server)?;
     let node = Arc::new(CacheNode::open(&a.dir, options)?);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
-        // Without a token, anyone who reaches the node could poison it or
-        // push every agent to the origin; without TLS, the token crosses
-        // the network in clear: only loopback may go without either.
-        let bound = listener.local_addr()?;
-        if !bound.ip().is_loopback() && (!authenticated || tls.is_none()) {
-            anyhow::bail!(
-                "{bound} is not a loopback address: give --token-file and --tls-cert/--tls-key (a node off this host needs a token, and TLS to keep it secret)"
-            );
-        }
-        let metrics = bind_metrics(a.metrics.as_deref()).await?;
-        let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
-        let line = format!(
-            "tessera cachenode: serving stripes on {}{} ({} on disk from an earlier run){}",
-            bound,
-            match (authenticated, tls.is_some()) {
-                (true, true) => " over TLS, with a bearer token",
-                (true, false) => " with a bearer token (loopback only)",
-                (false, true) => " over TLS, without a token (loopback only)",
-                (false, false) => " without a token (loopback only)",
-            },
-            node.disk_stripes(),
-            metrics_addr.map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
-        );
-        crate::ready::announce(&line, &json!({"listen": bound.to_string(), "metrics": metrics_addr.map(|m| m.to_string())}), a.ready_file.as_deref())?;
-        let metrics = {
-            let node = Arc::clone(&node);
-            serve_metrics(metrics, move || node.render_metrics())
-        };
-        tessera_cachenode::serve(Arc::clone(&node), listener, tls, interrupted()).await;
-        if let Some(m) = metrics {
-            m.abort();
-        }
-        anyhow::Ok(())
-    })?;
-    eprintln!("tessera cachenode: stopped");
-    Ok(ExitCode::SUCCESS)
+    let detail = format!(" ({} on disk from an earlier run)", node.disk_stripes());
+    let render = {
+        let node = Arc::clone(&node);
+        move || node.render_metrics()
+    };
+    // Off loopback, without a token anyone who reaches the node could
+    // poison it or push every agent to the origin.
+    run_beside("cachenode", "a node", &a.server, authenticated, tls, "serving stripes on", detail, render, |listener, tls| {
+        tessera_cachenode::serve(node, listener, tls, interrupted())
+    })
 }
 
 /// `tessera treemgr`.
 pub fn treemgr(a: TreemgrArgs) -> Result<ExitCode> {
-    let token = a.token_file.as_deref().map(read_token).transpose()?;
+    let token = a.server.token_file.as_deref().map(read_token).transpose()?;
     let authenticated = token.is_some();
     let options = tessera_treemgr::Options { token, idle_timeout: a.idle_timeout, state: a.state.clone() };
-    let tls = server_tls(a.tls_cert.as_deref(), a.tls_key.as_deref())?;
+    let tls = server_tls(&a.server)?;
     let manager = Arc::new(tessera_treemgr::Manager::open(options)?);
+    let trees = manager.trees();
+    let detail = format!(" ({} trees, {} agents from its state)", trees.len(), trees.values().map(Vec::len).sum::<usize>());
+    let render = {
+        let manager = Arc::clone(&manager);
+        move || manager.render_metrics()
+    };
+    // Off loopback, without a token anyone who reaches it could rearrange the trees.
+    run_beside("treemgr", "a manager", &a.server, authenticated, tls, "serving on", detail, render, |listener, tls| {
+        tessera_treemgr::serve(manager, listener, tls, interrupted())
+    })
+}
+
+/// Runs a server beside the agents (`tessera NAME`: a cache node, the tree
+/// manager) until it is interrupted: binds `--listen`, refusing an address
+/// off loopback without a token and TLS (`who` names the server in the
+/// error: without TLS the token crosses the network in clear); binds
+/// `--metrics` and serves `render` there; announces itself (`serving` then
+/// the address, how it is protected, `detail`) on stderr and in the ready
+/// file; then runs `serve` on the listener.
+#[allow(clippy::too_many_arguments)]
+fn run_beside<F: std::future::Future<Output = ()>>(
+    name: &str,
+    who: &str,
+    a: &ServerArgs,
+    authenticated: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    serving: &str,
+    detail: String,
+    render: impl Fn() -> String + Send + Sync + 'static,
+    serve: impl FnOnce(tokio::net::TcpListener, Option<Arc<rustls::ServerConfig>>) -> F,
+) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
         let bound = listener.local_addr()?;
-        // Without a token anyone who reaches it could rearrange the trees;
-        // without TLS, the token crosses the network in clear.
         if !bound.ip().is_loopback() && (!authenticated || tls.is_none()) {
             anyhow::bail!(
-                "{bound} is not a loopback address: give --token-file and --tls-cert/--tls-key (a manager off this host needs a token, and TLS to keep it secret)"
+                "{bound} is not a loopback address: give --token-file and --tls-cert/--tls-key ({who} off this host needs a token, and TLS to keep it secret)"
             );
         }
         let metrics = bind_metrics(a.metrics.as_deref()).await?;
         let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
-        let trees = manager.trees();
         let line = format!(
-            "tessera treemgr: serving on {bound}{} ({} trees, {} agents from its state){}",
+            "tessera {name}: {serving} {bound}{}{detail}{}",
             match (authenticated, tls.is_some()) {
                 (true, true) => " over TLS, with a bearer token",
                 (true, false) => " with a bearer token (loopback only)",
                 (false, true) => " over TLS, without a token (loopback only)",
                 (false, false) => " without a token (loopback only)",
             },
-            trees.len(),
-            trees.values().map(Vec::len).sum::<usize>(),
             metrics_addr.map(|m| format!("; metrics on http://{m}/metrics")).unwrap_or_default()
         );
         crate::ready::announce(&line, &json!({"listen": bound.to_string(), "metrics": metrics_addr.map(|m| m.to_string())}), a.ready_file.as_deref())?;
-        let metrics = {
-            let manager = Arc::clone(&manager);
-            serve_metrics(metrics, move || manager.render_metrics())
-        };
-        tessera_treemgr::serve(Arc::clone(&manager), listener, tls, interrupted()).await;
+        let metrics = serve_metrics(metrics, render);
+        serve(listener, tls).await;
         if let Some(m) = metrics {
             m.abort();
         }
         anyhow::Ok(())
     })?;
-    eprintln!("tessera treemgr: stopped");
+    eprintln!("tessera {name}: stopped");
     Ok(ExitCode::SUCCESS)
 }
 
 /// The TLS of an HTTP server (HTTP/2 or HTTP/1.1) with `--tls-cert` and `--tls-key`.
-pub fn server_tls(cert: Option<&std::path::Path>, key: Option<&std::path::Path>) -> Result<Option<Arc<rustls::ServerConfig>>> {
-    match (cert, key) {
+pub fn server_tls(a: &ServerArgs) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => Ok(Some(tessera_cache::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?)),
         (None, None) => Ok(None),
         _ => anyhow::bail!("give both --tls-cert and --tls-key"),
