@@ -29,6 +29,13 @@ pub(crate) struct Attachment {
     recording: Option<Arc<VirtualDisk>>,
 }
 
+impl Attachment {
+    /// A disk served from now on to a VM whose life hangs on `owner`.
+    fn new(disk: DiskKind, owner: Option<u32>) -> Attachment {
+        Attachment { disk, owner, started: Instant::now(), prefetcher: None, recording: None }
+    }
+}
+
 /// An entry of `attached.json`: an export and the process its VM's life
 /// hangs on (lists written before owners were kept name exports only).
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -119,7 +126,7 @@ impl Agent {
             if attachments.contains_key(export) {
                 return Err(Error::Attach(format!("{export} is already attached to a VM (one VM per export; a NAME@LABEL overlay gives each VM its own)")));
             }
-            attachments.insert(export.to_owned(), Attachment { disk, owner, started: Instant::now(), prefetcher: None, recording: None });
+            attachments.insert(export.to_owned(), Attachment::new(disk, owner));
         }
         let attached = self.attach_reserved(export, name, disk, profile, owner);
         if attached.is_err() {
@@ -158,7 +165,7 @@ impl Agent {
                 socket
             }
         };
-        let mut attachment = Attachment { disk, owner, started: Instant::now(), prefetcher: None, recording: None };
+        let mut attachment = Attachment::new(disk, owner);
         let (mut prefetching, mut profile_chunks) = (false, 0);
         if profile == ProfileMode::Auto {
             match self.exports.disk(name) {
@@ -332,10 +339,7 @@ impl Agent {
             match vhost.attach_with(&export, listener) {
                 Ok(p) => {
                     tracing::info!("serving {export} again on {} for the VM attached before", p.display());
-                    self.attachments
-                        .lock()
-                        .expect("no panics while holding the lock")
-                        .insert(export, Attachment { disk: DiskKind::VhostUser, owner, started: Instant::now(), prefetcher: None, recording: None });
+                    self.attachments.lock().expect("no panics while holding the lock").insert(export, Attachment::new(DiskKind::VhostUser, owner));
                 }
                 Err(e) => {
                     self.exports.untrack(&export);

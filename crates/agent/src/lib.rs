@@ -496,13 +496,13 @@ impl Agent {
         // this agent's name in the trees.
         if let Some((t, source, serve)) = &self.tree {
             let key = format!("peer:{}", t.listen);
-            let err = listen_err(format!("peers {}", t.listen));
+            let failed = |source| Error::Listen { addr: format!("peers {}", t.listen), source };
             let listener = match inherited.nbd.remove(&key) {
                 Some(fd) => std::net::TcpListener::from(fd),
-                None => std::net::TcpListener::bind(&t.listen).map_err(listen_err(format!("peers {}", t.listen)))?,
+                None => std::net::TcpListener::bind(&t.listen).map_err(failed)?,
             };
-            listener.set_nonblocking(true).map_err(listen_err(format!("peers {}", t.listen)))?;
-            let local = listener.local_addr().map_err(listen_err(format!("peers {}", t.listen)))?;
+            listener.set_nonblocking(true).map_err(failed)?;
+            let local = listener.local_addr().map_err(failed)?;
             if !local.ip().is_loopback() && (t.token.is_none() || serve.tls.is_none()) {
                 return Err(Error::Tree(format!(
                     "--peer-listen {local} is not a loopback address: give --tree-token-file and --peer-tls-cert/--peer-tls-key (children off this host need a token, and TLS to keep it secret)"
@@ -518,7 +518,7 @@ impl Agent {
             let name = source.advertise(&advertise)?.to_owned();
             self.listener_fds.lock().expect("no panics while holding the lock").push((key, listener.as_raw_fd()));
             bound.peer = Some(name);
-            let listener = TcpListener::from_std(listener).map_err(err)?;
+            let listener = TcpListener::from_std(listener).map_err(failed)?;
             tasks.push(tokio::spawn(tessera_cache::peer::serve_children(Arc::clone(&self.loader), listener, serve.clone(), std::future::pending())));
         }
         // The VMs' disks of the agent before this one, then the control socket.

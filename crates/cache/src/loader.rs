@@ -179,11 +179,7 @@ impl Loader {
                 Join::Landed(found) => {
                     let p = match found {
                         Ok(p) => p,
-                        Err(sealed) => {
-                            let p = open(r, &sealed, Tier::Memory)?;
-                            self.remember(r, &p);
-                            p
-                        }
+                        Err(sealed) => self.open_and_keep(r, &sealed, Tier::Memory)?,
                     };
                     self.stats.count(Tier::Memory, started);
                     return Ok((p, Tier::Memory));
@@ -203,21 +199,20 @@ impl Loader {
             let plain = match fetched.plain {
                 Some(p) => p,
                 // Its leader served a child and had no key: open it here.
-                None => {
-                    let p = open(r, &fetched.sealed, fetched.tier)?;
-                    self.remember(r, &p);
-                    p
-                }
+                None => self.open_and_keep(r, &fetched.sealed, fetched.tier)?,
             };
             self.stats.count(Tier::Memory, started);
             return Ok((plain, Tier::Memory));
         }
     }
 
-    /// Keeps the plaintext of `r` in memory.
-    fn remember(&self, r: &ChunkRef, p: &Plain) {
-        let evicted = self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(p), CHUNK_SIZE as u64);
+    /// Opens sealed chunk `r` (checked against its id; from `tier`) and
+    /// keeps its plaintext in memory.
+    fn open_and_keep(&self, r: &ChunkRef, sealed: &Bytes, tier: Tier) -> Result<Plain, Error> {
+        let p = open(r, sealed, tier)?;
+        let evicted = self.memory.lock().expect("no panics while holding the lock").insert(r.id, Arc::clone(&p), CHUNK_SIZE as u64);
         self.stats.memory_evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        Ok(p)
     }
 
     /// The sealed bytes of chunk `id` (checked against it) and the tier they
@@ -278,14 +273,7 @@ impl Loader {
             if let Some(f) = &self.forward {
                 f.lock().expect("no panics while holding the lock").insert(*id, sealed.clone(), sealed.len() as u64);
             }
-            let plain = match r {
-                Some(r) => {
-                    let p = open(r, &sealed, tier)?;
-                    self.remember(r, &p);
-                    Some(p)
-                }
-                None => None,
-            };
+            let plain = r.map(|r| self.open_and_keep(r, &sealed, tier)).transpose()?;
             Ok(Fetched { sealed, tier, plain })
         });
         match fetched {
