@@ -143,7 +143,7 @@ fn hostile_paths_are_neutralised_or_refused() {
 }
 
 fn busybox_env() -> Option<(Env, String)> {
-    if !require("umoci", "umoci") || !require("busybox", "busybox-static") || !require("setfattr", "attr") {
+    if !have_image_tools() {
         return None;
     }
     let env = Env::new();

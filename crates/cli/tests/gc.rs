@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn have_tools() -> bool {
-    require("umoci", "umoci") && require("busybox", "busybox-static") && require("setfattr", "attr")
+    have_image_tools()
 }
 
 /// A layout with `base` (busybox) and three images on it, each with 3 MiB

@@ -13,7 +13,7 @@ use common::oci::{layout, tar_of, Blob, Comp};
 use common::*;
 
 fn have_tools() -> bool {
-    require("umoci", "umoci") && require("busybox", "busybox-static") && require("setfattr", "attr") && require("nbdcopy", "libnbd-bin")
+    have_image_tools() && require("nbdcopy", "libnbd-bin")
 }
 
 /// A busybox image `bb` (a 64 MiB disk, mostly holes) in a fresh home.

@@ -8,7 +8,7 @@ use std::process::Command;
 use common::*;
 
 fn have_tools() -> bool {
-    require("umoci", "umoci") && require("e2fsck", "e2fsprogs") && require("busybox", "busybox-static") && require("setfattr", "attr")
+    have_image_tools() && require("e2fsck", "e2fsprogs")
 }
 
 #[test]

@@ -78,7 +78,7 @@ impl Roles {
 }
 
 fn have_tools() -> bool {
-    require("umoci", "umoci") && require("busybox", "busybox-static") && require("setfattr", "attr") && require("nbdcopy", "libnbd-bin")
+    have_image_tools() && require("nbdcopy", "libnbd-bin")
 }
 
 #[test]

@@ -9,9 +9,7 @@ use common::nbd::RawClient;
 use common::*;
 
 fn have_tools() -> bool {
-    require("umoci", "umoci")
-        && require("busybox", "busybox-static")
-        && require("setfattr", "attr")
+    have_image_tools()
         && require("nbdcopy", "libnbd-bin")
         && require("nbdinfo", "libnbd-bin")
         && require("qemu-img", "qemu-utils")

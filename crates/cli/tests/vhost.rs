@@ -243,7 +243,7 @@ fn control(env: &Env, request: serde_json::Value) -> serde_json::Value {
 /// that is gone: no disk is served forever for a VM that will never come.
 #[test]
 fn a_restarted_agent_drops_the_disks_of_runs_that_are_gone() {
-    if !(require("umoci", "umoci") && require("busybox", "busybox-static") && require("setfattr", "attr")) {
+    if !have_image_tools() {
         return;
     }
     let env = Env::new();

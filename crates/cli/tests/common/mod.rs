@@ -26,24 +26,19 @@ pub fn require(tool: &str, package: &str) -> bool {
     found
 }
 
-/// The tools a test that reads an image over NBD needs (the image is built
-/// with umoci from busybox).
-pub fn have_nbd_tools() -> bool {
-    require("umoci", "umoci")
-        && require("busybox", "busybox-static")
-        && require("setfattr", "attr")
-        && require("nbdcopy", "libnbd-bin")
-        && require("qemu-io", "qemu-utils")
+/// The tools [`busybox_layout`] needs to build a test image.
+pub fn have_image_tools() -> bool {
+    require("umoci", "umoci") && require("busybox", "busybox-static") && require("setfattr", "attr")
 }
 
-/// The tools a test that boots a VM needs (the image is built with umoci
-/// from busybox; the kernel comes with apt).
+/// The tools a test that reads an image over NBD needs.
+pub fn have_nbd_tools() -> bool {
+    have_image_tools() && require("nbdcopy", "libnbd-bin") && require("qemu-io", "qemu-utils")
+}
+
+/// The tools a test that boots a VM needs (the kernel comes with apt).
 pub fn have_vm_tools() -> bool {
-    require("umoci", "umoci")
-        && require("busybox", "busybox-static")
-        && require("setfattr", "attr")
-        && require("qemu-system-x86_64", "qemu-system-x86")
-        && require("apt-get", "apt")
+    have_image_tools() && require("qemu-system-x86_64", "qemu-system-x86") && require("apt-get", "apt")
 }
 
 /// `tessera run ARGS` on `home`, with the guest kernel cache the tests share.
