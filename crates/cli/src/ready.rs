@@ -10,8 +10,14 @@ use anyhow::{Context, Result};
 pub fn announce(line: &str, addresses: &serde_json::Value, ready_file: Option<&Path>) -> Result<()> {
     eprintln!("{line}");
     let Some(path) = ready_file else { return Ok(()) };
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{addresses}\n"))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("writing the ready file {}", path.display()))
+    write_whole(path, format!("{addresses}\n").as_bytes()).with_context(|| format!("writing the ready file {}", path.display()))
+}
+
+/// Writes `contents` to `path` whole or not at all: a temporary beside it,
+/// renamed into place (and removed if that fails).
+pub fn write_whole(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, contents).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }

@@ -130,23 +130,28 @@ pub trait PutBatch: Send + Sync {
     fn commit(self: Box<Self>) -> Result<Committed>;
 }
 
-/// What a committed batch added to the store.
+/// What a committed batch added to the store: each chunk the store did not
+/// have, and its size, in no particular order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Committed {
-    /// Chunks the store did not have.
-    pub new_chunks: u64,
-    /// Their bytes.
-    pub new_bytes: u64,
-    /// Each of them and its size, in no particular order.
+    /// The new chunks and their sizes.
     pub new: Vec<(ChunkId, u64)>,
 }
 
 impl Committed {
     /// Counts chunk `id` of `len` bytes as new.
     pub fn add(&mut self, id: ChunkId, len: u64) {
-        self.new_chunks += 1;
-        self.new_bytes += len;
         self.new.push((id, len));
+    }
+
+    /// How many chunks are new.
+    pub fn chunks(&self) -> u64 {
+        self.new.len() as u64
+    }
+
+    /// Their bytes.
+    pub fn bytes(&self) -> u64 {
+        self.new.iter().map(|(_, len)| len).sum()
     }
 }
 

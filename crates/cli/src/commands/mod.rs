@@ -111,14 +111,7 @@ fn sim(a: crate::flags::SimArgs) -> Result<ExitCode> {
     }
     if let Some(path) = &a.plot {
         let title = format!("{} containers on {} VMs, {} MB image", a.invocations, a.vms.min(a.invocations), a.image_mb);
-        // Whole or not at all: a temporary beside it, renamed into place.
-        let tmp = path.with_extension(format!("svg.tmp-{}", std::process::id()));
-        std::fs::write(&tmp, tessera_sim::plot::svg(&title, &outcomes))
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(&tmp);
-            })
-            .with_context(|| format!("writing {}", path.display()))?;
+        crate::ready::write_whole(path, tessera_sim::plot::svg(&title, &outcomes).as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
