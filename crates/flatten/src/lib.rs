@@ -3,15 +3,17 @@
 //! A [`Flattener`] applies layer tars in order ([`Flattener::apply_layer`]),
 //! writing each regular file's data straight into that layer's region of the
 //! disk, and hands the disk out as [`CHUNK_BYTES`] chunks to a [`ChunkSink`]
-//! as soon as each is final. [`Flattener::finish`] then writes the ext4
-//! metadata after all the data, so metadata can never shift a data block.
+//! as soon as each is final. When a layer ends, the ext4 metadata that layer
+//! introduces follows its data in the same region; [`Flattener::finish`]
+//! then writes chunk 0 (superblock, group descriptors) and the inode tables.
 //!
-//! Layout rules that make chunks dedup across images:
-//! - each layer's file data starts on a chunk boundary, in tar order;
-//! - the data of a layer depends only on that layer's tar (and where the
-//!   layers below it ended), so images sharing their first N layers share
-//!   those layers' data chunks;
-//! - metadata (directories, inodes, bitmaps) sits after all layer data;
+//! Layout rules that make chunks dedup across images and versions:
+//! - each layer's region starts on a chunk boundary: its file data in tar
+//!   order, then its metadata (see the `layout` module);
+//! - a region depends only on its layer's tar and the layers below it, so
+//!   images sharing their first N layers share those layers' regions, and a
+//!   new version that changes its top layer stores little beyond that layer:
+//!   chunk 0, and the inode-table blocks of lower directories it changed;
 //! - the same layers give the same bytes: inode numbers, times, UUID and hash
 //!   seed are all derived from the input, never from the clock or a random
 //!   source.
@@ -40,6 +42,7 @@
 
 mod ext4;
 mod layer;
+mod layout;
 mod tree;
 
 use std::io::Read;
@@ -126,9 +129,10 @@ pub enum Error {
 pub struct FlatImage {
     /// Bytes of the disk (a whole number of chunks).
     pub disk_bytes: u64,
-    /// (first chunk, chunk count) of each layer's data region.
+    /// (first chunk, chunk count) of each layer's file data; the layer's
+    /// metadata follows it, up to the next layer's first chunk.
     pub layer_regions: Vec<(u64, u64)>,
-    /// First chunk after the layer data (metadata, then headroom).
+    /// First chunk after every layer's region (the tail, then headroom).
     pub metadata_chunk: u64,
     /// Free space left for a writable root.
     pub headroom_bytes: u64,
@@ -150,6 +154,7 @@ pub struct Flattener<'s> {
     /// Next free block of layer data (the current chunk holds its block).
     cursor: u64,
     regions: Vec<(u64, u64)>,
+    layout: layout::Layout,
     warnings: Vec<String>,
 }
 
@@ -163,6 +168,7 @@ impl<'s> Flattener<'s> {
             current: new_chunk(None),
             cursor: REGION_BLOCKS, // chunk 0 holds the superblock
             regions: Vec::new(),
+            layout: layout::Layout::new(),
             warnings: Vec::new(),
         }
     }
@@ -173,52 +179,67 @@ impl<'s> Flattener<'s> {
         let first_chunk = self.cursor / REGION_BLOCKS;
         let layer_index = self.regions.len() as u32 + 1;
         let stats = layer::apply(self, name, layer_index, tar)?;
-        // Close the region on a chunk boundary.
-        if !self.cursor.is_multiple_of(REGION_BLOCKS) {
-            let used = ((self.cursor % REGION_BLOCKS) * BLOCK_SIZE) as usize;
-            self.current[used..].fill(0);
-            self.emit_current()?;
-            self.cursor = self.cursor.next_multiple_of(REGION_BLOCKS);
-        }
-        self.regions.push((first_chunk, self.cursor / REGION_BLOCKS - first_chunk));
+        let data_chunks = self.cursor.div_ceil(REGION_BLOCKS) - first_chunk;
+        self.regions.push((first_chunk, data_chunks));
+        self.close_region()?;
         Ok(stats)
     }
 
-    /// Writes the filesystem metadata and hands over the remaining chunks.
+    /// Writes the filesystem's last metadata and hands over the remaining chunks.
     pub fn finish(mut self) -> Result<FlatImage, Error> {
-        self.add_lost_found();
+        if self.regions.is_empty() {
+            self.close_region()?; // the root directory still needs its blocks
+        }
         let data_end = self.cursor;
         let headroom_blocks = self.options.headroom_bytes.div_ceil(BLOCK_SIZE).next_multiple_of(REGION_BLOCKS);
-        let built = ext4::build(&self.tree, data_end, headroom_blocks, &self.options.seed)?;
-        // Chunk 0 and every metadata chunk that has a non-zero block.
-        let mut chunk: Option<(u64, Vec<u8>)> = None;
-        for (block, bytes) in &built.blocks {
-            let index = block / REGION_BLOCKS;
-            if chunk.as_ref().map(|c| c.0) != Some(index) {
-                if let Some((i, data)) = chunk.take() {
-                    self.put(i, data)?;
-                }
-                chunk = Some((index, vec![0u8; CHUNK_BYTES]));
-            }
-            let off = ((block % REGION_BLOCKS) * BLOCK_SIZE) as usize;
-            chunk.as_mut().expect("set above").1[off..off + BLOCK_SIZE as usize].copy_from_slice(bytes);
+        let layout = std::mem::replace(&mut self.layout, layout::Layout::new());
+        let done = layout.finish(&self.tree, data_end, headroom_blocks, &self.options.seed)?;
+        for (index, data) in done.chunks {
+            self.put(index, data)?;
         }
-        if let Some((i, data)) = chunk.take() {
-            self.put(i, data)?;
-        }
-        let mut warnings = self.warnings;
-        warnings.extend(built.warnings);
         Ok(FlatImage {
-            disk_bytes: built.total_blocks * BLOCK_SIZE,
+            disk_bytes: done.total_blocks * BLOCK_SIZE,
             layer_regions: self.regions,
             metadata_chunk: data_end / REGION_BLOCKS,
-            headroom_bytes: headroom_blocks * BLOCK_SIZE,
-            inodes_used: built.inodes_used,
-            inodes_total: built.inodes_total,
-            warnings,
+            headroom_bytes: (done.total_blocks - data_end) * BLOCK_SIZE,
+            inodes_used: done.inodes_used,
+            inodes_total: done.inodes_total,
+            warnings: self.warnings,
         })
     }
 
+    /// Lays out the metadata of the layer just applied after its data, and
+    /// hands over the region's chunks (those holding inode tables wait for
+    /// [`Flattener::finish`]).
+    fn close_region(&mut self) -> Result<(), Error> {
+        self.add_lost_found();
+        let region = self.layout.close_region(&self.tree, self.cursor, &mut self.warnings)?;
+        let first = self.cursor / REGION_BLOCKS;
+        let mut data = std::mem::replace(&mut self.current, new_chunk(self.sink.recycled()));
+        let used = ((self.cursor % REGION_BLOCKS) * BLOCK_SIZE) as usize;
+        data[used..].fill(0);
+        for index in first..region.end / REGION_BLOCKS {
+            if index > first {
+                data = new_chunk(self.sink.recycled());
+                data.fill(0);
+            }
+            for (block, bytes) in region.blocks.range(index * REGION_BLOCKS..(index + 1) * REGION_BLOCKS) {
+                let off = ((block % REGION_BLOCKS) * BLOCK_SIZE) as usize;
+                data[off..off + bytes.len()].copy_from_slice(bytes);
+            }
+            let it = region.itables;
+            if it.len > 0 && index * REGION_BLOCKS < it.start + it.len && it.start < (index + 1) * REGION_BLOCKS {
+                self.layout.hold(index, std::mem::take(&mut data));
+            } else {
+                self.put(index, std::mem::take(&mut data))?;
+            }
+        }
+        self.cursor = region.end;
+        Ok(())
+    }
+
+    /// Keeps a `/lost+found` directory (e2fsck wants one), adding it when no
+    /// layer has or a layer replaced it.
     fn add_lost_found(&mut self) {
         let root = self.tree.children(tree::ROOT).expect("root is a directory");
         if root.get(b"lost+found".as_slice()).is_some_and(|c| self.tree.is_dir(c.node)) {
@@ -231,12 +252,6 @@ impl<'s> Flattener<'s> {
 
     fn put(&mut self, index: u64, data: Vec<u8>) -> Result<(), Error> {
         self.sink.put_chunk(index, data).map_err(|source| Error::Sink { index, source })
-    }
-
-    /// Hands over the chunk holding `cursor` and starts a fresh one.
-    fn emit_current(&mut self) -> Result<(), Error> {
-        let data = std::mem::replace(&mut self.current, new_chunk(self.sink.recycled()));
-        self.put(self.cursor / REGION_BLOCKS, data)
     }
 
     /// Copies a file's data from `src` to the next free blocks; returns its
