@@ -19,6 +19,7 @@
 //! names are durable. A failure leaves nothing behind in the local store.
 #![deny(missing_docs)]
 
+mod ahead;
 mod seal_pool;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -177,23 +178,27 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     let threads = if options.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { options.threads };
     let chunk_store = home.store().chunks(generation);
     let batch = chunk_store.batch();
+    let counters: Vec<ahead::Counter> = image.layers.iter().map(|_| ahead::Counter::default()).collect();
     let (flat, sealed) = seal_while(&salt, batch.as_ref(), threads, |sink| {
-        let mut flattener = Flattener::new(FlattenOptions { headroom_bytes: options.headroom_bytes, seed }, sink);
-        let mut file_bytes = 0;
-        for (i, layer) in image.layers.iter().enumerate() {
-            progress.step(&format!("layer {}/{}", i + 1, image.layers.len()), layer.size);
-            let ingest_err = |e| Error::Ingest { reference: shown.clone(), source: e };
-            let tar = layer.open(progress).map_err(ingest_err)?;
-            let stats = match flattener.apply_layer(&layer.label, tar) {
-                Ok(s) => s,
-                // A damaged blob often shows first as bad compression or a
-                // bad tar: name the digest mismatch when that is the cause.
-                Err(e) => return Err(layer.check().err().map(ingest_err).unwrap_or_else(|| flatten_err(e, &shown))),
-            };
-            file_bytes += stats.file_bytes;
-        }
-        let flat = flattener.finish().map_err(|e| flatten_err(e, &shown))?;
-        Ok::<_, Error>((flat, file_bytes))
+        std::thread::scope(|scope| {
+            let mut flattener = Flattener::new(FlattenOptions { headroom_bytes: options.headroom_bytes, seed }, sink);
+            let mut file_bytes = 0;
+            let mut tars = ahead::Layers::new(scope, &image.layers, &counters, progress);
+            for (i, layer) in image.layers.iter().enumerate() {
+                progress.step(&format!("layer {}/{}", i + 1, image.layers.len()), layer.size);
+                let ingest_err = |e| Error::Ingest { reference: shown.clone(), source: e };
+                let tar = tars.next_layer().expect("one reader per layer").map_err(ingest_err)?;
+                let stats = match flattener.apply_layer(&layer.label, tar) {
+                    Ok(s) => s,
+                    // A damaged blob often shows first as bad compression or a
+                    // bad tar: name the digest mismatch when that is the cause.
+                    Err(e) => return Err(layer.check().err().map(ingest_err).unwrap_or_else(|| flatten_err(e, &shown))),
+                };
+                file_bytes += stats.file_bytes;
+            }
+            let flat = flattener.finish().map_err(|e| flatten_err(e, &shown))?;
+            Ok::<_, Error>((flat, file_bytes))
+        })
     });
     // A store failure explains a flatten failure, so report it first.
     let sealed = sealed.map_err(store_err)?;

@@ -266,15 +266,15 @@ impl Layer {
     /// Streams the uncompressed tar. Reading it to the end checks the
     /// blob's digest and the diff id: a mismatch is an `InvalidData` error
     /// from the last read.
-    pub fn open<'p>(&self, progress: &'p dyn Progress) -> Result<Box<dyn Read + 'p>, Error> {
+    pub fn open<'p>(&self, progress: &'p dyn Progress) -> Result<Box<dyn Read + Send + 'p>, Error> {
         let buffered = io::BufReader::with_capacity(1 << 20, ProgressReader { inner: self.blob.open()?, progress });
         // A plain tar's digest is its diff id: one check covers both.
-        let raw: Box<dyn Read + 'p> = if self.check_blob && self.compression != Compression::None {
+        let raw: Box<dyn Read + Send + 'p> = if self.check_blob && self.compression != Compression::None {
             Box::new(VerifyingReader::new(buffered, self.digest.clone(), self.label.clone()))
         } else {
             Box::new(buffered)
         };
-        let plain: Box<dyn Read + 'p> = match self.compression {
+        let plain: Box<dyn Read + Send + 'p> = match self.compression {
             Compression::None => Box::new(raw),
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 16, raw))),
             Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| Error::io(&self.blob.path, e))?),
