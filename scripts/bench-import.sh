@@ -28,8 +28,8 @@ if [ ! -f "$work/layout/index.json" ] || ! grep -q '"plus"' "$work/layout/index.
     head -c 3145728 /dev/urandom > "$work/bundle/rootfs/opt/small-layer.bin"
     umoci repack --image "$work/layout:plus" "$work/bundle"
     rm -rf "$work/bundle"
-    python3 scripts/oci-decompress.py "$work/layout" "$work/plain" big
 fi
+[ -f "$work/plain/index.json" ] || python3 scripts/oci-decompress.py "$work/layout" "$work/plain" big
 
 rss_of() { awk -F: '/Maximum resident set size/ {gsub(/ /, "", $2); print $2}' "$1"; }
 json() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$@"; }

@@ -10,6 +10,7 @@
 #   2. The same app on a rebuilt base, where one base package (python3.11's
 #      interpreter and its library) has changed: new bytes / changed bytes.
 # Usage: scripts/bench-versions.sh [WORKDIR]   (default /var/tmp/tessera-bench)
+#        SIZES="3145728" limits the app sizes (SIZES="" runs only part 2).
 # Needs root (umoci unpack keeps owners), umoci, e2fsprogs, debootstrap.
 set -eu
 cd "$(dirname "$0")/.."
@@ -25,13 +26,13 @@ uuid=6f1d2c4e-8a55-4b1c-9e7a-3c2d1b0a9f88
 if [ ! -f "$v/base.ok" ]; then
     echo "building the base images in $v (debootstrap; a few minutes)" >&2
     [ -f "$work/layout/index.json" ] && grep -q '"minbase"' "$work/layout/index.json" || sh scripts/minbase-image.sh "$work/layout" python3-minimal
-    rm -rf "$v/layout" "$v/bundle" "$v/rootfs"
+    rm -rf "$v/layout" "$v/bundle" "$v/rootfs" "$v/changed.txt"
     umoci unpack --image "$work/layout:minbase" "$v/bundle" >/dev/null
     mv "$v/bundle/rootfs" "$v/rootfs"
     rm -rf "$v/bundle"
     umoci init --layout "$v/layout"
     # One base layer from the tree, and one from the same tree with one
-    # package rebuilt (its files changed, sizes kept within a few bytes).
+    # package rebuilt: its files rewritten whole, each 100 bytes longer.
     for base in base rebuilt; do
         umoci new --image "$v/layout:$base"
         umoci unpack --image "$v/layout:$base" "$v/bundle" >/dev/null
@@ -40,7 +41,7 @@ if [ ! -f "$v/base.ok" ]; then
         if [ "$base" = rebuilt ]; then
             for f in $(ls "$v/bundle/rootfs/usr/bin/python3."* "$v/bundle/rootfs/usr/lib/python3."*/*.py | head -40); do
                 [ -f "$f" ] && [ ! -L "$f" ] || continue
-                printf '\n# rebuilt\n' >>"$f"
+                python3 -c 'import os, random, sys; n = os.path.getsize(sys.argv[1]) + 100; open(sys.argv[1], "wb").write(random.Random(sys.argv[1]).randbytes(n))' "$f"
                 echo "$f" >>"$v/changed.txt"
             done
         fi
@@ -100,7 +101,7 @@ mkfs_new() { # TAG SEEN
 
 json() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$@"; }
 
-for S in 3145728 31457280; do
+for S in ${SIZES-3145728 31457280}; do
     home="$v/home-$S"
     rm -rf "$home" "$v/seen-$S.json"
     echo "S = $((S / 1048576)) MiB: version, Tessera new chunks (data + metadata), new bytes / S, mke2fs -d new chunks, their bytes / S"
@@ -120,12 +121,13 @@ PY
 done
 
 # The same app (v1, 3 MiB) on the rebuilt base, after the original.
-changed=$(cat "$v/changed.txt" | sed "s|^$v/bundle/rootfs||" | while read -r f; do stat -c %s "$v/rootfs$f"; done | awk '{s += $1} END {print s}')
+changed=$(cat "$v/changed.txt" | sed "s|^$v/bundle/rootfs||" | while read -r f; do stat -c %s "$v/rootfs$f"; done | awk '{s += $1 + 100} END {print s}')
 home="$v/home-rebuilt"
 rm -rf "$home" "$v/seen-rebuilt.json"
+app base app-original 3145728 1
 app rebuilt app-rebuilt 3145728 1
-TESSERA_HOME="$home" "$tessera" import "oci:$v/layout:app-3145728-v1" --name app --json >/dev/null
-m0=$(mkfs_new "app-3145728-v1" "$v/seen-rebuilt.json")
+TESSERA_HOME="$home" "$tessera" import "oci:$v/layout:app-original" --name app --json >/dev/null
+mkfs_new app-original "$v/seen-rebuilt.json" >/dev/null
 TESSERA_HOME="$home" "$tessera" import "oci:$v/layout:app-rebuilt" --name app-rebuilt --json >"$v/import-rebuilt.json"
 m=$(mkfs_new app-rebuilt "$v/seen-rebuilt.json")
 python3 - "$v/import-rebuilt.json" "$changed" "$m" <<'PY'

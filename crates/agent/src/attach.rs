@@ -233,11 +233,11 @@ impl Agent {
             }
             if let Some(vdisk) = a.recording {
                 let until = a.started + record_until.unwrap_or(Duration::from_secs(60)).min(Duration::from_secs(60));
-                let chunks = vdisk.stop_recording(until);
-                out.profile_recorded = chunks.len();
+                let recorded = vdisk.stop_recording(until);
+                out.profile_recorded = recorded.chunks.len();
                 let name = export.split('@').next().unwrap_or(export);
                 let saved = self.exports.home().catalog.get(name).map_err(|e| e.to_string()).and_then(|r| {
-                    crate::profile::save(self.exports.home(), name, &r, chunks, until.duration_since(a.started).as_secs_f64()).map_err(|e| e.to_string())
+                    crate::profile::save(self.exports.home(), name, &r, recorded, until.duration_since(a.started).as_secs_f64()).map_err(|e| e.to_string())
                 });
                 if let Err(e) = saved {
                     tracing::warn!("{name}: the start-up profile was not saved: {e}");

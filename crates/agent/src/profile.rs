@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tessera_chunk::{Profile, MANIFEST_FORMAT};
 use tessera_store::{Home, ImageRef};
 
-use crate::vdisk::{ReadCounts, VirtualDisk};
+use crate::vdisk::{ReadCounts, Recorded, VirtualDisk};
 
 /// Threads a prefetch uses: enough to keep a remote origin busy while the
 /// guest boots, few enough to leave room for the guest's own reads.
@@ -62,16 +62,17 @@ pub fn load(home: &Home, image: &ImageRef) -> Result<Option<Profile>, tessera_st
     Ok(Some(sealed.open_profile(home.keyring()?.as_ref())?))
 }
 
-/// Seals `chunks` (first read `seconds` into a run) as the start-up profile
+/// Seals what a run read (up to `seconds` into it) as the start-up profile
 /// of image `name` (`image`), replacing any; nothing is stored for an empty list.
-pub fn save(home: &Home, name: &str, image: &ImageRef, chunks: Vec<u64>, seconds: f64) -> Result<(), tessera_store::Error> {
-    if chunks.is_empty() {
+pub fn save(home: &Home, name: &str, image: &ImageRef, recorded: Recorded, seconds: f64) -> Result<(), tessera_store::Error> {
+    if recorded.chunks.is_empty() {
         return Ok(());
     }
     let profile = Profile {
         format: MANIFEST_FORMAT,
         manifest: image.manifest.clone(),
-        chunks,
+        chunks: recorded.chunks,
+        blocks: recorded.blocks,
         recorded_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         seconds,
     };

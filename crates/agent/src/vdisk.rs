@@ -68,6 +68,30 @@ pub struct VirtualDisk {
 struct Recording {
     seen: HashSet<u64>,
     order: Vec<(u64, Instant)>,
+    seen_blocks: HashSet<u64>,
+    blocks: Vec<(u64, Instant)>,
+}
+
+/// The unit of a profile's blocks: the filesystem's block.
+const PROFILE_BLOCK: u64 = 4096;
+
+/// What a recording saw up to its cut-off.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Chunks, in first-touch order.
+    pub chunks: Vec<u64>,
+    /// 4 KiB blocks, in first-touch order, as `[first, count]` runs.
+    pub blocks: Vec<[u64; 2]>,
+}
+
+impl Recorded {
+    /// Adds block `b` as the next one read (extending the last run when it follows it).
+    pub fn push_block(&mut self, b: u64) {
+        match self.blocks.last_mut() {
+            Some(run) if run[0] + run[1] == b => run[1] += 1,
+            _ => self.blocks.push([b, 1]),
+        }
+    }
 }
 
 impl VirtualDisk {
@@ -107,20 +131,31 @@ impl VirtualDisk {
         if recording.is_some() {
             return false;
         }
-        *recording = Some(Recording { seen: HashSet::new(), order: Vec::new() });
+        *recording = Some(Recording { seen: HashSet::new(), order: Vec::new(), seen_blocks: HashSet::new(), blocks: Vec::new() });
         true
     }
 
-    /// Stops recording; returns the chunks first read up to `until`.
-    pub fn stop_recording(&self, until: Instant) -> Vec<u64> {
-        let r = self.recording.lock().expect("no panics while holding the lock").take();
-        r.map(|r| r.order.into_iter().filter(|(_, t)| *t <= until).map(|(i, _)| i).collect()).unwrap_or_default()
+    /// Stops recording; returns the chunks and blocks first read up to `until`.
+    pub fn stop_recording(&self, until: Instant) -> Recorded {
+        let Some(r) = self.recording.lock().expect("no panics while holding the lock").take() else { return Recorded::default() };
+        let mut out = Recorded { chunks: r.order.into_iter().filter(|(_, t)| *t <= until).map(|(i, _)| i).collect(), blocks: Vec::new() };
+        for (b, _) in r.blocks.into_iter().filter(|(_, t)| *t <= until) {
+            out.push_block(b);
+        }
+        out
     }
 
-    fn note(&self, index: u64) {
+    /// Notes a read of `len` bytes at `pos`, all in chunk `index`.
+    fn note(&self, index: u64, pos: u64, len: usize) {
         if let Some(r) = self.recording.lock().expect("no panics while holding the lock").as_mut() {
+            let now = Instant::now();
             if r.seen.insert(index) {
-                r.order.push((index, Instant::now()));
+                r.order.push((index, now));
+            }
+            for b in pos / PROFILE_BLOCK..(pos + len as u64).div_ceil(PROFILE_BLOCK) {
+                if r.seen_blocks.insert(b) {
+                    r.blocks.push((b, now));
+                }
             }
         }
     }
@@ -216,7 +251,7 @@ impl VirtualDisk {
                 None => buf[done..done + n].fill(0),
                 Some(r) => match plain_of(index, r).inspect(|p| {
                     if p.is_some() {
-                        self.note(index)
+                        self.note(index, pos, n)
                     }
                 })? {
                     Some(plain) => buf[done..done + n].copy_from_slice(&plain[within..within + n]),

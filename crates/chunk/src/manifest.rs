@@ -198,6 +198,11 @@ pub struct Profile {
     pub manifest: String,
     /// Chunk indices, in the order they were first read.
     pub chunks: Vec<u64>,
+    /// The 4 KiB blocks read, in the order first read, as runs of
+    /// `[first block, count]` (empty in profiles recorded before blocks were).
+    /// `tessera optimize` maps them to files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<[u64; 2]>,
     /// Seconds since the epoch when it was recorded.
     pub recorded_at: u64,
     /// Seconds from the start of the recording run to its cut-off.

@@ -77,7 +77,7 @@ pub(crate) fn apply(f: &mut Flattener<'_>, layer: &str, index: u32, tar: impl Re
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let size = entry.size();
-                let start_block = f.write_file(&mut entry, size).map_err(|e| sink_or_tar(e, layer, &shown))?;
+                let start_block = f.place_file(components.join(&b'/'), index, &mut entry, size).map_err(|e| sink_or_tar(e, layer, &shown))?;
                 stats.file_bytes += size;
                 f.tree.add(Node { meta, kind: Kind::File { start_block, size } })
             }

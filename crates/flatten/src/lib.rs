@@ -45,6 +45,7 @@ mod layer;
 mod layout;
 mod tree;
 
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 
 pub use layer::LayerStats;
@@ -80,12 +81,36 @@ pub struct Options {
     /// Seed for the filesystem UUID and directory hash seed; derive it from
     /// the image's digests so equal inputs give equal bytes.
     pub seed: [u8; 32],
+    /// Files whose data goes first in their layer's region, in this order
+    /// (a start-up profile's files, for `tessera optimize`), by path as the
+    /// layer's tar names it, cleaned (`usr/bin/python3`). Each layer must be
+    /// scanned with [`Flattener::plan_layer`] before it is applied.
+    pub first: Vec<Vec<u8>>,
+    /// Record where each regular file's data went ([`FlatImage::files`]).
+    pub record_files: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { headroom_bytes: 1 << 30, seed: [0; 32] }
+        Options { headroom_bytes: 1 << 30, seed: [0; 32], first: Vec::new(), record_files: false }
     }
+}
+
+/// At most this many bytes of a layer's files go first (they are held in
+/// memory until the layer ends); the rest of the list keeps tar order.
+pub const FIRST_BYTES_MAX: u64 = 256 << 20;
+
+/// Where a regular file's data went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlacedFile {
+    /// Path, as the layer's tar names it, cleaned.
+    pub path: Vec<u8>,
+    /// Layer (1 = the lowest).
+    pub layer: u32,
+    /// First block of its data (contiguous).
+    pub first_block: u64,
+    /// Blocks of data.
+    pub blocks: u64,
 }
 
 /// Errors of flattening, naming the layer and path at fault.
@@ -142,6 +167,9 @@ pub struct FlatImage {
     pub inodes_total: u64,
     /// Things dropped on the way (e.g. xattrs of unknown namespaces).
     pub warnings: Vec<String>,
+    /// Every regular file written, in the order written, when
+    /// [`Options::record_files`] is set (files later layers deleted included).
+    pub files: Vec<PlacedFile>,
 }
 
 /// Applies layers in order and writes the disk to a [`ChunkSink`].
@@ -156,13 +184,40 @@ pub struct Flattener<'s> {
     regions: Vec<(u64, u64)>,
     layout: layout::Layout,
     warnings: Vec<String>,
+    /// Rank of each path of [`Options::first`].
+    rank: HashMap<Vec<u8>, usize>,
+    /// The front of the next layer's region, from [`Flattener::plan_layer`].
+    planned: Option<Front>,
+    /// The front of the layer being applied.
+    front: Option<Front>,
+    files: Vec<PlacedFile>,
+}
+
+/// The files a layer places first, at the start of its region, held in
+/// memory until the layer ends.
+struct Front {
+    /// First block of the region.
+    start: u64,
+    /// Path → (block offset in the front, bytes), until written.
+    slots: HashMap<Vec<u8>, (u64, u64)>,
+    blocks: u64,
+    buf: Vec<u8>,
+    /// The chunk the front shares with the data after it, once that is full.
+    shared: Option<Vec<u8>>,
+}
+
+impl Front {
+    /// The chunk holding both front and sequential data, if any.
+    fn shared_chunk(&self) -> Option<u64> {
+        let end = self.start + self.blocks;
+        (!end.is_multiple_of(REGION_BLOCKS)).then_some(end / REGION_BLOCKS)
+    }
 }
 
 impl<'s> Flattener<'s> {
     /// Starts an empty disk.
     pub fn new(options: Options, sink: &'s mut dyn ChunkSink) -> Flattener<'s> {
         Flattener {
-            options,
             tree: tree::Tree::new(),
             sink,
             current: new_chunk(None),
@@ -170,7 +225,51 @@ impl<'s> Flattener<'s> {
             regions: Vec::new(),
             layout: layout::Layout::new(),
             warnings: Vec::new(),
+            rank: options.first.iter().enumerate().map(|(i, p)| (p.clone(), i)).collect(),
+            planned: None,
+            front: None,
+            files: Vec::new(),
+            options,
         }
+    }
+
+    /// Reads a layer's tar (a first pass, before [`Flattener::apply_layer`]
+    /// of the same tar) to find which of [`Options::first`] it holds and how
+    /// big they are; returns the bytes that will go first. A no-op returning
+    /// 0 without `first`.
+    pub fn plan_layer(&mut self, name: &str, tar: impl Read) -> Result<u64, Error> {
+        if self.rank.is_empty() {
+            return Ok(0);
+        }
+        let tar_err = |source: std::io::Error| Error::Tar { layer: name.to_owned(), source };
+        let mut found: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+        let mut seen = HashSet::new();
+        for entry in tar::Archive::new(tar).entries().map_err(tar_err)? {
+            let entry = entry.map_err(tar_err)?;
+            if !matches!(entry.header().entry_type(), tar::EntryType::Regular | tar::EntryType::Continuous) {
+                continue;
+            }
+            let path = tree::clean_path(&entry.path_bytes()).join(&b'/');
+            if let Some(&rank) = self.rank.get(&path) {
+                if seen.insert(path.clone()) {
+                    found.push((rank, path, entry.size()));
+                }
+            }
+        }
+        found.sort();
+        let mut slots = HashMap::new();
+        let mut blocks = 0u64;
+        for (_, path, size) in found {
+            let need = size.div_ceil(BLOCK_SIZE);
+            if (blocks + need) * BLOCK_SIZE > FIRST_BYTES_MAX {
+                break;
+            }
+            slots.insert(path, (blocks, size));
+            blocks += need;
+        }
+        let bytes = blocks * BLOCK_SIZE;
+        self.planned = (blocks > 0).then(|| Front { start: 0, slots, blocks, buf: vec![0; bytes as usize], shared: None });
+        Ok(bytes)
     }
 
     /// Applies one uncompressed layer tar, read to its very end (so a
@@ -178,7 +277,13 @@ impl<'s> Flattener<'s> {
     pub fn apply_layer(&mut self, name: &str, tar: impl Read) -> Result<LayerStats, Error> {
         let first_chunk = self.cursor / REGION_BLOCKS;
         let layer_index = self.regions.len() as u32 + 1;
+        if let Some(mut front) = self.planned.take() {
+            front.start = self.cursor;
+            self.cursor += front.blocks; // this layer's other data follows the front
+            self.front = Some(front);
+        }
         let stats = layer::apply(self, name, layer_index, tar)?;
+        self.flush_front()?;
         let data_chunks = self.cursor.div_ceil(REGION_BLOCKS) - first_chunk;
         self.regions.push((first_chunk, data_chunks));
         self.close_region()?;
@@ -201,11 +306,69 @@ impl<'s> Flattener<'s> {
             disk_bytes: done.total_blocks * BLOCK_SIZE,
             layer_regions: self.regions,
             metadata_chunk: data_end / REGION_BLOCKS,
-            headroom_bytes: (done.total_blocks - data_end) * BLOCK_SIZE,
+            headroom_bytes: (done.total_blocks - done.tail_end) * BLOCK_SIZE,
             inodes_used: done.inodes_used,
             inodes_total: done.inodes_total,
             warnings: self.warnings,
+            files: self.files,
         })
+    }
+
+    /// Hands over the chunks of the layer's front, merged with the first
+    /// data after it where they share a chunk.
+    fn flush_front(&mut self) -> Result<(), Error> {
+        let Some(mut front) = self.front.take() else { return Ok(()) };
+        let end = front.start + front.blocks;
+        for index in front.start / REGION_BLOCKS..end.div_ceil(REGION_BLOCKS) {
+            let from = index * REGION_BLOCKS;
+            let to = end.min(from + REGION_BLOCKS);
+            let part = &front.buf[((from - front.start) * BLOCK_SIZE) as usize..((to - front.start) * BLOCK_SIZE) as usize];
+            if Some(index) == front.shared_chunk() {
+                match front.shared.take() {
+                    Some(mut data) => {
+                        data[..part.len()].copy_from_slice(part);
+                        self.put(index, data)?;
+                    }
+                    // Still being filled: the data after the front is in `current`.
+                    None => self.current[..part.len()].copy_from_slice(part),
+                }
+            } else {
+                let mut data = new_chunk(self.sink.recycled());
+                data[..part.len()].copy_from_slice(part);
+                data[part.len()..].fill(0);
+                self.put(index, data)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a file planned for the front; returns its first block, or
+    /// `None` when it is not one (or was written already).
+    fn write_front(&mut self, path: &[u8], src: &mut dyn Read, size: u64) -> Option<std::io::Result<u64>> {
+        let front = self.front.as_mut()?;
+        let (at, planned) = *front.slots.get(path).filter(|s| s.1 == size)?;
+        front.slots.remove(path);
+        let off = (at * BLOCK_SIZE) as usize;
+        Some(src.read_exact(&mut front.buf[off..off + size as usize]).map(|()| front.start + at).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("file data ends before its {planned} bytes"))
+            } else {
+                e
+            }
+        }))
+    }
+
+    /// Writes a regular file's data, at the front of the region when it is
+    /// planned there, else at the next free blocks; returns its first block.
+    fn place_file(&mut self, path: Vec<u8>, layer: u32, src: &mut dyn Read, size: u64) -> std::io::Result<u64> {
+        let first_block = match self.write_front(&path, src, size) {
+            Some(r) => r?,
+            None => self.write_file(src, size)?,
+        };
+        if self.options.record_files {
+            self.files.push(PlacedFile { path, layer, first_block, blocks: size.div_ceil(BLOCK_SIZE) });
+        }
+        Ok(first_block)
     }
 
     /// Lays out the metadata of the layer just applied after its data, and
@@ -279,7 +442,10 @@ impl<'s> Flattener<'s> {
             if self.cursor.is_multiple_of(REGION_BLOCKS) {
                 let data = std::mem::replace(&mut self.current, new_chunk(self.sink.recycled()));
                 let index = self.cursor / REGION_BLOCKS - 1;
-                self.sink.put_chunk(index, data).map_err(|e| std::io::Error::other(SinkFailed(index, e.to_string())))?;
+                match self.front.as_mut().filter(|f| f.shared_chunk() == Some(index)) {
+                    Some(front) => front.shared = Some(data), // the front's part comes at the layer's end
+                    None => self.sink.put_chunk(index, data).map_err(|e| std::io::Error::other(SinkFailed(index, e.to_string())))?,
+                }
             }
         }
         Ok(start)

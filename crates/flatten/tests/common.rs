@@ -41,7 +41,7 @@ pub fn flatten_to(out: &Path, layers: &[Vec<u8>], options: Options) -> FlatImage
 
 /// Small options for tests: 4 MiB of headroom.
 pub fn small() -> Options {
-    Options { headroom_bytes: 4 << 20, seed: [9; 32] }
+    Options { headroom_bytes: 4 << 20, seed: [9; 32], ..Options::default() }
 }
 
 /// A layer tar built entry by entry.

@@ -28,7 +28,7 @@ fn sample() -> Vec<u8> {
 
 fn flatten(bytes: &[u8]) {
     let mut sink = Discard;
-    let mut f = Flattener::new(Options { headroom_bytes: 0, seed: [0; 32] }, &mut sink);
+    let mut f = Flattener::new(Options { headroom_bytes: 0, seed: [0; 32], ..Options::default() }, &mut sink);
     if f.apply_layer("layer 1", bytes).is_ok() {
         let _ = f.apply_layer("layer 2", bytes);
         let _ = f.finish();

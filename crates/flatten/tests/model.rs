@@ -212,7 +212,7 @@ proptest! {
         let mut model = Model::default();
         let tars: Vec<Vec<u8>> = layers.iter().enumerate().map(|(i, ops)| layer_tar(&mut model, ops, i as u32 + 1)).collect();
         let mut sink = VecSink(Vec::new());
-        let mut f = Flattener::new(Options { headroom_bytes: 0, seed: [1; 32] }, &mut sink);
+        let mut f = Flattener::new(Options { headroom_bytes: 0, seed: [1; 32], ..Options::default() }, &mut sink);
         for (i, t) in tars.iter().enumerate() {
             f.apply_layer(&format!("layer {}", i + 1), t.as_slice()).unwrap();
         }

@@ -68,3 +68,51 @@ fn recycled_buffers_do_not_leak_into_the_disk() {
     };
     assert!(run(true) == run(false), "garbage in recycled buffers reached the disk");
 }
+
+/// Flattens `layers` with `first` files first; returns the image and the disk file.
+fn flatten_first(dir: &std::path::Path, name: &str, layers: &[Vec<u8>], first: &[&str]) -> (tessera_flatten::FlatImage, std::path::PathBuf) {
+    let path = dir.join(name);
+    let mut sink = common::FileSink { file: std::fs::File::create(&path).unwrap(), seen: Vec::new() };
+    let options = tessera_flatten::Options { first: first.iter().map(|p| p.as_bytes().to_vec()).collect(), record_files: true, ..small() };
+    let mut f = tessera_flatten::Flattener::new(options, &mut sink);
+    for (i, l) in layers.iter().enumerate() {
+        f.plan_layer(&format!("layer {i}"), l.as_slice()).unwrap();
+        f.apply_layer(&format!("layer {i}"), l.as_slice()).unwrap();
+    }
+    let img = f.finish().unwrap();
+    sink.file.set_len(img.disk_bytes).unwrap();
+    (img, path)
+}
+
+#[test]
+fn files_listed_first_lead_their_layers_regions() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = |seed: u8| -> Vec<u8> { (0..200_000u32).map(|i| (i as u8) ^ seed).collect() };
+    let layers = [
+        Layer::new().file("a", &data(1)).file("sub/b", &data(2)).file("c", &data(3)).file("d", &data(4)).file("tiny", b"t").build(),
+        Layer::new().file("e", &data(5)).file("sub/c2", &data(6)).build(),
+    ];
+    let (plain, plain_path) = flatten_first(dir.path(), "plain.img", &layers, &[]);
+    let (opt, opt_path) = flatten_first(dir.path(), "opt.img", &layers, &["d", "sub/c2", "tiny", "sub/b", "missing"]);
+    let (_, again_path) = flatten_first(dir.path(), "again.img", &layers, &["d", "sub/c2", "tiny", "sub/b", "missing"]);
+    assert!(std::fs::read(&opt_path).unwrap() == std::fs::read(&again_path).unwrap(), "not deterministic");
+
+    let at = |img: &tessera_flatten::FlatImage, p: &str| img.files.iter().find(|f| f.path == p.as_bytes()).unwrap().first_block;
+    let region = |i: usize| opt.layer_regions[i].0 * 128;
+    assert_eq!(at(&opt, "d"), region(0));
+    assert_eq!(at(&opt, "tiny"), region(0) + 49);
+    assert_eq!(at(&opt, "sub/b"), region(0) + 50);
+    assert!(at(&opt, "a") > at(&opt, "sub/b") && at(&opt, "c") > at(&opt, "a"), "the rest keeps tar order");
+    assert_eq!(at(&opt, "sub/c2"), region(1));
+    assert_eq!(at(&plain, "a"), region(0));
+    assert_eq!(plain.layer_regions, opt.layer_regions, "regions keep their sizes");
+
+    let (code, text) = e2fsck(&opt_path);
+    assert_eq!(code, 0, "{text}");
+    let read = |path: &std::path::Path| {
+        let fs = ext4_view::Ext4::load(Box::new(std::fs::read(path).unwrap())).unwrap();
+        ["/a", "/sub/b", "/c", "/d", "/tiny", "/e", "/sub/c2"].map(|p| fs.read(p).unwrap())
+    };
+    assert_eq!(read(&opt_path), read(&plain_path));
+    assert_eq!(read(&opt_path)[3], data(4));
+}

@@ -24,7 +24,7 @@ impl ChunkSink for Chunks {
 
 fn flatten(layers: &[Vec<u8>]) -> (FlatImage, Chunks) {
     let mut sink = Chunks::default();
-    let mut f = Flattener::new(Options { headroom_bytes: 8 << 20, seed: [3; 32] }, &mut sink);
+    let mut f = Flattener::new(Options { headroom_bytes: 8 << 20, seed: [3; 32], ..Options::default() }, &mut sink);
     for (i, l) in layers.iter().enumerate() {
         f.apply_layer(&format!("layer {}", i + 1), l.as_slice()).unwrap();
     }
@@ -109,7 +109,7 @@ fn layer(ops: &[Op], under: &str, seed: u32) -> Vec<u8> {
 
 fn applies(layers: &[Vec<u8>]) -> bool {
     let mut sink = Chunks::default();
-    let mut f = Flattener::new(Options { headroom_bytes: 0, seed: [0; 32] }, &mut sink);
+    let mut f = Flattener::new(Options { headroom_bytes: 0, seed: [0; 32], ..Options::default() }, &mut sink);
     layers.iter().all(|l| f.apply_layer("probe", l.as_slice()).is_ok())
 }
 

@@ -22,12 +22,14 @@
 mod ahead;
 mod seal_pool;
 
+pub use tessera_flatten::PlacedFile;
+
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tessera_chunk::{ChunkRef, DedupScope, Geometry, ImageConfig, LayerRegion, LayerSource, Manifest, Source, CHUNK_SIZE, MANIFEST_FORMAT};
-use tessera_flatten::{Flattener, Options as FlattenOptions};
-use tessera_oci::{Progress, PullOptions, Reference};
+use tessera_flatten::{ChunkSink, FlatImage, Flattener, Options as FlattenOptions};
+use tessera_oci::{Progress, PullOptions, Reference, ResolvedImage};
 use tessera_store::lifecycle::Lease;
 use tessera_store::{check_name, Home, ImageRef, Release};
 
@@ -86,6 +88,11 @@ pub struct ImportOptions {
     /// How long the import may take before it gives up naming its image
     /// (the collector waits for it that long at most).
     pub lease: std::time::Duration,
+    /// Files to place first in their layers' regions, in this order (a
+    /// start-up profile's files: `tessera optimize`, `--optimize-with`).
+    pub first: Vec<Vec<u8>>,
+    /// Report where each file's data went ([`ImportReport::files`]).
+    pub record_files: bool,
 }
 
 impl Default for ImportOptions {
@@ -98,6 +105,8 @@ impl Default for ImportOptions {
             threads: 0,
             dedup_scope: None,
             lease: tessera_store::lifecycle::DEFAULT_LEASE,
+            first: Vec::new(),
+            record_files: false,
         }
     }
 }
@@ -141,6 +150,12 @@ pub struct ImportReport {
     pub file_bytes: u64,
     /// What was dropped on the way.
     pub warnings: Vec<String>,
+    /// Where each file's data went, with [`ImportOptions::record_files`].
+    #[serde(skip)]
+    pub files: Vec<PlacedFile>,
+    /// The manifest written.
+    #[serde(skip)]
+    pub manifest_doc: Manifest,
 }
 
 /// Imports `source` into `home`.
@@ -178,28 +193,8 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     let threads = if options.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { options.threads };
     let chunk_store = home.store().chunks(generation);
     let batch = chunk_store.batch();
-    let counters: Vec<ahead::Counter> = image.layers.iter().map(|_| ahead::Counter::default()).collect();
-    let (flat, sealed) = seal_while(&salt, batch.as_ref(), threads, |sink| {
-        std::thread::scope(|scope| {
-            let mut flattener = Flattener::new(FlattenOptions { headroom_bytes: options.headroom_bytes, seed }, sink);
-            let mut file_bytes = 0;
-            let mut tars = ahead::Layers::new(scope, &image.layers, &counters, progress);
-            for (i, layer) in image.layers.iter().enumerate() {
-                progress.step(&format!("layer {}/{}", i + 1, image.layers.len()), layer.size);
-                let ingest_err = |e| Error::Ingest { reference: shown.clone(), source: e };
-                let tar = tars.next_layer().expect("one reader per layer").map_err(ingest_err)?;
-                let stats = match flattener.apply_layer(&layer.label, tar) {
-                    Ok(s) => s,
-                    // A damaged blob often shows first as bad compression or a
-                    // bad tar: name the digest mismatch when that is the cause.
-                    Err(e) => return Err(layer.check().err().map(ingest_err).unwrap_or_else(|| flatten_err(e, &shown))),
-                };
-                file_bytes += stats.file_bytes;
-            }
-            let flat = flattener.finish().map_err(|e| flatten_err(e, &shown))?;
-            Ok::<_, Error>((flat, file_bytes))
-        })
-    });
+    let flatten_options = FlattenOptions { headroom_bytes: options.headroom_bytes, seed, first: options.first.clone(), record_files: options.record_files };
+    let (flat, sealed) = seal_while(&salt, batch.as_ref(), threads, |sink| flatten(&image, flatten_options, sink, &shown, progress));
     // A store failure explains a flatten failure, so report it first.
     let sealed = sealed.map_err(store_err)?;
     let (flat, file_bytes) = flat?;
@@ -317,7 +312,55 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
         layers: image.layers.len(),
         file_bytes,
         warnings,
+        files: flat.files,
+        manifest_doc: manifest,
     })
+}
+
+/// Flattens `image`'s layers into `sink`; returns the disk and the bytes of
+/// file data. `shown` names the image in errors.
+fn flatten(image: &ResolvedImage, options: FlattenOptions, sink: &mut dyn ChunkSink, shown: &str, progress: &dyn Progress) -> Result<(FlatImage, u64), Error> {
+    let counters: Vec<ahead::Counter> = image.layers.iter().map(|_| ahead::Counter::default()).collect();
+    let planning = !options.first.is_empty();
+    std::thread::scope(|scope| {
+        let mut flattener = Flattener::new(options, sink);
+        let mut file_bytes = 0;
+        let mut tars = ahead::Layers::new(scope, &image.layers, &counters, progress);
+        for (i, layer) in image.layers.iter().enumerate() {
+            progress.step(&format!("layer {}/{}", i + 1, image.layers.len()), layer.size);
+            let ingest_err = |e| Error::Ingest { reference: shown.to_owned(), source: e };
+            // A damaged blob often shows first as bad compression or a bad
+            // tar: name the digest mismatch when that is the cause.
+            let failed = |e| layer.check().err().map(ingest_err).unwrap_or_else(|| flatten_err(e, shown));
+            if planning {
+                // A first pass finds the files that go first, and their sizes.
+                let tar = layer.open(&tessera_oci::NoProgress).map_err(ingest_err)?;
+                flattener.plan_layer(&layer.label, tar).map_err(failed)?;
+            }
+            let tar = tars.next_layer().expect("one reader per layer").map_err(ingest_err)?;
+            file_bytes += flattener.apply_layer(&layer.label, tar).map_err(failed)?.file_bytes;
+        }
+        let flat = flattener.finish().map_err(|e| flatten_err(e, shown))?;
+        Ok((flat, file_bytes))
+    })
+}
+
+/// Where each regular file of `source`'s layers lands when flattened (as
+/// `tessera import` would), without storing anything: maps a start-up
+/// profile's blocks to files.
+pub fn place_files(home: &Home, source: &str, pull: &PullOptions, progress: &dyn Progress) -> Result<(ResolvedImage, FlatImage), Error> {
+    let reference = Reference::parse(source).map_err(|e| Error::Ingest { reference: source.to_owned(), source: e })?;
+    let shown = reference.to_string();
+    let image = tessera_oci::resolve(&reference, pull, &home.tmp_dir(), progress).map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
+    struct Discard;
+    impl ChunkSink for Discard {
+        fn put_chunk(&mut self, _: u64, _: Vec<u8>) -> Result<(), tessera_flatten::SinkError> {
+            Ok(())
+        }
+    }
+    let options = FlattenOptions { record_files: true, ..FlattenOptions::default() };
+    let (flat, _) = flatten(&image, options, &mut Discard, &shown, progress)?;
+    Ok((image, flat))
 }
 
 fn flatten_err(e: tessera_flatten::Error, reference: &str) -> Error {

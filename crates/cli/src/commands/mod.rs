@@ -4,6 +4,7 @@
 //! their own; `options` turns shared flags into library options.
 
 mod bench;
+mod optimize;
 mod options;
 mod run;
 mod serve;
@@ -52,6 +53,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run::run(home, args),
         Command::Profile { name, json } => profile(&home, &name, json),
         Command::Import(args) => import(&home, args),
+        Command::Optimize(args) => optimize::optimize(&home, args),
         Command::Images { json } => images(&home, json),
         Command::Inspect { name, json } => inspect(&home, &name, json),
         Command::Export { name, file } => export(&home, &name, &file),
@@ -126,14 +128,27 @@ fn default_home() -> Result<PathBuf> {
 
 fn import(home: &Home, a: ImportArgs) -> Result<ExitCode> {
     let bars = Bars::new(a.json);
+    let pull = PullOptions { platform: a.platform, insecure: a.insecure, creds: a.creds };
+    let first = match &a.optimize_with {
+        Some(earlier) => match optimize::start_files(home, earlier, &pull, &bars) {
+            Ok(s) => s.paths,
+            Err(e) => {
+                bars.done();
+                return Err(e.context(format!("--optimize-with {earlier}")));
+            }
+        },
+        None => Vec::new(),
+    };
     let options = ImportOptions {
         name: a.name,
         tenant: a.tenant,
-        pull: PullOptions { platform: a.platform, insecure: a.insecure, creds: a.creds },
+        pull,
         headroom_bytes: a.headroom,
         threads: a.threads,
         dedup_scope: a.dedup_scope,
         lease: a.lease,
+        first,
+        record_files: false,
     };
     let report = tessera_import::import(home, &a.source, &options, &bars);
     bars.done();
@@ -387,7 +402,7 @@ fn profile(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
     if json {
         println!(
             "{}",
-            json!({"name": name, "manifest": p.manifest, "chunks": p.chunks, "bytes": bytes, "disk_bytes": m.geometry.disk_bytes, "recorded_at": p.recorded_at, "seconds": p.seconds})
+            json!({"name": name, "manifest": p.manifest, "chunks": p.chunks, "bytes": bytes, "blocks": p.blocks.iter().map(|r| r[1]).sum::<u64>(), "disk_bytes": m.geometry.disk_bytes, "recorded_at": p.recorded_at, "seconds": p.seconds})
         );
         return Ok(ExitCode::SUCCESS);
     }
