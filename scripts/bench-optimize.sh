@@ -62,6 +62,11 @@ rm -rf "$o/cache"
 "$tessera" optimize numpy --as numpy-opt --json >"$o/optimize.json"
 runs numpy-opt optimized
 
+# Would 64 KiB sub-chunks pay? From the recorded blocks of both profiles:
+# the chunks and the 64 KiB pieces of them the start touches.
+"$tessera" profile numpy --json >"$o/profile-numpy.json"
+"$tessera" profile numpy-opt --json >"$o/profile-opt.json"
+
 python3 - "$o" "$registry" "$stored" <<'PY'
 import json, sys
 o, registry, stored = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -70,6 +75,14 @@ imp, opt = load("import"), load("optimize")
 print(f"registry layers {registry / 1e6:.1f} MB; Tessera stores {stored / 1e6:.1f} MB = {stored / registry:.2f}x (goal <= 1.05x)")
 print(f"optimize: start chunks {opt['start_chunks_before']} -> {opt['start_chunks_after']}, "
       f"bytes {opt['start_bytes_before'] / 1e6:.1f} MB -> {opt['start_bytes_after'] / 1e6:.1f} MB; {opt['start_files']} files first; {opt['new_chunks']} new chunks")
+for label in ["numpy", "opt"]:
+    p = load(f"profile-{label}")
+    blocks = {b for first, n in p["block_runs"] for b in range(first, first + n)}
+    chunks = {b // 128 for b in blocks}
+    pieces = {b // 16 for b in blocks}
+    print(f"profile {label}: {len(blocks)} blocks read ({len(blocks) * 4096 / 1e6:.1f} MB); "
+          f"{len(chunks)} chunks of 512 KiB = {len(chunks) * 524288 / 1e6:.1f} MB, "
+          f"{len(pieces)} pieces of 64 KiB = {len(pieces) * 65536 / 1e6:.1f} MB (uncompressed)")
 for label in ["lazy", "optimized"]:
     r = load(f"run-{label}")
     print(f"run {label} (empty cache, no prefetch, throttled origin): fetched {r['bytes_fetched'] / 1e6:.1f} MB, "

@@ -39,6 +39,10 @@ fn the_entrypoint_runs_with_the_image_config() {
     assert_eq!(stdout(&o), "hello bar\n/etc\n1000\n");
     assert!(String::from_utf8_lossy(&o.stderr).contains("oops"), "{}", text(&o));
 
+    // An image without PATH gets docker's default, in the program's environment too.
+    let o = run(&env, &["bb", "--accel", "tcg", "--", "-c", "echo \"$PATH\""]);
+    assert_eq!(stdout(&o), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n", "{}", text(&o));
+
     // The cold-start report.
     let o = run(&env, &["bb", "--accel", "tcg", "--json", "--", "-c", "exit 0"]);
     let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("--json prints one object");

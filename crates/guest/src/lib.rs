@@ -231,13 +231,18 @@ fn lookup_uid_gid(uid: u32) -> Option<u32> {
 /// Forks the program inside the new root; returns its exit code (128 + signal if killed).
 fn spawn(spec: &Spec, uid: u32, gid: u32, out: i32, err: i32) -> Result<i32, String> {
     let argv: Vec<CString> = spec.argv.iter().map(|a| cstr(a)).collect();
-    let env: Vec<CString> = spec.env.iter().map(|e| cstr(e)).collect();
-    let path_var = spec
-        .env
-        .iter()
-        .find_map(|e| e.strip_prefix(b"PATH="))
-        .map(<[u8]>::to_vec)
-        .unwrap_or_else(|| b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec());
+    let mut env: Vec<CString> = spec.env.iter().map(|e| cstr(e)).collect();
+    let path_var = match spec.env.iter().find_map(|e| e.strip_prefix(b"PATH=")) {
+        Some(p) => p.to_vec(),
+        None => {
+            // As docker does, an image without PATH gets the default one, in
+            // the program's environment too (python, for one, finds its
+            // prefix, and so its packages, through it).
+            let default = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+            env.push(cstr(&[b"PATH=".as_slice(), default].concat()));
+            default.to_vec()
+        }
+    };
     let workdir = if spec.workdir.is_empty() { cstr(b"/") } else { cstr(&spec.workdir) };
     // Candidates for the program, resolved the way execvp does, inside the root.
     let program = &spec.argv[0];

@@ -402,7 +402,7 @@ fn profile(home: &Home, name: &str, json: bool) -> Result<ExitCode> {
     if json {
         println!(
             "{}",
-            json!({"name": name, "manifest": p.manifest, "chunks": p.chunks, "bytes": bytes, "blocks": p.blocks.iter().map(|r| r[1]).sum::<u64>(), "disk_bytes": m.geometry.disk_bytes, "recorded_at": p.recorded_at, "seconds": p.seconds})
+            json!({"name": name, "manifest": p.manifest, "chunks": p.chunks, "bytes": bytes, "blocks": p.blocks.iter().map(|r| r[1]).sum::<u64>(), "block_runs": p.blocks, "disk_bytes": m.geometry.disk_bytes, "recorded_at": p.recorded_at, "seconds": p.seconds})
         );
         return Ok(ExitCode::SUCCESS);
     }
