@@ -115,10 +115,16 @@ pub struct Geometry {
     pub block_size: u64,
     /// The chunk range holding each layer's file data, lowest layer first.
     pub layers: Vec<LayerRegion>,
-    /// First chunk of the filesystem metadata region (after all layer data).
+    /// First chunk after every layer's region (each holds its layer's data,
+    /// then its metadata).
     pub metadata_chunk: u64,
-    /// Bytes of free space left for a writable root.
+    /// Bytes of free space asked for a writable root (the disk may have a
+    /// little more).
     pub headroom_bytes: u64,
+    /// Files placed first in their layers' regions (`tessera optimize`), in
+    /// order; importing the same source with the same list gives the same disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub first_files: Vec<String>,
     /// Inodes in use.
     pub inodes_used: u64,
     /// Inodes in the filesystem.

@@ -96,6 +96,14 @@ fn optimize_places_the_start_first_and_keeps_the_tree() {
     let after = start(&env, "opt", "cache-2");
     assert!(fetched(&after) < fetched(&before), "before {before}, after {after}");
 
+    // Optimizing the optimized image maps its moved profile through its own
+    // layout: nothing left to gain, the same disk.
+    let again: serde_json::Value = serde_json::from_str(&env.ok(&["optimize", "opt", "--as", "opt-twice", "--json"])).unwrap();
+    assert_eq!(again["start_chunks_after"], again["start_chunks_before"], "{again}");
+    let twice = env.path("opt-twice.img");
+    env.ok(&["export", "opt-twice", twice.to_str().unwrap()]);
+    assert!(std::fs::read(&twice).unwrap() == std::fs::read(&a).unwrap(), "re-optimizing changed the disk");
+
     // A new version imported with the old version's profile starts optimized too.
     let mut v2 = data_files();
     v2[5].1 = pseudo_random(96 * 1024, 1000);

@@ -106,8 +106,6 @@ pub(crate) struct Finished {
     /// non-zero chunk of the tail.
     pub chunks: BTreeMap<u64, Vec<u8>>,
     pub total_blocks: u64,
-    /// First block after the tail: the headroom runs from here to the end.
-    pub tail_end: u64,
     pub inodes_used: u64,
     pub inodes_total: u64,
 }
@@ -588,7 +586,7 @@ impl Layout {
             chunk[off..off + BS].copy_from_slice(&bytes);
         }
         let inodes_used = LOST_FOUND_INO as u64 - 1 + self.numbered.len() as u64 - 1;
-        Ok(Finished { chunks, total_blocks, tail_end, inodes_used, inodes_total })
+        Ok(Finished { chunks, total_blocks, inodes_used, inodes_total })
     }
 }
 

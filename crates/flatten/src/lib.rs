@@ -159,7 +159,9 @@ pub struct FlatImage {
     pub layer_regions: Vec<(u64, u64)>,
     /// First chunk after every layer's region (the tail, then headroom).
     pub metadata_chunk: u64,
-    /// Free space left for a writable root.
+    /// Free space asked for a writable root (rounded up to chunks; the disk
+    /// may have a little more, being whole block groups). Flattening the
+    /// same layers with this as [`Options::headroom_bytes`] gives the same disk.
     pub headroom_bytes: u64,
     /// Inodes in use and in total.
     pub inodes_used: u64,
@@ -262,7 +264,7 @@ impl<'s> Flattener<'s> {
         for (_, path, size) in found {
             let need = size.div_ceil(BLOCK_SIZE);
             if (blocks + need) * BLOCK_SIZE > FIRST_BYTES_MAX {
-                break;
+                continue; // too big for what is left: smaller ones may still fit
             }
             slots.insert(path, (blocks, size));
             blocks += need;
@@ -306,7 +308,7 @@ impl<'s> Flattener<'s> {
             disk_bytes: done.total_blocks * BLOCK_SIZE,
             layer_regions: self.regions,
             metadata_chunk: data_end / REGION_BLOCKS,
-            headroom_bytes: (done.total_blocks - done.tail_end) * BLOCK_SIZE,
+            headroom_bytes: headroom_blocks * BLOCK_SIZE,
             inodes_used: done.inodes_used,
             inodes_total: done.inodes_total,
             warnings: self.warnings,

@@ -93,6 +93,9 @@ pub struct ImportOptions {
     pub first: Vec<Vec<u8>>,
     /// Report where each file's data went ([`ImportReport::files`]).
     pub record_files: bool,
+    /// Refuse the source unless its manifest has this digest (a tag that
+    /// moved since it was last read).
+    pub expect_digest: Option<String>,
 }
 
 impl Default for ImportOptions {
@@ -107,6 +110,7 @@ impl Default for ImportOptions {
             lease: tessera_store::lifecycle::DEFAULT_LEASE,
             first: Vec::new(),
             record_files: false,
+            expect_digest: None,
         }
     }
 }
@@ -180,6 +184,11 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
 
     let image =
         tessera_oci::resolve(&reference, &options.pull, &home.tmp_dir(), progress).map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
+    if let Some(expected) = options.expect_digest.as_ref().filter(|d| **d != image.manifest_digest.to_string()) {
+        let source =
+            tessera_oci::Error::DigestMismatch { what: "the image's manifest".into(), expected: expected.clone(), actual: image.manifest_digest.to_string() };
+        return Err(Error::Ingest { reference: shown, source });
+    }
 
     // Same layers in, same bytes out: the filesystem's UUID and hash seed
     // come from the layers' diff ids.
@@ -193,7 +202,9 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     let threads = if options.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { options.threads };
     let chunk_store = home.store().chunks(generation);
     let batch = chunk_store.batch();
-    let flatten_options = FlattenOptions { headroom_bytes: options.headroom_bytes, seed, first: options.first.clone(), record_files: options.record_files };
+    // Only paths the manifest can record exactly (UTF-8) go first.
+    let first: Vec<Vec<u8>> = options.first.iter().filter(|p| std::str::from_utf8(p).is_ok()).cloned().collect();
+    let flatten_options = FlattenOptions { headroom_bytes: options.headroom_bytes, seed, first: first.clone(), record_files: options.record_files };
     let (flat, sealed) = seal_while(&salt, batch.as_ref(), threads, |sink| flatten(&image, flatten_options, sink, &shown, progress));
     // A store failure explains a flatten failure, so report it first.
     let sealed = sealed.map_err(store_err)?;
@@ -235,6 +246,7 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
             layers: flat.layer_regions.iter().map(|&(first_chunk, chunks)| LayerRegion { first_chunk, chunks }).collect(),
             metadata_chunk: flat.metadata_chunk,
             headroom_bytes: flat.headroom_bytes,
+            first_files: first.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect(),
             inodes_used: flat.inodes_used,
             inodes_total: flat.inodes_total,
         },
@@ -346,9 +358,16 @@ fn flatten(image: &ResolvedImage, options: FlattenOptions, sink: &mut dyn ChunkS
 }
 
 /// Where each regular file of `source`'s layers lands when flattened (as
-/// `tessera import` would), without storing anything: maps a start-up
-/// profile's blocks to files.
-pub fn place_files(home: &Home, source: &str, pull: &PullOptions, progress: &dyn Progress) -> Result<(ResolvedImage, FlatImage), Error> {
+/// `tessera import` would, with `headroom_bytes` and `first` placed
+/// first), without storing anything: maps a start-up profile's blocks to files.
+pub fn place_files(
+    home: &Home,
+    source: &str,
+    pull: &PullOptions,
+    headroom_bytes: u64,
+    first: Vec<Vec<u8>>,
+    progress: &dyn Progress,
+) -> Result<(ResolvedImage, FlatImage), Error> {
     let reference = Reference::parse(source).map_err(|e| Error::Ingest { reference: source.to_owned(), source: e })?;
     let shown = reference.to_string();
     let image = tessera_oci::resolve(&reference, pull, &home.tmp_dir(), progress).map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
@@ -358,7 +377,7 @@ pub fn place_files(home: &Home, source: &str, pull: &PullOptions, progress: &dyn
             Ok(())
         }
     }
-    let options = FlattenOptions { record_files: true, ..FlattenOptions::default() };
+    let options = FlattenOptions { record_files: true, first, headroom_bytes, ..FlattenOptions::default() };
     let (flat, _) = flatten(&image, options, &mut Discard, &shown, progress)?;
     Ok((image, flat))
 }

@@ -149,6 +149,7 @@ fn import(home: &Home, a: ImportArgs) -> Result<ExitCode> {
         lease: a.lease,
         first,
         record_files: false,
+        expect_digest: None,
     };
     let report = tessera_import::import(home, &a.source, &options, &bars);
     bars.done();

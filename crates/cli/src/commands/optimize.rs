@@ -38,13 +38,15 @@ pub fn start_files(home: &Home, name: &str, pull: &PullOptions, progress: &dyn P
     if profile.blocks.is_empty() {
         bail!("{name}'s start-up profile was recorded before profiles kept blocks: run it again (`tessera run {name}`)");
     }
-    let (image, flat) = tessera_import::place_files(home, &m.source.reference, pull, progress)
+    // The image's own layout: with the files an earlier optimize placed first.
+    let first = m.geometry.first_files.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let (image, flat) = tessera_import::place_files(home, &m.source.reference, pull, m.geometry.headroom_bytes, first, progress)
         .with_context(|| format!("re-reading {name}'s source {} (optimizing needs it)", m.source.reference))?;
     if image.manifest_digest.to_string() != m.source.manifest_digest {
         bail!("{} now holds another image ({}) than {name} was imported from ({})", m.source.reference, image.manifest_digest, m.source.manifest_digest);
     }
     let regions: Vec<(u64, u64)> = m.geometry.layers.iter().map(|l| (l.first_chunk, l.chunks)).collect();
-    if flat.layer_regions != regions {
+    if flat.layer_regions != regions || flat.disk_bytes != m.geometry.disk_bytes {
         bail!("{name} was imported with an older disk layout: import it again, run it once, then optimize");
     }
     let paths = rank(&flat.files, &profile.blocks).into_iter().map(|i| flat.files[i].path.clone()).collect();
@@ -99,10 +101,11 @@ pub fn optimize(home: &Home, a: OptimizeArgs) -> Result<ExitCode> {
         name: Some(new_name.clone()),
         tenant: r.tenant.clone(),
         pull,
-        headroom_bytes: m.geometry.headroom_bytes, // the same regions and headroom: the same geometry
+        headroom_bytes: m.geometry.headroom_bytes, // what was asked: the same geometry
         dedup_scope: Some(m.dedup_scope),
         first: start.paths.clone(),
         record_files: true,
+        expect_digest: Some(m.source.manifest_digest.clone()),
         ..ImportOptions::default()
     };
     let report = tessera_import::import(home, &m.source.reference, &options, &bars);
@@ -112,8 +115,9 @@ pub fn optimize(home: &Home, a: OptimizeArgs) -> Result<ExitCode> {
     // The profile, moved with the files: a block of a file goes where the
     // file went (the same file of the same tar, so the same index), any
     // other block (metadata) stays, as every region keeps its size.
-    if report.files.len() != start.placed.len() {
-        bail!("the source gave {} files on the second read and {} on the first", report.files.len(), start.placed.len());
+    // The same tar gives the same files in the same order (the digest was checked).
+    if report.files.len() != start.placed.len() || report.files.iter().zip(&start.placed).any(|(a, b)| a.path != b.path || a.blocks != b.blocks) {
+        bail!("the source gave other files on the second read than on the first");
     }
     let mut by_start: Vec<usize> = (0..start.placed.len()).filter(|&i| start.placed[i].blocks > 0).collect();
     by_start.sort_by_key(|&i| start.placed[i].first_block);
