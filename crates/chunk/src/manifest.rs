@@ -121,7 +121,7 @@ pub struct Geometry {
     /// Bytes of free space asked for a writable root (the disk may have a
     /// little more).
     pub headroom_bytes: u64,
-    /// Files placed first in their layers' regions (`tessera optimize`), in
+    /// Files placed together in their layers' regions (`tessera optimize`), in
     /// order; importing the same source with the same list gives the same disk.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub first_files: Vec<String>,

@@ -114,8 +114,9 @@ pub enum Command {
     ///
     /// Maps the blocks of the image's start-up profile (recorded by its
     /// first `tessera run`) to the files that hold them, then imports the
-    /// image again from its source with those files first in their layers'
-    /// regions, in the order the start read them. The result has the same
+    /// image again from its source with those files together, in the order
+    /// the start read them, at the end of each layer's data, right before
+    /// the layer's metadata (so the start's files and metadata share chunks). The result has the same
     /// tree, and a profile moved with the files. Needs the source the image
     /// was imported from.
     Optimize(OptimizeArgs),
@@ -790,8 +791,9 @@ pub struct ImportArgs {
     /// --lease` must be at least as long.
     #[arg(long, default_value = "1h", value_parser = parse_long_duration, value_name = "DURATION")]
     pub lease: std::time::Duration,
-    /// Place first the files that image NAME's recorded start read (a new
-    /// version starts optimized with its previous version's profile).
+    /// Place together, as `tessera optimize` does, the files that image
+    /// NAME's recorded start read (a new version starts optimized with its
+    /// previous version's profile).
     #[arg(long, value_name = "NAME")]
     pub optimize_with: Option<String>,
     /// Print one JSON object with the result.

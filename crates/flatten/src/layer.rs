@@ -46,7 +46,7 @@ pub(crate) fn apply(f: &mut Flattener<'_>, layer: &str, index: u32, tar: impl Re
         };
 
         // Whiteouts name what they delete; they are never materialised.
-        if name.as_slice() == OPAQUE_MARKER || name.starts_with(WHITEOUT_PREFIX) {
+        if is_whiteout(name) {
             stats.whiteouts += 1;
             let dir = match f.tree.walk_dirs(parents, None) {
                 Ok(d) => d,
@@ -123,6 +123,11 @@ pub(crate) fn apply(f: &mut Flattener<'_>, layer: &str, index: u32, tar: impl Re
     let mut rest = archive.into_inner();
     std::io::copy(&mut rest, &mut std::io::sink()).map_err(tar_err)?;
     Ok(stats)
+}
+
+/// Whether a tar entry's name is a whiteout or an opaque marker (never materialised).
+pub(crate) fn is_whiteout(name: &[u8]) -> bool {
+    name == OPAQUE_MARKER || name.starts_with(WHITEOUT_PREFIX)
 }
 
 fn resolve_reason(e: ResolveError) -> String {

@@ -81,7 +81,8 @@ pub struct Options {
     /// Seed for the filesystem UUID and directory hash seed; derive it from
     /// the image's digests so equal inputs give equal bytes.
     pub seed: [u8; 32],
-    /// Files whose data goes first in their layer's region, in this order
+    /// Files whose data goes together, in this order, at the end of their
+    /// layer's data, right before the layer's metadata
     /// (a start-up profile's files, for `tessera optimize`), by path as the
     /// layer's tar names it, cleaned (`usr/bin/python3`). Each layer must be
     /// scanned with [`Flattener::plan_layer`] before it is applied.
@@ -96,7 +97,7 @@ impl Default for Options {
     }
 }
 
-/// At most this many bytes of a layer's files go first (they are held in
+/// At most this many bytes of a layer's listed files go together (they are held in
 /// memory until the layer ends); the rest of the list keeps tar order.
 pub const FIRST_BYTES_MAX: u64 = 256 << 20;
 
@@ -195,25 +196,18 @@ pub struct Flattener<'s> {
     files: Vec<PlacedFile>,
 }
 
-/// The files a layer places first, at the start of its region, held in
-/// memory until the layer ends.
+/// The files a layer places first (its "front"): together, in the order
+/// listed, at the end of the layer's data, so the layer's metadata follows
+/// them at once. Held in memory until the layer ends.
 struct Front {
-    /// First block of the region.
+    /// Blocks of the layer's other data, which go before the front.
+    before: u64,
+    /// First block of the front.
     start: u64,
     /// Path → (block offset in the front, bytes), until written.
     slots: HashMap<Vec<u8>, (u64, u64)>,
     blocks: u64,
     buf: Vec<u8>,
-    /// The chunk the front shares with the data after it, once that is full.
-    shared: Option<Vec<u8>>,
-}
-
-impl Front {
-    /// The chunk holding both front and sequential data, if any.
-    fn shared_chunk(&self) -> Option<u64> {
-        let end = self.start + self.blocks;
-        (!end.is_multiple_of(REGION_BLOCKS)).then_some(end / REGION_BLOCKS)
-    }
 }
 
 impl<'s> Flattener<'s> {
@@ -237,7 +231,8 @@ impl<'s> Flattener<'s> {
 
     /// Reads a layer's tar (a first pass, before [`Flattener::apply_layer`]
     /// of the same tar) to find which of [`Options::first`] it holds and how
-    /// big they are; returns the bytes that will go first. A no-op returning
+    /// big they are, and how much other data the layer has; returns the
+    /// bytes of listed files it holds. A no-op returning
     /// 0 without `first`.
     pub fn plan_layer(&mut self, name: &str, tar: impl Read) -> Result<u64, Error> {
         if self.rank.is_empty() {
@@ -246,12 +241,18 @@ impl<'s> Flattener<'s> {
         let tar_err = |source: std::io::Error| Error::Tar { layer: name.to_owned(), source };
         let mut found: Vec<(usize, Vec<u8>, u64)> = Vec::new();
         let mut seen = HashSet::new();
+        let mut total = 0u64; // blocks of file data the layer writes, as `layer::apply` counts them
         for entry in tar::Archive::new(tar).entries().map_err(tar_err)? {
             let entry = entry.map_err(tar_err)?;
-            if !matches!(entry.header().entry_type(), tar::EntryType::Regular | tar::EntryType::Continuous) {
+            if !matches!(entry.header().entry_type(), tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse) {
                 continue;
             }
-            let path = tree::clean_path(&entry.path_bytes()).join(&b'/');
+            let components = tree::clean_path(&entry.path_bytes());
+            if components.last().is_none_or(|name| layer::is_whiteout(name)) {
+                continue;
+            }
+            total += entry.size().div_ceil(BLOCK_SIZE);
+            let path = components.join(&b'/');
             if let Some(&rank) = self.rank.get(&path) {
                 if seen.insert(path.clone()) {
                     found.push((rank, path, entry.size()));
@@ -270,7 +271,7 @@ impl<'s> Flattener<'s> {
             blocks += need;
         }
         let bytes = blocks * BLOCK_SIZE;
-        self.planned = (blocks > 0).then(|| Front { start: 0, slots, blocks, buf: vec![0; bytes as usize], shared: None });
+        self.planned = (blocks > 0).then(|| Front { before: total - blocks, start: 0, slots, blocks, buf: vec![0; bytes as usize] });
         Ok(bytes)
     }
 
@@ -280,8 +281,7 @@ impl<'s> Flattener<'s> {
         let first_chunk = self.cursor / REGION_BLOCKS;
         let layer_index = self.regions.len() as u32 + 1;
         if let Some(mut front) = self.planned.take() {
-            front.start = self.cursor;
-            self.cursor += front.blocks; // this layer's other data follows the front
+            front.start = self.cursor + front.before;
             self.front = Some(front);
         }
         let stats = layer::apply(self, name, layer_index, tar)?;
@@ -316,31 +316,31 @@ impl<'s> Flattener<'s> {
         })
     }
 
-    /// Hands over the chunks of the layer's front, merged with the first
-    /// data after it where they share a chunk.
+    /// Writes the layer's front after its other data (whose last chunk,
+    /// partly filled, is `current`), and leaves the chunk the front ends in
+    /// as `current` for the metadata that follows.
     fn flush_front(&mut self) -> Result<(), Error> {
-        let Some(mut front) = self.front.take() else { return Ok(()) };
+        let Some(front) = self.front.take() else { return Ok(()) };
+        if self.cursor != front.start {
+            return Err(Error::Format(format!(
+                "the layer's data took {} blocks, not the {} its first read counted",
+                self.cursor - (front.start - front.before),
+                front.before
+            )));
+        }
         let end = front.start + front.blocks;
         for index in front.start / REGION_BLOCKS..end.div_ceil(REGION_BLOCKS) {
-            let from = index * REGION_BLOCKS;
-            let to = end.min(from + REGION_BLOCKS);
+            let from = (index * REGION_BLOCKS).max(front.start);
+            let to = end.min((index + 1) * REGION_BLOCKS);
             let part = &front.buf[((from - front.start) * BLOCK_SIZE) as usize..((to - front.start) * BLOCK_SIZE) as usize];
-            if Some(index) == front.shared_chunk() {
-                match front.shared.take() {
-                    Some(mut data) => {
-                        data[..part.len()].copy_from_slice(part);
-                        self.put(index, data)?;
-                    }
-                    // Still being filled: the data after the front is in `current`.
-                    None => self.current[..part.len()].copy_from_slice(part),
-                }
-            } else {
-                let mut data = new_chunk(self.sink.recycled());
-                data[..part.len()].copy_from_slice(part);
-                data[part.len()..].fill(0);
+            let off = ((from % REGION_BLOCKS) * BLOCK_SIZE) as usize;
+            self.current[off..off + part.len()].copy_from_slice(part);
+            if to == (index + 1) * REGION_BLOCKS {
+                let data = std::mem::replace(&mut self.current, new_chunk(self.sink.recycled()));
                 self.put(index, data)?;
             }
         }
+        self.cursor = end;
         Ok(())
     }
 
@@ -423,6 +423,9 @@ impl<'s> Flattener<'s> {
     /// first block. Errors if `src` ends before `size` bytes.
     fn write_file(&mut self, src: &mut dyn Read, size: u64) -> std::io::Result<u64> {
         let start = self.cursor;
+        if self.front.as_ref().is_some_and(|f| start + size.div_ceil(BLOCK_SIZE) > f.start) {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the layer holds more data than its first read counted"));
+        }
         let mut left = size;
         while left > 0 {
             let off = ((self.cursor % REGION_BLOCKS) * BLOCK_SIZE) as usize;
@@ -444,10 +447,7 @@ impl<'s> Flattener<'s> {
             if self.cursor.is_multiple_of(REGION_BLOCKS) {
                 let data = std::mem::replace(&mut self.current, new_chunk(self.sink.recycled()));
                 let index = self.cursor / REGION_BLOCKS - 1;
-                match self.front.as_mut().filter(|f| f.shared_chunk() == Some(index)) {
-                    Some(front) => front.shared = Some(data), // the front's part comes at the layer's end
-                    None => self.sink.put_chunk(index, data).map_err(|e| std::io::Error::other(SinkFailed(index, e.to_string())))?,
-                }
+                self.sink.put_chunk(index, data).map_err(|e| std::io::Error::other(SinkFailed(index, e.to_string())))?;
             }
         }
         Ok(start)

@@ -97,13 +97,15 @@ fn files_listed_first_lead_their_layers_regions() {
     let (_, again_path) = flatten_first(dir.path(), "again.img", &layers, &["d", "sub/c2", "tiny", "sub/b", "missing"]);
     assert!(std::fs::read(&opt_path).unwrap() == std::fs::read(&again_path).unwrap(), "not deterministic");
 
+    // The listed files go together, in the order listed, after the layer's
+    // other data (which keeps tar order), so its metadata follows them.
     let at = |img: &tessera_flatten::FlatImage, p: &str| img.files.iter().find(|f| f.path == p.as_bytes()).unwrap().first_block;
     let region = |i: usize| opt.layer_regions[i].0 * 128;
-    assert_eq!(at(&opt, "d"), region(0));
-    assert_eq!(at(&opt, "tiny"), region(0) + 49);
-    assert_eq!(at(&opt, "sub/b"), region(0) + 50);
-    assert!(at(&opt, "a") > at(&opt, "sub/b") && at(&opt, "c") > at(&opt, "a"), "the rest keeps tar order");
-    assert_eq!(at(&opt, "sub/c2"), region(1));
+    assert_eq!((at(&opt, "a"), at(&opt, "c")), (region(0), region(0) + 49));
+    assert_eq!(at(&opt, "d"), region(0) + 98);
+    assert_eq!(at(&opt, "tiny"), region(0) + 147);
+    assert_eq!(at(&opt, "sub/b"), region(0) + 148);
+    assert_eq!((at(&opt, "e"), at(&opt, "sub/c2")), (region(1), region(1) + 49));
     assert_eq!(at(&plain, "a"), region(0));
     assert_eq!(plain.layer_regions, opt.layer_regions, "regions keep their sizes");
 
@@ -115,4 +117,18 @@ fn files_listed_first_lead_their_layers_regions() {
     };
     assert_eq!(read(&opt_path), read(&plain_path));
     assert_eq!(read(&opt_path)[3], data(4));
+}
+
+#[test]
+fn a_layer_that_differs_from_its_planning_read_is_refused() {
+    let planned = Layer::new().file("a", &[1u8; 10_000]).file("b", &[2u8; 10_000]).build();
+    for applied in
+        [Layer::new().file("a", &[1u8; 10_000]).file("b", &[2u8; 10_000]).file("c", &[3u8; 10_000]).build(), Layer::new().file("b", &[2u8; 10_000]).build()]
+    {
+        let mut sink = common::FileSink { file: tempfile::tempfile().unwrap(), seen: Vec::new() };
+        let options = tessera_flatten::Options { first: vec![b"b".to_vec()], ..small() };
+        let mut f = tessera_flatten::Flattener::new(options, &mut sink);
+        f.plan_layer("layer", planned.as_slice()).unwrap();
+        assert!(f.apply_layer("layer", applied.as_slice()).is_err(), "a layer that changed between its reads was taken");
+    }
 }

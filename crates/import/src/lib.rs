@@ -88,7 +88,8 @@ pub struct ImportOptions {
     /// How long the import may take before it gives up naming its image
     /// (the collector waits for it that long at most).
     pub lease: std::time::Duration,
-    /// Files to place first in their layers' regions, in this order (a
+    /// Files to place together, in this order, at the end of their layers'
+    /// data, beside the layers' metadata (a
     /// start-up profile's files: `tessera optimize`, `--optimize-with`).
     pub first: Vec<Vec<u8>>,
     /// Report where each file's data went ([`ImportReport::files`]).

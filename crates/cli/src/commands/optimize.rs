@@ -1,7 +1,8 @@
 //! `tessera optimize` and `tessera import --optimize-with`: the blocks a
 //! recorded start read, mapped to the files that hold them (by flattening the
-//! image's source again, as the import did), and those files placed first in
-//! their layers' regions, in first-touch order.
+//! image's source again, as the import did), and those files placed
+//! together, in first-touch order, at the end of each layer's data, right
+//! before the layer's metadata.
 
 use std::collections::HashSet;
 use std::process::ExitCode;
@@ -158,7 +159,7 @@ pub fn optimize(home: &Home, a: OptimizeArgs) -> Result<ExitCode> {
         );
     } else {
         println!(
-            "optimized {} as {new_name}: its start reads {} chunks ({}) instead of {} ({}); {} files placed first; {} new chunks ({})",
+            "optimized {} as {new_name}: its start reads {} chunks ({}) instead of {} ({}); {} files placed together; {} new chunks ({})",
             a.name,
             after_chunks.len(),
             human(after_bytes),
