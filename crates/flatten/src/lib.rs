@@ -348,19 +348,14 @@ impl<'s> Flattener<'s> {
     /// `None` when it is not one (or was written already).
     fn write_front(&mut self, path: &[u8], src: &mut dyn Read, size: u64) -> Option<std::io::Result<u64>> {
         let front = self.front.as_mut()?;
-        let (at, planned) = *front.slots.get(path).filter(|s| s.1 == size)?;
+        let (at, _) = *front.slots.get(path).filter(|s| s.1 == size)?;
         front.slots.remove(path);
         let off = (at * BLOCK_SIZE) as usize;
-        Some(src.read_exact(&mut front.buf[off..off + size as usize]).map(|()| front.start + at).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("file data ends before its {planned} bytes"))
-            } else {
-                e
-            }
-        }))
+        let read = src.read_exact(&mut front.buf[off..off + size as usize]);
+        Some(read.map(|()| front.start + at).map_err(|e| if e.kind() == std::io::ErrorKind::UnexpectedEof { ends_early() } else { e }))
     }
 
-    /// Writes a regular file's data, at the front of the region when it is
+    /// Writes a regular file's data, with the layer's front when it is
     /// planned there, else at the next free blocks; returns its first block.
     fn place_file(&mut self, path: Vec<u8>, layer: u32, src: &mut dyn Read, size: u64) -> std::io::Result<u64> {
         let first_block = match self.write_front(&path, src, size) {
@@ -435,7 +430,7 @@ impl<'s> Flattener<'s> {
             while filled < want {
                 let n = src.read(&mut self.current[off + filled..off + want])?;
                 if n == 0 {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file data ends early"));
+                    return Err(ends_early());
                 }
                 filled += n;
             }
@@ -452,6 +447,11 @@ impl<'s> Flattener<'s> {
         }
         Ok(start)
     }
+}
+
+/// A file's data ended before the size its header gave.
+fn ends_early() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file data ends early")
 }
 
 /// Marks a sink failure (chunk index, message) that travelled through an `io::Error`.

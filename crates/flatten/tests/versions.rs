@@ -113,6 +113,15 @@ fn applies(layers: &[Vec<u8>]) -> bool {
     layers.iter().all(|l| f.apply_layer("probe", l.as_slice()).is_ok())
 }
 
+/// The stack flattened alone and with `top` on it (its paths under `under`),
+/// or `None` when either does not apply.
+fn below_and_above(stack: &[Vec<Op>], top: &[Op], under: &str) -> Option<((FlatImage, Chunks), (FlatImage, Chunks))> {
+    let mut layers: Vec<Vec<u8>> = stack.iter().enumerate().map(|(i, ops)| layer(ops, "", i as u32)).collect();
+    let below = applies(&layers).then(|| flatten(&layers))?;
+    layers.push(layer(top, under, 99));
+    Some((below, applies(&layers).then(|| flatten(&layers))?))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -121,12 +130,9 @@ proptest! {
         stack in proptest::collection::vec(proptest::collection::vec(op(), 1..10), 1..4),
         top in proptest::collection::vec(op(), 1..10),
     ) {
-        let mut layers: Vec<Vec<u8>> = stack.iter().enumerate().map(|(i, ops)| layer(ops, "", i as u32)).collect();
-        prop_assume!(applies(&layers));
-        let (below, below_chunks) = flatten(&layers);
-        layers.push(layer(&top, "", 99));
-        prop_assume!(applies(&layers));
-        let (above, above_chunks) = flatten(&layers);
+        let flattened = below_and_above(&stack, &top, "");
+        prop_assume!(flattened.is_some());
+        let ((below, below_chunks), (above, above_chunks)) = flattened.unwrap();
 
         let start = above.layer_regions.last().unwrap().0;
         prop_assert_eq!(start, below.metadata_chunk, "the new region starts where the stack ended");
@@ -143,13 +149,10 @@ proptest! {
         stack in proptest::collection::vec(proptest::collection::vec(op(), 1..10), 1..4),
         top in proptest::collection::vec(op(), 1..10),
     ) {
-        let mut layers: Vec<Vec<u8>> = stack.iter().enumerate().map(|(i, ops)| layer(ops, "", i as u32)).collect();
-        prop_assume!(applies(&layers));
-        let (below, below_chunks) = flatten(&layers);
         // Whiteouts and links under a new directory touch nothing below.
-        layers.push(layer(&top, "app/", 99));
-        prop_assume!(applies(&layers));
-        let (_, above_chunks) = flatten(&layers);
+        let flattened = below_and_above(&stack, &top, "app/");
+        prop_assume!(flattened.is_some());
+        let ((below, below_chunks), (_, above_chunks)) = flattened.unwrap();
         for i in 1..below.metadata_chunk {
             prop_assert!(chunk(&below_chunks, i) == chunk(&above_chunks, i), "chunk {} changed", i);
         }

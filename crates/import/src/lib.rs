@@ -166,7 +166,7 @@ pub struct ImportReport {
 /// Imports `source` into `home`.
 pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn Progress) -> Result<ImportReport, Error> {
     let started = Instant::now();
-    let reference = Reference::parse(source).map_err(|e| Error::Ingest { reference: source.to_owned(), source: e })?;
+    let reference = parse(source)?;
     let shown = reference.to_string();
     let store_err = |e| Error::Store { reference: shown.clone(), source: e };
     let name = options.name.clone().unwrap_or_else(|| reference.default_name());
@@ -183,8 +183,7 @@ pub fn import(home: &Home, source: &str, options: &ImportOptions, progress: &dyn
     let scope = options.dedup_scope.unwrap_or_else(|| keyring.dedup_scope());
     let salt = keyring.base_salt()?.derive(generation, scope, &options.tenant);
 
-    let image =
-        tessera_oci::resolve(&reference, &options.pull, &home.tmp_dir(), progress).map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
+    let image = resolve(home, &reference, &options.pull, progress)?;
     if let Some(expected) = options.expect_digest.as_ref().filter(|d| **d != image.manifest_digest.to_string()) {
         let source =
             tessera_oci::Error::DigestMismatch { what: "the image's manifest".into(), expected: expected.clone(), actual: image.manifest_digest.to_string() };
@@ -346,7 +345,7 @@ fn flatten(image: &ResolvedImage, options: FlattenOptions, sink: &mut dyn ChunkS
             // tar: name the digest mismatch when that is the cause.
             let failed = |e| layer.check().err().map(ingest_err).unwrap_or_else(|| flatten_err(e, shown));
             if planning {
-                // A first pass finds the files that go first, and their sizes.
+                // A first read finds the listed files, their sizes, and the size of the rest.
                 let tar = layer.open(&tessera_oci::NoProgress).map_err(ingest_err)?;
                 flattener.plan_layer(&layer.label, tar).map_err(failed)?;
             }
@@ -369,9 +368,8 @@ pub fn place_files(
     first: Vec<Vec<u8>>,
     progress: &dyn Progress,
 ) -> Result<(ResolvedImage, FlatImage), Error> {
-    let reference = Reference::parse(source).map_err(|e| Error::Ingest { reference: source.to_owned(), source: e })?;
-    let shown = reference.to_string();
-    let image = tessera_oci::resolve(&reference, pull, &home.tmp_dir(), progress).map_err(|e| Error::Ingest { reference: shown.clone(), source: e })?;
+    let reference = parse(source)?;
+    let image = resolve(home, &reference, pull, progress)?;
     struct Discard;
     impl ChunkSink for Discard {
         fn put_chunk(&mut self, _: u64, _: Vec<u8>) -> Result<(), tessera_flatten::SinkError> {
@@ -379,8 +377,17 @@ pub fn place_files(
         }
     }
     let options = FlattenOptions { record_files: true, first, headroom_bytes, ..FlattenOptions::default() };
-    let (flat, _) = flatten(&image, options, &mut Discard, &shown, progress)?;
+    let (flat, _) = flatten(&image, options, &mut Discard, &reference.to_string(), progress)?;
     Ok((image, flat))
+}
+
+fn parse(source: &str) -> Result<Reference, Error> {
+    Reference::parse(source).map_err(|e| Error::Ingest { reference: source.to_owned(), source: e })
+}
+
+/// Finds the image and checks its manifest, config and layer blobs.
+fn resolve(home: &Home, reference: &Reference, pull: &PullOptions, progress: &dyn Progress) -> Result<ResolvedImage, Error> {
+    tessera_oci::resolve(reference, pull, &home.tmp_dir(), progress).map_err(|e| Error::Ingest { reference: reference.to_string(), source: e })
 }
 
 fn flatten_err(e: tessera_flatten::Error, reference: &str) -> Error {

@@ -130,13 +130,9 @@ fn import(home: &Home, a: ImportArgs) -> Result<ExitCode> {
     let bars = Bars::new(a.json);
     let pull = PullOptions { platform: a.platform, insecure: a.insecure, creds: a.creds };
     let first = match &a.optimize_with {
-        Some(earlier) => match optimize::start_files(home, earlier, &pull, &bars) {
-            Ok(s) => s.paths,
-            Err(e) => {
-                bars.done();
-                return Err(e.context(format!("--optimize-with {earlier}")));
-            }
-        },
+        Some(earlier) => {
+            optimize::start_files(home, earlier, &pull, &bars).inspect_err(|_| bars.done()).with_context(|| format!("--optimize-with {earlier}"))?.paths
+        }
         None => Vec::new(),
     };
     let options = ImportOptions {

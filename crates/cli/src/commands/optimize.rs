@@ -50,20 +50,40 @@ pub fn start_files(home: &Home, name: &str, pull: &PullOptions, progress: &dyn P
     if flat.layer_regions != regions || flat.disk_bytes != m.geometry.disk_bytes {
         bail!("{name} was imported with an older disk layout: import it again, run it once, then optimize");
     }
-    let paths = rank(&flat.files, &profile.blocks).into_iter().map(|i| flat.files[i].path.clone()).collect();
+    let paths = rank(&Holders::new(&flat.files), &profile.blocks).into_iter().map(|i| flat.files[i].path.clone()).collect();
     Ok(StartFiles { paths, profile, placed: flat.files })
+}
+
+/// Finds which file's data holds a block.
+struct Holders<'a> {
+    files: &'a [PlacedFile],
+    /// Indices of the files with data, by first block.
+    by_start: Vec<usize>,
+}
+
+impl<'a> Holders<'a> {
+    fn new(files: &'a [PlacedFile]) -> Holders<'a> {
+        let mut by_start: Vec<usize> = (0..files.len()).filter(|&i| files[i].blocks > 0).collect();
+        by_start.sort_by_key(|&i| files[i].first_block);
+        Holders { files, by_start }
+    }
+
+    /// The index of the file whose data holds block `b`.
+    fn of(&self, b: u64) -> Option<usize> {
+        let at = self.by_start.partition_point(|&i| self.files[i].first_block <= b).checked_sub(1)?;
+        let i = self.by_start[at];
+        (b < self.files[i].first_block + self.files[i].blocks).then_some(i)
+    }
 }
 
 /// Indices of the files holding `blocks` (runs, in first-touch order), in
 /// the order their first block was read.
-fn rank(files: &[PlacedFile], blocks: &[[u64; 2]]) -> Vec<usize> {
-    let mut by_start: Vec<usize> = (0..files.len()).filter(|&i| files[i].blocks > 0).collect();
-    by_start.sort_by_key(|&i| files[i].first_block);
+fn rank(holders: &Holders<'_>, blocks: &[[u64; 2]]) -> Vec<usize> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for &[first, count] in blocks {
         for b in first..first + count {
-            if let Some(i) = holder(files, &by_start, b) {
+            if let Some(i) = holders.of(b) {
                 if seen.insert(i) {
                     out.push(i);
                 }
@@ -71,13 +91,6 @@ fn rank(files: &[PlacedFile], blocks: &[[u64; 2]]) -> Vec<usize> {
         }
     }
     out
-}
-
-/// The file whose data holds block `b`, among `by_start` (sorted by first block).
-fn holder(files: &[PlacedFile], by_start: &[usize], b: u64) -> Option<usize> {
-    let at = by_start.partition_point(|&i| files[i].first_block <= b).checked_sub(1)?;
-    let i = by_start[at];
-    (b < files[i].first_block + files[i].blocks).then_some(i)
 }
 
 /// `tessera optimize`.
@@ -89,14 +102,7 @@ pub fn optimize(home: &Home, a: OptimizeArgs) -> Result<ExitCode> {
         insecure: a.insecure,
         creds: a.creds,
     };
-    let start = start_files(home, &a.name, &pull, &bars);
-    let start = match start {
-        Ok(s) => s,
-        Err(e) => {
-            bars.done();
-            return Err(e);
-        }
-    };
+    let start = start_files(home, &a.name, &pull, &bars).inspect_err(|_| bars.done())?;
     let new_name = a.as_name.clone().unwrap_or_else(|| a.name.clone());
     let options = ImportOptions {
         name: Some(new_name.clone()),
@@ -114,19 +120,18 @@ pub fn optimize(home: &Home, a: OptimizeArgs) -> Result<ExitCode> {
     let report = report?;
 
     // The profile, moved with the files: a block of a file goes where the
-    // file went (the same file of the same tar, so the same index), any
-    // other block (metadata) stays, as every region keeps its size.
-    // The same tar gives the same files in the same order (the digest was checked).
+    // file went (the same tar, its digest checked, gives the same files in
+    // the same order, so the same index), any other block (metadata) stays,
+    // as every region keeps its size.
     if report.files.len() != start.placed.len() || report.files.iter().zip(&start.placed).any(|(a, b)| a.path != b.path || a.blocks != b.blocks) {
         bail!("the source gave other files on the second read than on the first");
     }
-    let mut by_start: Vec<usize> = (0..start.placed.len()).filter(|&i| start.placed[i].blocks > 0).collect();
-    by_start.sort_by_key(|&i| start.placed[i].first_block);
+    let holders = Holders::new(&start.placed);
     let mut recorded = Recorded::default();
     let mut seen_chunks = HashSet::new();
     for &[first, count] in &start.profile.blocks {
         for b in first..first + count {
-            let moved = match holder(&start.placed, &by_start, b) {
+            let moved = match holders.of(b) {
                 Some(i) => report.files[i].first_block + (b - start.placed[i].first_block),
                 None => b,
             };
@@ -197,10 +202,11 @@ mod tests {
     fn blocks_map_to_files_in_first_touch_order() {
         let files = [file("a", 128, 10), file("b", 138, 1), file("empty", 139, 0), file("c", 300, 200)];
         // Block 5 is metadata; c is read before a; b twice.
-        let order = rank(&files, &[[5, 1], [350, 2], [130, 1], [138, 1], [131, 1], [138, 1]]);
+        let holders = Holders::new(&files);
+        let order = rank(&holders, &[[5, 1], [350, 2], [130, 1], [138, 1], [131, 1], [138, 1]]);
         assert_eq!(order, vec![3, 0, 1]);
-        assert_eq!(holder(&files, &[0, 1, 2, 3], 139), None);
-        assert_eq!(holder(&files, &[0, 1, 2, 3], 499), Some(3));
-        assert_eq!(holder(&files, &[0, 1, 2, 3], 500), None);
+        assert_eq!(holders.of(139), None);
+        assert_eq!(holders.of(499), Some(3));
+        assert_eq!(holders.of(500), None);
     }
 }
